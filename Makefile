@@ -1,0 +1,74 @@
+# glow-dist: the two commands a new user runs are `make train` and `make test`.
+# Every target installs what it needs first; installs are stamped, so a second run is quick.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.glow-dist-installed
+HVD_STAMP := $(VENV)/.horovod-installed
+
+DATA ?= data/digits
+RUN_DIR ?= runs/digits
+NP ?= 2
+TRAIN_ARGS ?=
+MLFLOW_PORT ?= 5000
+
+.PHONY: install horovod test test-fast lint train prepare-digits mlflow-ui bench clean help
+
+help:
+	@echo "make train      install, prepare the digits shards, train with 2 Horovod processes, log to local MLflow"
+	@echo "make test       install, then run the whole test suite"
+	@echo "make install    project venv ($(VENV)) with torch==$(TORCH_VERSION) (CPU), the package and its deps"
+	@echo "make horovod    build (once, cached) and install Horovod with PyTorch + Gloo"
+	@echo "make lint       ruff over the package, tests and benchmarks"
+	@echo "make mlflow-ui  MLflow UI on the local store (http://127.0.0.1:$(MLFLOW_PORT))"
+	@echo "make bench      benchmark suite; prints tables (see BENCHMARKS.md)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+
+# torch is pinned to the local CPU build first, so no dependency pulls a CUDA build.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[dali,test]"
+	@touch $@
+
+install: $(STAMP)
+
+$(HVD_STAMP): $(STAMP) launch/install-horovod.sh
+	bash launch/install-horovod.sh $(PY)
+	PATH=$(BIN):$$PATH $(BIN)/horovodrun --check-build
+	@touch $@
+
+horovod: $(HVD_STAMP)
+
+test: $(STAMP) $(HVD_STAMP)
+	PATH=$(BIN):$$PATH $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check glow_dist tests bench
+
+prepare-digits: $(STAMP)
+	@if [ -f $(DATA)/manifest.json ]; then echo "digits shards present in $(DATA)"; \
+	else $(BIN)/glow-dist prepare digits --out $(DATA); fi
+
+train: $(STAMP) $(HVD_STAMP) prepare-digits
+	PATH=$(BIN):$$PATH $(BIN)/horovodrun -np $(NP) -H localhost:$(NP) --gloo \
+		$(BIN)/glow-dist train --config configs/digits.yaml data.root=$(DATA) train.run_dir=$(RUN_DIR) $(TRAIN_ARGS)
+
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlflow/artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+bench: $(STAMP) $(HVD_STAMP)
+	PATH=$(BIN):$$PATH $(PY) bench/run_all.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from glow_dist.cli import main
+
+raise SystemExit(main())

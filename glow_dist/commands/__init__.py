@@ -1,0 +1,8 @@
+"""Subcommands of the `glow-dist` CLI; each module has `add_arguments(parser)` and `run(args)`."""
+import argparse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """The `--config FILE` and trailing `section.key=value` overrides shared by every config-driven command."""
+    parser.add_argument("--config", "-c", required=required, help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")

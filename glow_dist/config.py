@@ -1,0 +1,282 @@
+"""One config tree of dataclasses, loaded from YAML with dotted command-line overrides.
+
+Resolution order: dataclass defaults, then the YAML file, then `section.key=value` overrides.
+An unknown key or a value of the wrong type raises `ConfigError` naming the key and where it came from.
+
+    cfg = load_config("configs/debug.yaml", ["model.levels=2", "optim.lr=3e-4"])
+    save_config(cfg, "run/config.yaml")
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message names the key and the source."""
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 32          # H == W of the (square) input images
+    channels: int = 3
+    n_bits: int = 8               # bits kept per colour value; n_bins = 2**n_bits
+    levels: int = 3               # L
+    steps: int = 32               # K flow steps per level
+    width: int = 512              # hidden channels of the coupling network
+    coupling: str = "affine"      # additive | affine
+    invconv: str = "lu"           # lu | plain
+    learn_top: bool = True        # learned mean/log-std of the top prior
+    y_condition: bool = False     # class-conditional top prior plus classifier head
+    num_classes: int = 0          # required when y_condition is true
+    weight_y: float = 0.01        # weight of the classifier loss (nats per image, added to the objective)
+    memory: str = "plain"         # plain | checkpoint (gradient checkpointing per flow step)
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/digits"     # folder with train-*.tar / test-*.tar and manifest.json
+    backend: str = "auto"         # auto | dali | webdataset (auto: dali when importable)
+    num_workers: int = 1          # decoder threads (dali) or DataLoader workers (webdataset)
+    flip: bool = False            # random horizontal flip of training images
+    shuffle_buffer: int = 256     # samples held for shuffling the training stream
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamax"          # adamax | adam
+    lr: float = 1e-3              # base learning rate, before lr_scaling
+    lr_scaling: str = "none"      # none | linear | sqrt: multiply lr by world size, or its square root
+    warmup_steps: int = 100       # linear warmup from 0 to the (scaled) lr
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 50.0       # max global L2 norm of the gradient; 0 disables clipping
+    ema_decay: float = 0.999      # Polyak averaging of weights; 0 disables it
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16          # per rank
+    init_batch_size: int = 64     # per rank, for ActNorm data-dependent init
+    steps: int = 1000             # total optimizer steps
+    log_every: int = 10
+    eval_every: int = 200         # test-set bits/dim every N steps (and at the end)
+    sample_every: int = 500       # sample grids every N steps (and at the end)
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    run_dir: str = "runs/default"
+    resume: str = "auto"          # auto | never | path to a checkpoint
+    seed: int = 0
+    deterministic: bool = False   # deterministic algorithms and data order, for exact resume
+    threads: int = 0              # torch intra-op threads per process; 0 leaves torch's default
+    max_eval_batches: int = 0     # 0: evaluate the whole test split
+    progress: bool = True         # progress bar on rank 0
+
+
+@dataclass
+class DistConfig:
+    elastic: bool = False         # Horovod elastic mode
+    fp16_allreduce: bool = False  # compress gradients to fp16 on the wire
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""                 # "" : $MLFLOW_TRACKING_URI, else a local sqlite store under tracking.local_dir
+    local_dir: str = "mlflow"     # sqlite db and artifacts for the default local store
+    experiment: str = "glow-dist"
+    run_name: str = ""
+    sample_temperatures: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 1.0])
+    sample_count: int = 16        # images per temperature in each grid
+    log_checkpoints: bool = True  # upload checkpoints as artifacts
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+_CHOICES = {
+    "model.coupling": ("additive", "affine"),
+    "model.invconv": ("lu", "plain"),
+    "model.memory": ("plain", "checkpoint"),
+    "data.backend": ("auto", "dali", "webdataset"),
+    "optim.name": ("adamax", "adam"),
+    "optim.lr_scaling": ("none", "linear", "sqrt"),
+}
+
+
+def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
+    """Return `value` as `typ`, accepting YAML/CLI spellings; raise ConfigError naming key and source."""
+    def fail() -> ConfigError:
+        name = getattr(typ, "__name__", str(typ))
+        return ConfigError(f"{source}: '{key}' must be {name}, got {value!r} ({type(value).__name__})")
+
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (item_type,) = typing.get_args(typ)
+        if isinstance(value, str):  # CLI form: 0,0.5,0.7 or [0,0.5]
+            parts = value.strip().strip("[]")
+            value = [p for p in (s.strip() for s in parts.split(",")) if p]
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        return [_coerce(v, item_type, key, source) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise fail()
+    if typ is int:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if typ is float:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail()
+    raise fail()
+
+
+def _field_types(section: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ConfigError(
+            f"{source}: unknown key '{dotted}'; keys look like section.key with section one of "
+            f"{', '.join(sorted(sections))}"
+        )
+    section = getattr(cfg, parts[0])
+    types = _field_types(section)
+    if parts[1] not in types:
+        raise ConfigError(
+            f"{source}: unknown key '{dotted}'; '{parts[0]}' has {', '.join(sorted(types))}"
+        )
+    coerced = _coerce(value, types[parts[1]], dotted, source)
+    choices = _CHOICES.get(dotted)
+    if choices and coerced not in choices:
+        raise ConfigError(f"{source}: '{dotted}' must be one of {', '.join(choices)}, got {coerced!r}")
+    setattr(section, parts[1], coerced)
+
+
+def apply_dict(cfg: Config, tree: dict, source: str) -> Config:
+    """Apply a nested {section: {key: value}} mapping onto `cfg` in place."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(tree).__name__}")
+    for section_name, values in tree.items():
+        if not isinstance(values, dict):
+            _set(cfg, str(section_name), values, source)  # raises: top-level scalars are never valid keys
+        for key, value in values.items():
+            _set(cfg, f"{section_name}.{key}", value, source)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value` -> (dotted key, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at `path` (if given), then the overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (the configs/ folder has the shipped ones)")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        apply_dict(cfg, tree, str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value, f"override '{text}'")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single key's type cannot express."""
+    m = cfg.model
+    if m.levels < 1 or m.steps < 1:
+        raise ConfigError("model.levels and model.steps must be at least 1")
+    if m.image_size % (2 ** m.levels) != 0:
+        raise ConfigError(
+            f"model.image_size={m.image_size} must be divisible by 2**model.levels={2 ** m.levels} "
+            "(each level squeezes H and W by 2)"
+        )
+    if not 1 <= m.n_bits <= 8:
+        raise ConfigError(f"model.n_bits must be in 1..8, got {m.n_bits}")
+    if m.y_condition and m.num_classes < 2:
+        raise ConfigError("model.y_condition=true needs model.num_classes >= 2")
+    if cfg.train.batch_size < 1 or cfg.train.init_batch_size < 1:
+        raise ConfigError("train.batch_size and train.init_batch_size must be at least 1")
+    if not 0.0 <= cfg.optim.ema_decay < 1.0:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(tree: dict, source: str = "<dict>") -> Config:
+    cfg = apply_dict(Config(), tree, source)
+    validate(cfg)
+    return cfg
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """{'model.levels': 3, ...}: the form logged as MLflow params."""
+    return {f"{s}.{k}": v for s, d in to_dict(cfg).items() for k, v in d.items()}
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_yaml(cfg))
