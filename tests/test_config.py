@@ -1,0 +1,80 @@
+"""Config: defaults, YAML, dotted overrides, loud errors naming the key and file, YAML round trip."""
+from pathlib import Path
+
+import pytest
+
+from glow_dist.config import Config, ConfigError, dump_yaml, flatten, from_dict, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = write(tmp_path, "model:\n  levels: 2\n  image_size: 16\noptim:\n  lr: 0.01\n")
+    cfg = load_config(path, ["model.levels=4", "optim.name=adam", "tracking.sample_temperatures=0,0.7",
+                             "train.deterministic=true"])
+    assert cfg.model.levels == 4 and cfg.model.image_size == 16
+    assert cfg.optim.lr == 0.01 and cfg.optim.name == "adam"
+    assert cfg.tracking.sample_temperatures == [0.0, 0.7]
+    assert cfg.train.deterministic is True
+    assert cfg.model.steps == Config().model.steps  # untouched default
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = write(tmp_path, "model:\n  levles: 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*unknown key 'model\.levles'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"unknown key 'modle\.levels'"):
+        load_config(None, ["modle.levels=2"])
+    with pytest.raises(ConfigError, match=r"override 'train.stepz=2': unknown key 'train.stepz'"):
+        load_config(None, ["train.stepz=2"])
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    path = write(tmp_path, "model:\n  levels: three\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: 'model\.levels' must be int, got 'three'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"'optim\.lr' must be float"):
+        load_config(None, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match=r"'model\.learn_top' must be bool"):
+        load_config(None, ["model.learn_top=maybe"])
+    with pytest.raises(ConfigError, match=r"'model\.levels' must be int, got True"):
+        load_config(None, ["model.levels=true"])
+    with pytest.raises(ConfigError, match=r"'model\.coupling' must be one of additive, affine"):
+        load_config(None, ["model.coupling=spline"])
+
+
+def test_cross_field_validation():
+    with pytest.raises(ConfigError, match="divisible by 2\\*\\*model.levels"):
+        load_config(None, ["model.image_size=12", "model.levels=3"])
+    with pytest.raises(ConfigError, match="num_classes"):
+        load_config(None, ["model.y_condition=true"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [unclosed\n"))
+    with pytest.raises(ConfigError, match="unknown key 'model'"):
+        load_config(write(tmp_path, "model: 3\n"))
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(REPO / "configs" / "debug.yaml", ["model.coupling=additive", "optim.lr=2e-4"])
+    save_config(cfg, tmp_path / "out" / "resolved.yaml")
+    again = load_config(tmp_path / "out" / "resolved.yaml")
+    assert again == cfg
+    assert from_dict(__import__("yaml").safe_load(dump_yaml(cfg))) == cfg
+    flat = flatten(cfg)
+    assert flat["model.coupling"] == "additive" and flat["optim.lr"] == 2e-4
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    load_config(path)
