@@ -1,0 +1,145 @@
+"""The `webdataset` backend: webdataset's tar iteration + PIL decoding in a PyTorch DataLoader (no DALI needed).
+
+Workers seek straight to the first sample they need (the DALI index gives the byte offsets), then stream the tar
+with webdataset. Training: worker k owns a contiguous slice of the rank's part, shuffles it with a seeded buffer
+and yields its batches; the DataLoader interleaves workers round-robin, so the batch order is a function of
+(seed, epoch, rank, num_workers). Test: batch j is samples [jB, (j+1)B) of the part, read by worker j % workers.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import random
+import tarfile
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from glow_dist.data.loader import Batch, Loader, epoch_seed
+from glow_dist.data.manifest import DataError, partition, read_index
+
+
+def read_range(shards: list[dict[str, Any]], lo: int, hi: int, exts: list[str]) -> Iterator[dict[str, Any]]:
+    """Samples [lo, hi) of the concatenated shards as webdataset dicts (`__key__`, `__url__`, one entry per ext)."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    start = 0
+    for shard in shards:
+        end = start + shard["num_samples"]
+        if end > lo and start < hi:
+            first, count = max(lo - start, 0), min(hi, end) - max(lo, start)
+            # A member's header starts at the 512-byte boundary after the previous sample's last data block.
+            offset = _header_offsets(shard["index_path"])[first]
+            try:
+                with open(shard["path"], "rb") as f:
+                    f.seek(offset)
+                    wanted = tar_file_iterator(f, select_files=lambda name: name.split(".", 1)[-1] in exts)
+                    files = ({**entry, "__url__": shard["path"]} for entry in wanted)
+                    yield from islice(group_by_keys(files), count)
+            except (OSError, ValueError, EOFError, tarfile.TarError) as e:
+                raise DataError(f"cannot read shard {shard['path']}: {e}; re-run `glow-dist prepare --overwrite`") \
+                    from e
+        start = end
+
+
+@functools.lru_cache(maxsize=64)
+def _header_offsets(index_path: str) -> list[int]:
+    """Byte offset of each sample's first tar header: the 512-byte boundary after the previous sample's data."""
+    ends = [max(off + size for off, size in sample.values()) for sample in read_index(index_path)]
+    return [0] + [-(-end // 512) * 512 for end in ends[:-1]]
+
+
+def decode_sample(sample: dict[str, Any], ext: str, size: int, channels: int) -> tuple[np.ndarray, int]:
+    """(uint8 (H, W, C) image, label) of one sample; DataError naming shard and key when it cannot be decoded."""
+    where = f"sample {sample.get('__key__')!r} in shard {sample.get('__url__')}"
+    if ext not in sample or "cls" not in sample:
+        raise DataError(f"{where} lacks its .{ext} or .cls file; re-run `glow-dist prepare --overwrite`")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as image:
+            array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+        label = int(sample["cls"])
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot decode {where}: {e}; re-run `glow-dist prepare --overwrite` "
+                        "or replace the shard") from None
+    if array.shape[:2] != (size, size):
+        raise DataError(f"{where} is {array.shape[1]}x{array.shape[0]}, the manifest says {size}x{size}")
+    return array.reshape(size, size, channels), label
+
+
+class _EpochStream(torch.utils.data.IterableDataset):
+    """One rank's epoch, split between DataLoader workers; yields (batch index, images or None, labels)."""
+
+    def __init__(self, loader: WdsLoader, epoch: int, part: int, start_batch: int, workers: int) -> None:
+        super().__init__()
+        self.loader, self.epoch, self.part, self.start_batch, self.workers = loader, epoch, part, start_batch, workers
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor | None, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        ld, B = self.loader, self.loader.batch_size
+        lo, hi = partition(ld.total, ld.world_size, self.part)
+        n = ld.batches_per_epoch
+        exts = [ld.image_ext, "cls"]
+        if not ld.train:
+            for j in range(worker, n, self.workers):
+                if j >= self.start_batch:
+                    samples = list(read_range(ld.shards, lo + j * B, min(hi, lo + (j + 1) * B), exts))
+                    yield self._collate(j, samples, None)
+            return
+        # Worker k takes q_k batches (every workers-th), from a slice holding q_k*B samples plus its share of the
+        # remainder that the epoch drops; the buffer shuffle decides which samples are dropped.
+        quota = [len(range(k, n, self.workers)) for k in range(self.workers)]
+        spare = (hi - lo) - n * B
+        sizes = [q * B + spare * (k + 1) // self.workers - spare * k // self.workers for k, q in enumerate(quota)]
+        start = lo + sum(sizes[:worker])
+        stream = read_range(ld.shards, start, start + sizes[worker], exts)
+        rng = random.Random(epoch_seed(ld.seed, self.epoch, ld.rank, worker))
+        flips = np.random.default_rng(epoch_seed(ld.seed, self.epoch, ld.rank, worker, 1))
+        shuffled = _buffer_shuffle(stream, ld.shuffle_buffer, rng)
+        for t in range(quota[worker]):
+            j = worker + t * self.workers
+            samples = list(islice(shuffled, B))
+            flip = flips.random(B) < 0.5  # drawn even for skipped batches: the resumed stream stays identical
+            yield self._collate(j, samples, flip if ld.flip else None) if j >= self.start_batch else (j, None, None)
+
+    def _collate(self, j: int, samples: list[dict[str, Any]], flip: np.ndarray | None) -> tuple:
+        ld = self.loader
+        images = torch.empty((len(samples), ld.image_size, ld.image_size, ld.channels), dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:
+            images.share_memory_()  # decode straight into shared memory: no extra copy when sent to the trainer
+        pixels, labels = images.numpy(), []
+        for i, sample in enumerate(samples):
+            image, label = decode_sample(sample, ld.image_ext, ld.image_size, ld.channels)
+            pixels[i] = image[:, ::-1] if flip is not None and flip[i] else image
+            labels.append(label)
+        return j, images, torch.tensor(labels, dtype=torch.int64)
+
+
+def _buffer_shuffle(stream: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """webdataset's buffer shuffle, filled completely before the first draw so that it does not favour the start."""
+    from webdataset.filters import _shuffle
+
+    return _shuffle(stream, bufsize=size, initial=size, rng=rng)
+
+
+class WdsLoader(Loader):
+    def _read(self, epoch: int, part: int, start_batch: int) -> Iterator[Batch]:
+        workers = max(1, min(self.num_workers, self.batches_per_epoch))
+        data = torch.utils.data.DataLoader(
+            _EpochStream(self, epoch, part, start_batch, workers), batch_size=None,
+            num_workers=workers if self.num_workers > 0 else 0, pin_memory=self.device.type == "cuda",
+        )
+        pending: dict[int, tuple] = {}
+        expected = start_batch
+        for j, images, labels in data:
+            if images is None:
+                continue
+            pending[j] = (images, labels)
+            # Round-robin already delivers in order; the buffer only guards that assumption.
+            while expected in pending:
+                yield self._to_device(*pending.pop(expected))
+                expected += 1
