@@ -1,0 +1,242 @@
+"""Distribution helpers: the one place that talks to Horovod.
+
+Everything else calls these functions and never imports horovod. Under `horovodrun` every process is one rank;
+as a plain process (no launcher) Horovod runs as a world of size 1 over Gloo, so the same code path is used.
+When Horovod is not installed at all, a single-process stand-in with the same semantics is used instead, so
+`glow-dist train` works on a laptop without a Horovod build.
+
+    dist.init()
+    device = dist.pin_device()
+    model = Glow(cfg.model).to(device)
+    optimizer = dist.distributed_optimizer(torch.optim.Adamax(model.parameters()), model, fp16_allreduce=False)
+    dist.broadcast_parameters(model)
+    dist.broadcast_optimizer_state(optimizer)
+    ...
+    loss.backward()
+    result = dist.clip_and_step(optimizer, model.parameters(), max_norm=50.0, loss=loss)
+    optimizer.zero_grad()   # no set_to_none: Horovod 0.28's wrapper rejects it (torch 2.x sets None by default)
+"""
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+from contextlib import nullcontext
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import torch
+
+_hvd: ModuleType | None = None   # horovod.torch once init() succeeded; None means single process
+
+
+def _launched_by_horovod() -> bool:
+    # horovodrun / mpirun set these for every rank; a plain process has none of them.
+    return "HOROVOD_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+
+
+def init() -> None:
+    """Start Horovod (also as a plain single process, over Gloo); fall back to single-process without it.
+
+    Under a launcher a failure is fatal: silently running N independent trainings would be worse than stopping.
+    """
+    global _hvd
+    if _hvd is not None:
+        return
+    try:
+        import horovod.torch as hvd
+    except ImportError:
+        if _launched_by_horovod():
+            raise RuntimeError(
+                "launched by horovodrun but horovod.torch cannot be imported; build it with `make horovod`"
+            ) from None
+        return  # single process without Horovod: the functions below use their size-1 branch
+    try:
+        hvd.init()
+    except Exception as e:
+        if _launched_by_horovod():
+            raise
+        print(f"[dist] horovod init failed ({e}); running as a single process without Horovod", flush=True)
+        return
+    _hvd = hvd
+
+
+def _backend() -> ModuleType | None:
+    if _hvd is None and _launched_by_horovod():
+        # Guard against forgetting init(): every rank would otherwise believe it is rank 0 of 1.
+        raise RuntimeError("glow_dist.dist.init() must be called before any other distributed helper")
+    return _hvd
+
+
+def rank() -> int:
+    hvd = _backend()
+    return hvd.rank() if hvd else 0
+
+
+def size() -> int:
+    hvd = _backend()
+    return hvd.size() if hvd else 1
+
+
+def local_rank() -> int:
+    hvd = _backend()
+    return hvd.local_rank() if hvd else 0
+
+
+def local_size() -> int:
+    """Ranks on this host: they share its CPU cores."""
+    hvd = _backend()
+    return hvd.local_size() if hvd else 1
+
+
+def is_main() -> bool:
+    """True on the one rank that performs side effects (tracking, checkpoints, samples, progress bar)."""
+    return rank() == 0
+
+
+def host_count() -> int:
+    """Number of distinct hosts taking part (for run tags); collective, so call it on every rank."""
+    hvd = _backend()
+    if hvd is None:
+        return 1
+    return len(set(hvd.allgather_object(socket.gethostname(), name="dist.host_count")))
+
+
+def pin_device() -> torch.device:
+    """cuda:local_rank when CUDA is available (one GPU per rank), else cpu."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)  # so stray .cuda() calls and NCCL/Gloo buffers land on this rank's GPU
+        return device
+    return torch.device("cpu")
+
+
+def allreduce_sum(tensor: torch.Tensor, name: str = "dist.allreduce_sum") -> torch.Tensor:
+    """Elementwise sum over ranks (a new tensor; the input is unchanged)."""
+    hvd = _backend()
+    if hvd is None:
+        return tensor.clone()
+    return hvd.allreduce(tensor, op=hvd.Sum, name=name)
+
+
+def allreduce_mean(tensor: torch.Tensor, name: str = "dist.allreduce_mean") -> torch.Tensor:
+    """Elementwise mean over ranks (a new tensor; the input is unchanged)."""
+    hvd = _backend()
+    if hvd is None:
+        return tensor.clone()
+    return hvd.allreduce(tensor, op=hvd.Average, name=name)
+
+
+def allreduce_scalars(values: dict[str, float]) -> dict[str, float]:
+    """Mean of each scalar over ranks in one collective, for logging metrics of the whole job.
+
+    Every rank must pass the same keys (order does not matter: they are sorted before packing).
+    """
+    keys = sorted(values)
+    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    mean = allreduce_mean(packed, name="dist.allreduce_scalars")
+    return dict(zip(keys, mean.tolist(), strict=True))
+
+
+def all_any(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank: turns a local condition into a collective decision."""
+    count = allreduce_sum(torch.tensor([1.0 if flag else 0.0]), name="dist.all_any")
+    return bool(count.item() > 0)
+
+
+def broadcast_parameters(module: torch.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers (state_dict, so ActNorm's `initialized` flag too) to every rank."""
+    hvd = _backend()
+    if hvd is None:
+        return
+    state = module.state_dict()
+    flags = {k: v for k, v in state.items() if v.dtype == torch.bool}
+    # Horovod cannot broadcast bool tensors (ActNorm's `initialized`): send them as uint8 and copy back.
+    as_bytes = {k: v.to(torch.uint8) for k, v in flags.items()}
+    hvd.broadcast_parameters({**{k: v for k, v in state.items() if k not in flags}, **as_bytes}, root_rank=0)
+    for k, v in as_bytes.items():
+        flags[k].copy_(v.bool())
+
+
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Copy rank 0's optimizer state (after a resume) to every rank.
+
+    Skipped when rank 0's state is empty (a fresh start): Horovod would otherwise initialize the state with a
+    zero-gradient step, which applies weight decay once and advances Adam's step count.
+    """
+    hvd = _backend()
+    if hvd is None:
+        return
+    if broadcast_object(len(optimizer.state) == 0):  # rank 0 decides, so every rank takes the same branch
+        return
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` (any picklable value) on every rank."""
+    hvd = _backend()
+    if hvd is None:
+        return obj
+    return hvd.broadcast_object(obj, root_rank=0, name="dist.broadcast_object")
+
+
+def barrier() -> None:
+    """Wait until every rank arrives here."""
+    hvd = _backend()
+    if hvd is not None:
+        hvd.barrier()
+
+
+def distributed_optimizer(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module, fp16_allreduce: bool = False
+) -> torch.optim.Optimizer:
+    """Wrap `optimizer` so backward() all-reduces (averages) gradients across ranks as they become ready.
+
+    Use `clip_and_step` instead of `optimizer.step()`: it synchronizes once, clips the averaged gradient and
+    takes the collective skip decision for non-finite steps. Single process: the optimizer is returned as is.
+    """
+    hvd = _backend()
+    if hvd is None:
+        return optimizer
+    # fp16 halves the bytes on the wire; the averaged gradient is cast back to the parameter dtype.
+    compression = hvd.Compression.fp16 if fp16_allreduce else hvd.Compression.none
+    return hvd.DistributedOptimizer(
+        optimizer, named_parameters=model.named_parameters(), compression=compression, op=hvd.Average
+    )
+
+
+class StepResult(NamedTuple):
+    grad_norm: torch.Tensor   # L2 norm of the rank-averaged gradient, before clipping
+    skipped: bool             # True on every rank when any rank had a non-finite loss or gradient
+
+
+def clip_and_step(
+    optimizer: torch.optim.Optimizer,
+    parameters: Iterable[torch.Tensor],
+    max_norm: float,
+    loss: torch.Tensor | None = None,
+) -> StepResult:
+    """Finish the gradient all-reduce, clip the averaged gradient, and step unless any rank saw a non-finite value.
+
+    Call it on every rank after every backward(), whatever the loss was: the all-reduce started by backward's
+    hooks is completed here, so a rank that skipped this call would leave the others waiting forever.
+    `max_norm <= 0` disables clipping (the norm is still measured). Zero the gradients afterwards as usual.
+    """
+    parameters = list(parameters)
+    synchronize = getattr(optimizer, "synchronize", None)  # absent on a plain (size-1, no Horovod) optimizer
+    if synchronize is not None:
+        synchronize()  # distributed: wait for the averaged gradients, so clipping sees the global gradient
+    params = [p for p in parameters if p.grad is not None]  # after synchronize, which may fill unused ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    locally_bad = not bool(torch.isfinite(grad_norm))
+    if loss is not None:
+        locally_bad = locally_bad or not bool(torch.isfinite(loss.detach()).all())
+    # Distributed: the averaged gradient is already NaN everywhere when one rank's is, but a non-finite *loss*
+    # with finite gradients is local; an explicit vote makes every rank take the same decision.
+    skipped = all_any(locally_bad)
+    if not skipped:
+        # Distributed: the gradients were synchronized above; skip_synchronize stops step() doing it again.
+        skip_sync = getattr(optimizer, "skip_synchronize", None)
+        with skip_sync() if skip_sync is not None else nullcontext():
+            optimizer.step()
+    return StepResult(grad_norm.detach(), skipped)
