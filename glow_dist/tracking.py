@@ -1,0 +1,327 @@
+"""Experiment tracking: every MLflow call of the trainer goes through one object, a no-op on non-main ranks.
+
+    tracker = make_tracker(cfg, is_main=dist.is_main(), run_id=state.get("mlflow_run_id"))
+    tracker.log_params(flatten(cfg)); tracker.log_config(cfg)
+    tracker.log_metrics({"train/bpd": 3.4}, step=100)
+    print(tracker.describe())
+    tracker.finish("FINISHED")
+
+Where runs go: `tracking.uri`, else $MLFLOW_TRACKING_URI, else a local sqlite store in `tracking.local_dir`
+(`make mlflow-ui` shows it). Tracking never stops training: when the server cannot be reached, one warning is
+printed, metrics are buffered in memory (bounded) and retried with backoff, and every metric is also appended to
+`<run_dir>/metrics.jsonl`, which is the complete record whatever happens to the server.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from glow_dist.config import Config, dump_yaml
+
+MAX_BUFFERED_METRICS = 100_000       # values held while the server is away (metrics.jsonl keeps everything)
+MAX_BUFFERED_ARTIFACTS = 1_000
+FIRST_RETRY_S, MAX_RETRY_S = 30.0, 600.0
+_PARAM_BATCH, _METRIC_BATCH, _PARAM_VALUE_LEN = 100, 1000, 6000   # MLflow's limits (mlflow/utils/validation.py)
+# Errors that mean "not reachable right now": keep the data and retry. Anything else MLflow raises is a rejection.
+_TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+
+
+def git_commit() -> str:
+    """Commit hash of the checkout this package runs from, or "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def gpu_type() -> str:
+    """Name of this rank's GPU, or "cpu" without CUDA."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def run_tags(host_count: int, gpu_type: str, git_commit: str) -> dict[str, str]:
+    """Tags describing where a run ran; `mlflow.source.git.commit` is the one the MLflow UI displays."""
+    return {"hosts": str(host_count), "gpu_type": gpu_type, "git_commit": git_commit,
+            "mlflow.source.git.commit": git_commit}
+
+
+class NullTracker:
+    """What non-main ranks get: same methods, no side effects."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_image(self, image: str | Path | np.ndarray, artifact_file: str) -> None: ...
+    def log_checkpoint(self, path: str | Path) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_config(self, cfg: Config) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+    def describe(self) -> str:
+        return ""
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # A crash marks the run FAILED and Ctrl-C marks it KILLED, so the UI never shows a dead run as RUNNING.
+        status = "FINISHED" if exc_type is None else "KILLED" if exc_type is KeyboardInterrupt else "FAILED"
+        self.finish(status)
+
+
+def _warn(message: str) -> None:
+    print(f"[tracking] WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _is_transient(error: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    return not isinstance(error, MlflowException) or error.error_code in _TRANSIENT_CODES
+
+
+class Tracker(NullTracker):
+    """An MLflow run plus a local metrics.jsonl; survives an unreachable or vanished tracking server."""
+
+    def __init__(self, cfg: Config, run_id: str | None = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        # A dead server must cost seconds, not MLflow's default of 7 retries with backoff and 120 s timeouts;
+        # setdefault keeps values the user chose. (Names from mlflow/environment_variables.py, MLflow 3.x.)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        self._cfg = cfg.tracking
+        self._run_dir = Path(cfg.train.run_dir)
+        self._staging = self._run_dir / "tracking"   # files handed to MLflow live here until uploaded
+        self._staging.mkdir(parents=True, exist_ok=True)
+        self.metrics_file = (self._run_dir / "metrics.jsonl").resolve()
+        self.uri, self._artifact_location = self._resolve_uri()
+        self._client = MlflowClient(tracking_uri=self.uri)
+        self.run_id = run_id
+        self.experiment_id: str | None = None
+        self._run_ready = False           # the run exists (created or resumed) on the server
+        self._online = False
+        self._next_retry = 0.0
+        self._retry_delay = FIRST_RETRY_S
+        self._finished = False
+        self._existing_params: dict[str, str] = {}
+        self._params: dict[str, str] = {}
+        self._tags: dict[str, str] = {}
+        self._metrics: deque = deque(maxlen=MAX_BUFFERED_METRICS)
+        self._artifacts: deque[tuple[Path, str | None]] = deque(maxlen=MAX_BUFFERED_ARTIFACTS)
+        self._dropped_warned = False
+        self._flush(force=True)
+
+    def _resolve_uri(self) -> tuple[str, str | None]:
+        uri = self._cfg.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        if uri:
+            return uri, None
+        local = Path(self._cfg.local_dir).resolve()
+        local.mkdir(parents=True, exist_ok=True)
+        # MLflow 3 has no default file store; sqlite plus an explicit artifact folder keeps everything in local_dir.
+        return f"sqlite:///{local / 'mlflow.db'}", (local / "artifacts").as_uri()
+
+    # ---- connection and buffering -------------------------------------------------------------------------
+    def _connect(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        exp = self._client.get_experiment_by_name(self._cfg.experiment)
+        if exp is None:
+            try:
+                self.experiment_id = self._client.create_experiment(
+                    self._cfg.experiment, artifact_location=self._artifact_location)
+            except MlflowException as e:  # another job created it between our two calls
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                self.experiment_id = self._client.get_experiment_by_name(self._cfg.experiment).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+        if self.run_id is not None:
+            try:
+                run = self._client.get_run(self.run_id)
+                self._existing_params = dict(run.data.params)
+                self._client.update_run(self.run_id, status="RUNNING")
+                self._run_ready = True
+                return
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                _warn(f"run {self.run_id} is not in {self.uri}; starting a new run (tag resumed_from)")
+                self._tags["resumed_from"] = self.run_id
+        run = self._client.create_run(self.experiment_id, run_name=self._cfg.run_name or None)
+        self.run_id = run.info.run_id
+        self._run_ready = True
+
+    def _attempt(self, what: str, call: Any, *args: Any, **kwargs: Any) -> bool:
+        """Run call(*args, **kwargs); on failure warn (once per outage) and schedule a retry. True on success."""
+        try:
+            call(*args, **kwargs)
+        except Exception as e:
+            if not _is_transient(e) and self._run_ready:
+                _warn(f"MLflow rejected {what} ({e}); dropped it (metrics.jsonl still has every metric)")
+                return True   # retrying cannot help; move on to the rest of the buffer
+            if self._online or self._next_retry == 0.0:
+                _warn(
+                    f"MLflow tracking at {self.uri} is unreachable ({str(e).splitlines()[0][:300]}). Training "
+                    f"continues; metrics are buffered and retried, and all are written to {self.metrics_file}. "
+                    "Fix: start the server (or check the network), or set tracking.uri / MLFLOW_TRACKING_URI to "
+                    "a reachable one; tracking.uri='' with MLFLOW_TRACKING_URI unset uses the local sqlite store."
+                )
+            else:
+                self._retry_delay = min(self._retry_delay * 2, MAX_RETRY_S)  # back off while it stays away
+            self._online = False
+            self._next_retry = time.monotonic() + self._retry_delay
+            return False
+        if not self._online:
+            if self._next_retry:
+                print(f"[tracking] MLflow at {self.uri} reachable again; sending buffered data", flush=True)
+            self._online, self._retry_delay = True, FIRST_RETRY_S
+        return True
+
+    def _flush(self, force: bool = False) -> None:
+        """Send what is buffered; while offline, only when the retry time has come (or `force`)."""
+        if self._finished or (not self._online and not force and time.monotonic() < self._next_retry):
+            return
+        if not self._run_ready and not (self._attempt("run creation", self._connect) and self._run_ready):
+            return
+        from mlflow.entities import Param, RunTag
+
+        self._drop_changed_params()
+        while self._params:
+            keys = list(self._params)[:_PARAM_BATCH]
+            batch = [Param(k, self._params[k]) for k in keys]
+            if not self._attempt("params", self._client.log_batch, self.run_id, params=batch):
+                return
+            self._existing_params.update({k: self._params.pop(k) for k in keys})
+        while self._tags:
+            keys = list(self._tags)[:_PARAM_BATCH]
+            batch = [RunTag(k, self._tags[k]) for k in keys]
+            if not self._attempt("tags", self._client.log_batch, self.run_id, tags=batch):
+                return
+            for k in keys:
+                self._tags.pop(k)
+        while self._metrics:
+            batch = [self._metrics[i] for i in range(min(_METRIC_BATCH, len(self._metrics)))]
+            if not self._attempt("metrics", self._client.log_batch, self.run_id, metrics=batch):
+                return
+            for _ in batch:
+                self._metrics.popleft()
+        while self._artifacts:
+            path, artifact_path = self._artifacts[0]
+            upload = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
+            if path.exists() and not self._attempt(f"artifact {path}", upload, self.run_id, str(path), artifact_path):
+                return
+            self._artifacts.popleft()   # a file deleted meanwhile (rotated checkpoint) is simply skipped
+
+    def _drop_changed_params(self) -> None:
+        # MLflow params are write-once: a resumed run with a changed value would be rejected. Keep the original.
+        changed = [k for k, v in self._params.items() if k in self._existing_params and self._existing_params[k] != v]
+        if changed:
+            _warn(f"params changed since the run started, kept the original values: {', '.join(changed)} "
+                  "(the new config is in the config.yaml artifact)")
+        for k in [k for k in self._params if k in self._existing_params]:
+            self._params.pop(k)
+
+    # ---- the trainer-facing API ---------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._params.update({k: str(v)[:_PARAM_VALUE_LEN] for k, v in params.items()})
+        self._flush()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        values = {k: float(v) for k, v in metrics.items()}
+        # The complete local record, written before any network call; one JSON object per line
+        # (non-finite values appear as NaN/Infinity, which Python's json reads back).
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps({"step": step, "time_ms": now_ms, "metrics": values}) + "\n")
+        if len(self._metrics) + len(values) > MAX_BUFFERED_METRICS and not self._dropped_warned:
+            _warn(f"over {MAX_BUFFERED_METRICS} metric values buffered; dropping the oldest from the MLflow "
+                  f"buffer (they stay in {self.metrics_file})")
+            self._dropped_warned = True
+        self._metrics.extend(Metric(k, v, now_ms, step) for k, v in values.items())
+        self._flush()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._artifacts.append((Path(path).resolve(), artifact_path))
+        self._flush()
+
+    def log_image(self, image: str | Path | np.ndarray, artifact_file: str) -> None:
+        """An image file or an HxWxC (or HxW) uint8 array, stored in the run as `artifact_file` (samples/t0.7.png)."""
+        from PIL import Image
+
+        staged = self._staging / artifact_file
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(image, np.ndarray):
+            Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image).save(staged)
+        else:
+            shutil.copyfile(image, staged)
+        self.log_artifact(staged, str(Path(artifact_file).parent) if Path(artifact_file).parent.name else None)
+
+    def log_checkpoint(self, path: str | Path) -> None:
+        """Upload a checkpoint and its checksum under `checkpoints/` when tracking.log_checkpoints is on."""
+        if self._cfg.log_checkpoints:
+            self.log_artifact(path, "checkpoints")
+            sidecar = Path(str(path) + ".sha256")
+            if sidecar.exists():
+                self.log_artifact(sidecar, "checkpoints")
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._tags.update({k: str(v) for k, v in tags.items()})
+        self._flush()
+
+    def log_config(self, cfg: Config) -> None:
+        """The resolved config as a `config.yaml` artifact at the root of the run."""
+        staged = self._staging / "config.yaml"
+        staged.write_text(dump_yaml(cfg))
+        self.log_artifact(staged)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Send what is left (one last try) and close the run with FINISHED, FAILED or KILLED."""
+        if self._finished:
+            return
+        self._flush(force=True)
+        if self._run_ready and self._online:
+            self._attempt("run status", self._client.set_terminated, self.run_id, status=status)
+        pending = len(self._metrics) + len(self._params) + len(self._tags) + len(self._artifacts)
+        if pending:
+            _warn(f"{pending} tracking items never reached {self.uri}; metrics are all in {self.metrics_file}")
+        self._finished = True
+
+    def url(self) -> str:
+        """Address of the run in the MLflow UI (for the local store, once `make mlflow-ui` is running)."""
+        base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
+        if not self._run_ready:
+            return base
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+    def describe(self) -> str:
+        """One line telling the user where to look."""
+        where = f"MLflow run {self.run_id} at {self.url()}"
+        if self.uri.startswith("sqlite:"):
+            where += (f" after `make mlflow-ui` (default tracking.local_dir) or "
+                      f"`mlflow ui --backend-store-uri {self.uri}`")
+        if not self._run_ready:
+            where = f"MLflow at {self.uri} not reachable yet"
+        return f"{where}; every metric also in {self.metrics_file}"
+
+
+def make_tracker(cfg: Config, is_main: bool, run_id: str | None = None) -> Tracker | NullTracker:
+    """An MLflow tracker on the main rank, a NullTracker elsewhere. `run_id` resumes that run."""
+    return Tracker(cfg, run_id) if is_main else NullTracker()

@@ -1,0 +1,259 @@
+"""Tracking against a real `mlflow server` on loopback, the default local sqlite store, and unreachable servers."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from glow_dist import tracking
+from glow_dist.config import Config, flatten
+from glow_dist.tracking import NullTracker, Tracker, make_tracker, run_tags
+
+SERVER_START_TIMEOUT_S = 120   # a cold start runs the sqlite migrations; slow on a busy 2-core machine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`mlflow server` subprocess with a sqlite backend and proxied artifacts under `root`.
+
+    conftest.py's session fixture `mlflow_server` starts one for the whole suite (a start takes 10-30 s);
+    tests that stop and restart a server make their own.
+    """
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root, self.port = root, port or _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
+        log = open(self.root / "server.log", "a")  # noqa: SIM115  (the child keeps writing to it)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"mlflow server exited:\n{(self.root / 'server.log').read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise AssertionError(f"mlflow server not healthy in {SERVER_START_TIMEOUT_S} s: {self.root / 'server.log'}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _cfg(tmp_path: Path, uri: str, run_dir: str = "run") -> Config:
+    cfg = Config()
+    cfg.tracking.uri = uri
+    cfg.tracking.local_dir = str(tmp_path / "mlflow")
+    cfg.tracking.run_name = "test-run"
+    cfg.train.run_dir = str(tmp_path / run_dir)
+    return cfg
+
+
+def _jsonl(tracker: Tracker) -> list[dict]:
+    return [json.loads(line) for line in tracker.metrics_file.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_log_and_read_back_through_server(mlflow_server: str, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, mlflow_server)
+    params = {**flatten(cfg), **{f"extra.p{i}": i for i in range(150)}, "extra.long": "x" * 7000}  # > 100: batched
+    image = np.random.default_rng(0).integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
+    (tmp_path / "notes.txt").write_text("hello")
+    with make_tracker(cfg, is_main=True) as tracker:
+        assert isinstance(tracker, Tracker) and tracker.run_id
+        tracker.log_params(params)
+        tracker.set_tags(run_tags(host_count=2, gpu_type="cpu", git_commit="abc123"))
+        for step in range(1, 6):
+            tracker.log_metrics({"train/bpd": 8.0 / step, "train/lr": 1e-3}, step=step)
+        tracker.log_image(image, "samples/t0.7.png")
+        tracker.log_artifact(tmp_path / "notes.txt", "misc")
+        tracker.log_config(cfg)
+        assert mlflow_server in tracker.describe() and tracker.run_id in tracker.url()
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "test-run"
+    assert len(run.data.params) == len(params)
+    assert run.data.params["model.levels"] == "3" and run.data.params["extra.p149"] == "149"
+    assert run.data.params["extra.long"] == "x" * 6000  # MLflow's limit, truncated instead of rejected
+    assert run.data.tags["hosts"] == "2" and run.data.tags["mlflow.source.git.commit"] == "abc123"
+    history = client.get_metric_history(tracker.run_id, "train/bpd")
+    assert sorted((m.step, m.value) for m in history) == [(s, 8.0 / s) for s in range(1, 6)]
+    assert {a.path for a in client.list_artifacts(tracker.run_id)} >= {"config.yaml", "samples", "misc"}
+    downloaded = client.download_artifacts(tracker.run_id, "samples/t0.7.png", str(tmp_path / "dl"))
+    assert np.array_equal(np.asarray(Image.open(downloaded)), image)
+    config_file = client.download_artifacts(tracker.run_id, "config.yaml", str(tmp_path / "dl"))
+    assert "levels: 3" in Path(config_file).read_text()
+    assert len(_jsonl(tracker)) == 5
+
+
+@pytest.mark.slow
+def test_resume_same_run(mlflow_server: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = _cfg(tmp_path, mlflow_server)
+    first = make_tracker(cfg, is_main=True)
+    first.log_params({"train.steps": 100})
+    first.log_metrics({"loss": 1.0}, step=1)
+    first.finish("KILLED")
+    assert MlflowClient(mlflow_server).get_run(first.run_id).info.status == "KILLED"
+
+    second = make_tracker(cfg, is_main=True, run_id=first.run_id)
+    assert second.run_id == first.run_id
+    second.log_params({"train.steps": 200, "train.new": 1})  # a changed value is kept as it was, with a warning
+    second.log_metrics({"loss": 0.5}, step=2)
+    second.finish()
+    assert "train.steps" in capsys.readouterr().err
+    run = MlflowClient(mlflow_server).get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "100" and run.data.params["train.new"] == "1"
+    history = MlflowClient(mlflow_server).get_metric_history(first.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5)]
+
+
+@pytest.mark.slow   # creating a fresh sqlite store runs MLflow's migrations: 10 s or more
+def test_default_local_sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = _cfg(tmp_path, uri="")
+    tracker = make_tracker(cfg, is_main=True)
+    tracker.log_metrics({"loss": 2.0}, step=3)
+    tracker.log_image(np.zeros((4, 4, 1), dtype=np.uint8), "grid.png")
+    tracker.finish()
+    db = tmp_path / "mlflow" / "mlflow.db"
+    assert tracker.uri == f"sqlite:///{db}" and db.is_file()
+    assert "mlflow ui" in tracker.describe()
+    run = MlflowClient(tracker.uri).get_run(tracker.run_id)
+    assert run.data.metrics == {"loss": 2.0} and run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith((tmp_path / "mlflow" / "artifacts").as_uri())
+    assert list((tmp_path / "mlflow" / "artifacts").rglob("grid.png")), "artifact did not land in local_dir"
+
+
+def test_null_tracker_on_other_ranks(tmp_path: Path) -> None:
+    tracker = make_tracker(_cfg(tmp_path, "http://127.0.0.1:1"), is_main=False)
+    assert isinstance(tracker, NullTracker) and not isinstance(tracker, Tracker) and tracker.run_id is None
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.finish()
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_server_never_stops_training(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    uri = f"http://127.0.0.1:{_free_port()}"   # nothing listens there
+    cfg = _cfg(tmp_path, uri)
+    start = time.monotonic()
+    tracker = make_tracker(cfg, is_main=True)
+    tracker.log_params(flatten(cfg))
+    for step in range(200):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    tracker.log_image(np.zeros((4, 4, 3), dtype=np.uint8), "samples/x.png")
+    tracker.finish()
+    assert time.monotonic() - start < 20
+    err = capfd.readouterr().err
+    assert err.count("is unreachable") == 1 and uri in err and "tracking.uri" in err
+    assert [(r["step"], r["metrics"]["loss"]) for r in _jsonl(tracker)] == [(s, float(s)) for s in range(200)]
+
+
+class Relay:
+    """TCP forwarder on its own port to a server: close() makes the server vanish for clients, open() restores it.
+
+    Cheaper than stopping and restarting `mlflow server` (tens of seconds per start) and the client sees the same
+    thing: refused connections, and pooled connections reset.
+    """
+
+    def __init__(self, target_uri: str) -> None:
+        self.target = ("127.0.0.1", int(target_uri.rsplit(":", 1)[1]))
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._sockets: list[socket.socket] = []
+
+    def open(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        self._sockets = [listener]
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                return
+            self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.slow
+def test_server_goes_away_and_comes_back(mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capfd: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(tracking, "FIRST_RETRY_S", 0.5)   # retry soon, so the test need not wait 30 s
+    relay = Relay(mlflow_server)
+    relay.open()
+    try:
+        tracker = make_tracker(_cfg(tmp_path, relay.uri), is_main=True)
+        tracker.log_metrics({"loss": 0.0}, step=0)
+        relay.close()
+        start = time.monotonic()
+        for step in range(1, 51):
+            tracker.log_metrics({"loss": float(step)}, step=step)
+        assert time.monotonic() - start < 15, "a dead server must cost seconds, not minutes"
+        assert capfd.readouterr().err.count("is unreachable") == 1
+        relay.open()
+        time.sleep(1.0)
+        tracker.log_metrics({"loss": 51.0}, step=51)   # past the retry time: the buffer is flushed
+        tracker.finish()
+        assert "reachable again" in capfd.readouterr().out
+    finally:
+        relay.close()
+    history = MlflowClient(mlflow_server).get_metric_history(tracker.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(52))
+    assert MlflowClient(mlflow_server).get_run(tracker.run_id).info.status == "FINISHED"
+    assert len(_jsonl(tracker)) == 52
+
+
+def test_env_defaults_keep_dead_servers_cheap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")   # a user's own choice is kept
+    make_tracker(_cfg(tmp_path, f"http://127.0.0.1:{_free_port()}"), is_main=True).finish()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
