@@ -16,7 +16,7 @@ NP ?= 2
 TRAIN_ARGS ?=
 MLFLOW_PORT ?= 5000
 
-.PHONY: install horovod test test-fast lint train prepare-digits mlflow-ui bench clean help
+.PHONY: install horovod test test-fast lint train prepare-digits mlflow-ui bench clean help docker-build docker-train
 
 help:
 	@echo "make train      install, prepare the digits shards, train with 2 Horovod processes, log to local MLflow"
@@ -62,6 +62,8 @@ prepare-digits: $(STAMP)
 train: $(STAMP) $(HVD_STAMP) prepare-digits
 	PATH=$(BIN):$$PATH $(BIN)/horovodrun -np $(NP) -H localhost:$(NP) --gloo \
 		$(BIN)/glow-dist train --config configs/digits.yaml data.root=$(DATA) train.run_dir=$(RUN_DIR) $(TRAIN_ARGS)
+	$(BIN)/glow-dist evaluate --checkpoint $(RUN_DIR) --baseline
+	@echo "Review the run in MLflow: make mlflow-ui, then open http://127.0.0.1:$(MLFLOW_PORT) (experiment glow-dist-digits)"
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \
@@ -69,6 +71,29 @@ mlflow-ui: $(STAMP)
 
 bench: $(STAMP) $(HVD_STAMP)
 	PATH=$(BIN):$$PATH $(PY) bench/run_all.py
+
+# GPU machines: the image of docker/Dockerfile, and a training run in it on all local GPUs.
+# make docker-train CONFIG=configs/celeba_hq_256.yaml DATA=/data/celeba_hq_256 RUN_DIR=/runs/celeba GPUS=8 \
+#     TRACKING_URI=http://mlflow-host:5000
+IMAGE ?= glow-dist:latest
+CONFIG ?= configs/digits.yaml
+GPUS ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
+TRACKING_URI ?= $(MLFLOW_TRACKING_URI)
+
+docker-build:
+	docker build -f docker/Dockerfile -t $(IMAGE) .
+
+# Host network: NCCL and the tracking server as on the host. Configs are mounted, so edits need no rebuild;
+# without TRACKING_URI runs go to a sqlite store inside RUN_DIR. Files are written as the calling user.
+docker-train:
+	@[ "$(GPUS)" -ge 1 ] 2>/dev/null || { echo "docker-train: no GPU found; set GPUS=N" >&2; exit 2; }
+	mkdir -p $(RUN_DIR)
+	docker run --rm --gpus all --network host --ipc host --ulimit memlock=-1 \
+		--user $$(id -u):$$(id -g) -e HOME=/tmp \
+		-v $(abspath $(DATA)):/data:ro -v $(abspath $(RUN_DIR)):/runs -v $(CURDIR)/configs:/workspace/glow-dist/configs:ro \
+		$(IMAGE) horovodrun -np $(GPUS) -H localhost:$(GPUS) --gloo \
+		glow-dist train --config $(CONFIG) data.root=/data train.run_dir=/runs \
+		tracking.uri=$(TRACKING_URI) tracking.local_dir=/runs/mlflow $(TRAIN_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

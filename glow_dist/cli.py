@@ -11,7 +11,15 @@ import sys
 # name -> (module, one-line help). Order is the order shown by --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("glow_dist.commands.config_cmd", "print the resolved config (defaults + YAML + overrides)"),
+    "train": ("glow_dist.commands.train_cmd", "train on shards (one process, or many under horovodrun)"),
+    "evaluate": ("glow_dist.commands.evaluate_cmd", "test-set bits/dim of a checkpoint (and baselines)"),
     "prepare": ("glow_dist.data.prepare", "write a data set (digits, image folder, CIFAR-10) as WebDataset shards"),
+    "plan": ("glow_dist.commands.plan_cmd", "parameters, FLOPs, memory and steps per epoch of a config, on no GPU"),
+    "sample": ("glow_dist.commands.sample_cmd", "grid of samples from a checkpoint, one row per temperature"),
+    "encode": ("glow_dist.commands.encode_cmd", "images -> latents (.npz), exactly invertible"),
+    "decode": ("glow_dist.commands.decode_cmd", "latents (.npz) -> images"),
+    "interpolate": ("glow_dist.commands.interpolate_cmd", "strip of decoded points between two images' latents"),
+    "manipulate": ("glow_dist.commands.manipulate_cmd", "move images along an attribute direction in latent space"),
 }
 
 
@@ -23,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # keep the docstring's examples
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
@@ -35,13 +44,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from glow_dist.config import ConfigError
-
     try:
         return int(args._module.run(args) or 0)
-    except ConfigError as e:
-        print(f"glow-dist {args.command}: config error: {e}", file=sys.stderr)
+    except Exception as e:
+        kind = _user_error_kind(e)
+        if kind is None:
+            raise
+        # A mistake the user can fix: one clear line naming it, no traceback.
+        print(f"glow-dist {args.command}: {kind} error: {e}", file=sys.stderr)
         return 2
+
+
+def _user_error_kind(error: Exception) -> str | None:
+    from glow_dist.checkpoint import CheckpointError
+    from glow_dist.config import ConfigError
+    from glow_dist.data import DataError
+    from glow_dist.latent import LatentError
+
+    kinds = {ConfigError: "config", CheckpointError: "checkpoint", DataError: "data", LatentError: "input"}
+    return next((name for cls, name in kinds.items() if isinstance(error, cls)), None)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,287 @@
+"""Training: Glow on WebDataset shards, as one process or as many ranks under horovodrun.
+
+    glow-dist train --config configs/debug.yaml                                       # one process
+    horovodrun -np 2 -H localhost:2 --gloo glow-dist train --config configs/digits.yaml
+    horovodrun -np 40 --hostfile launch/hostfile.example glow-dist train --config configs/celeba_hq_256.yaml
+
+Learning rate: `optim.lr` is for the configured per-rank batch; `optim.lr_scaling` multiplies it by the world size
+(`linear`) or its square root (`sqrt`), or keeps it (`none`, the paper's choice: 1e-3 at 40 ranks). It warms up
+linearly from 0 over `optim.warmup_steps`.
+
+Determinism: data order depends on (seed, epoch), dequantization noise on (seed, step, rank), so with
+`train.deterministic=true` a run stopped and resumed from a checkpoint ends with the same weights as one that
+never stopped.
+
+Fault drill: GLOW_DIST_INJECT_NONFINITE="STEP:RANK[,STEP:RANK...]" makes that rank's loss NaN at that step, to check
+that every rank skips the step together (tests use it; so can an operator on a new cluster).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from glow_dist import dist
+from glow_dist.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest, rng_state
+from glow_dist.config import Config, ConfigError, to_dict
+from glow_dist.data import make_loader
+from glow_dist.ema import EMA
+from glow_dist.evaluate import evaluate_bpd
+from glow_dist.model import Glow, bits_per_dim_from_log_prob, build_model, preprocess
+from glow_dist.reporter import NullReporter, Reporter
+from glow_dist.tracking import git_commit, gpu_type, make_tracker
+
+
+@dataclass
+class Position:
+    """Where training stands; with the weights, what a checkpoint restores."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    skipped_steps: int = 0
+
+
+def _injected_faults() -> set[tuple[int, int]]:
+    spec = os.environ.get("GLOW_DIST_INJECT_NONFINITE", "")
+    try:
+        return {(int(a), int(b)) for a, b in (item.split(":") for item in spec.split(",") if item.strip())}
+    except ValueError:
+        raise ConfigError(f"GLOW_DIST_INJECT_NONFINITE={spec!r}: expected STEP:RANK[,STEP:RANK...]") from None
+
+
+def learning_rate(cfg: Config, step: int, world_size: int) -> float:
+    scale = {"none": 1.0, "linear": float(world_size), "sqrt": math.sqrt(world_size)}[cfg.optim.lr_scaling]
+    warmup = min(1.0, (step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps > 0 else 1.0
+    return cfg.optim.lr * scale * warmup
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    kind = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam}[cfg.optim.name]
+    return kind(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                weight_decay=cfg.optim.weight_decay)
+
+
+def _noise_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
+    # Noise as a function of (seed, step, rank) alone, so a resumed run draws what an unbroken one would have.
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+
+
+def find_resume_checkpoint(cfg: Config) -> tuple[Path, dict] | None:
+    """The checkpoint `train.resume` asks for (read on rank 0 only), or None for a fresh start."""
+    mode = cfg.train.resume
+    if mode == "never":
+        if list_checkpoints(cfg.train.run_dir):
+            raise ConfigError(f"train.resume=never but {cfg.train.run_dir} already has checkpoints; starting over "
+                              "would rotate them away. Use train.resume=auto, or another train.run_dir")
+        return None
+    if mode == "auto":
+        return load_latest(cfg.train.run_dir)
+    path = Path(mode)
+    if not path.is_file():
+        raise CheckpointError(f"train.resume={mode}: no such checkpoint file; use auto, never or a ckpt-*.pt path")
+    return path, load_checkpoint(path)
+
+
+def check_same_architecture(cfg: Config, saved_config: dict, source: str) -> None:
+    saved, current = saved_config["model"], to_dict(cfg)["model"]
+    changed = {k: (saved.get(k), v) for k, v in current.items() if k != "memory" and saved.get(k) != v}
+    if changed:
+        detail = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in changed.items())
+        raise ConfigError(f"{source} was trained with a different model ({detail}); use its config or a new run_dir")
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        dist.init()
+        self.rank, self.world = dist.rank(), dist.size()
+        self.device = dist.pin_device()
+        threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // dist.local_size())
+        torch.set_num_threads(threads)  # N ranks on one host share its cores
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.train.seed)  # same initial weights everywhere; rank 0's are broadcast anyway
+
+        self.model: Glow = build_model(cfg.model).to(self.device)
+        # Wrap before any state is loaded: Horovod's DistributedOptimizer is a new optimizer built from the param
+        # groups, so state loaded into the unwrapped one would be silently dropped.
+        self.optimizer = dist.distributed_optimizer(make_optimizer(cfg, self.model), self.model,
+                                                    cfg.dist.fp16_allreduce)
+        self.ema = EMA(self.model, cfg.optim.ema_decay)
+        self.position = Position()
+        self.faults = _injected_faults()
+        loader_args = dict(rank=self.rank, world_size=self.world, device=self.device, seed=cfg.train.seed)
+        self.train_data = make_loader(cfg.data, cfg.model, "train", batch_size=cfg.train.batch_size, **loader_args)
+        self.test_data = make_loader(cfg.data, cfg.model, "test", batch_size=cfg.train.batch_size, **loader_args)
+
+        resumed = self._restore()
+        if resumed is None:
+            self._init_actnorm()
+        # Every rank starts from rank 0's optimizer state, weights and EMA. Optimizer state goes first: Horovod fills
+        # an empty state with a zero-gradient step, which would move weights (weight decay) after their broadcast.
+        dist.broadcast_optimizer_state(self.optimizer)
+        dist.broadcast_parameters(self.model)
+        dist.broadcast_parameters(self.ema.model)
+
+        tracker = make_tracker(cfg, dist.is_main(), run_id=self._run_id)
+        self.report = Reporter(cfg, tracker, self.position.step) if dist.is_main() else NullReporter()
+        tags = {"hosts": str(dist.host_count()), "gpu_type": gpu_type(), "git_commit": git_commit(),
+                "world_size": str(self.world)}
+        self.report.start(cfg, self.world, tags, resumed)
+
+    def _restore(self) -> str | None:
+        """Rank 0 loads the checkpoint named by train.resume; every rank learns the position and run id."""
+        found = find_resume_checkpoint(self.cfg) if dist.is_main() else None
+        meta = None
+        if found is not None:
+            path, state = found
+            check_same_architecture(self.cfg, state["config"], str(path))
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            meta = {"position": state["position"], "run_id": state.get("mlflow_run_id"), "path": str(path)}
+        meta = dist.broadcast_object(meta)  # non-main ranks take the position and run id from rank 0
+        self._run_id = meta["run_id"] if meta else None
+        if meta is None:
+            return None
+        self.position = Position(**meta["position"])
+        if self.position.epoch > 0 or self.position.batch_in_epoch > 0:
+            self.position.epoch, self.position.batch_in_epoch = self._normalized(self.position)
+        return meta["path"]
+
+    def _normalized(self, p: Position) -> tuple[int, int]:
+        # A checkpoint taken after the last batch of an epoch resumes at the start of the next one.
+        if p.batch_in_epoch >= self.train_data.batches_per_epoch:
+            return p.epoch + 1, 0
+        return p.epoch, p.batch_in_epoch
+
+    def init_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's ActNorm init batch, dequantized with noise fixed by (seed, rank)."""
+        init_data = make_loader(self.cfg.data, self.cfg.model, "train", batch_size=self.cfg.train.init_batch_size,
+                                rank=self.rank, world_size=self.world, device=self.device, seed=self.cfg.train.seed)
+        images, labels = next(iter(init_data.epoch(0)))
+        gen = _noise_generator(self.device, self.cfg.train.seed, -1, self.rank)
+        return preprocess(images, self.cfg.model.n_bits, generator=gen), labels if self._uses_labels else None
+
+    def _init_actnorm(self) -> None:
+        """Data-dependent ActNorm init from every rank's init batch: statistics are summed over ranks."""
+        x, y = self.init_batch()
+        # Distributed: every ActNorm's statistics are all-reduced, so the init equals one on all ranks' batches.
+        self.model.initialize(x, y, reduce_fn=dist.allreduce_sum)
+        self.ema.reset(self.model)
+
+    @property
+    def _uses_labels(self) -> bool:
+        return self.cfg.model.y_condition
+
+    def checkpoint_state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "position": asdict(self.position),
+            "rng": rng_state(),
+            "config": to_dict(self.cfg),
+            "mlflow_run_id": self.report.run_id,
+            "world_size": self.world,
+        }
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        cfg = self.cfg
+        lr = learning_rate(cfg, self.position.step, self.world)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        gen = _noise_generator(self.device, cfg.train.seed, self.position.step, self.rank)
+        x = preprocess(images, cfg.model.n_bits, generator=gen)
+        out = self.model(x, labels if self._uses_labels else None)
+        bpd = bits_per_dim_from_log_prob(out.log_prob, self.model.num_dims, cfg.model.n_bits).mean()
+        loss = bpd
+        if out.y_logits is not None:  # the reference objective: bits/dim + weight_y * class cross-entropy in bits
+            loss = loss + cfg.model.weight_y * F.cross_entropy(out.y_logits, labels) / math.log(2)
+        if (self.position.step, self.rank) in self.faults:
+            loss = loss * float("nan")
+        self.optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none; torch defaults to True
+        loss.backward()
+        result = dist.clip_and_step(self.optimizer, self.model.parameters(), cfg.optim.grad_clip, loss=loss)
+        if not result.skipped:
+            self.ema.update(self.model)
+        return bpd.detach(), result.grad_norm, result.skipped
+
+    def evaluate(self) -> float:
+        return evaluate_bpd(self.ema.model, self.test_data.epoch(0), self.cfg.model.n_bits,
+                            reduce_fn=dist.allreduce_sum, y_condition=self._uses_labels,
+                            max_batches=self.cfg.train.max_eval_batches, seed=self.cfg.train.seed)
+
+    def fit(self) -> dict[str, float]:
+        cfg, pos = self.cfg, self.position
+        interval = {"bpd": 0.0, "grad_norm": 0.0, "n": 0, "t0": time.perf_counter()}
+        final: dict[str, float] = {}
+        status = "FAILED"
+        try:
+            while pos.step < cfg.train.steps:
+                for images, labels in self.train_data.epoch(pos.epoch, start_batch=pos.batch_in_epoch):
+                    bpd, grad_norm, skipped = self.train_step(images, labels)
+                    pos.step += 1
+                    pos.batch_in_epoch += 1
+                    pos.skipped_steps += int(skipped)
+                    if not skipped:
+                        interval["bpd"] += float(bpd)
+                        interval["grad_norm"] += float(grad_norm)
+                        interval["n"] += 1
+                    self.report.step(pos.step)
+                    self._periodic(interval)
+                    if pos.step >= cfg.train.steps:
+                        break
+                if pos.batch_in_epoch >= self.train_data.batches_per_epoch:
+                    pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+            final = self._finish()
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.report.finish(status)
+        return final
+
+    def _periodic(self, interval: dict) -> None:
+        cfg, step = self.cfg.train, self.position.step
+        if step % cfg.log_every == 0:
+            elapsed = time.perf_counter() - interval["t0"]
+            n = max(interval["n"], 1)
+            local = {"train/bpd": interval["bpd"] / n, "grad_norm": interval["grad_norm"] / n,
+                     "images_per_sec": cfg.log_every * cfg.batch_size / max(elapsed, 1e-9)}
+            metrics = dist.allreduce_scalars(local)  # averaged over ranks before logging
+            metrics["images_per_sec"] *= self.world  # the job's throughput, not one rank's
+            metrics["lr"] = learning_rate(self.cfg, step - 1, self.world)
+            metrics["skipped_steps"] = float(self.position.skipped_steps)
+            metrics["epoch"] = float(self.position.epoch)
+            self.report.metrics(metrics, step)
+            interval.update(bpd=0.0, grad_norm=0.0, n=0, t0=time.perf_counter())
+        if step % cfg.eval_every == 0 and step < cfg.steps:
+            self.report.metrics({"test/bpd": self.evaluate()}, step)
+        if step % cfg.sample_every == 0 and step < cfg.steps:
+            self.report.samples(self.ema.model, step)
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            self.report.checkpoint(self.checkpoint_state, step)
+
+    def _finish(self) -> dict[str, float]:
+        step = self.position.step
+        test_bpd = self.evaluate()
+        self.report.metrics({"test/bpd": test_bpd, "skipped_steps": float(self.position.skipped_steps)}, step)
+        self.report.samples(self.ema.model, step)
+        self.report.checkpoint(self.checkpoint_state, step)
+        self.report.message(f"final test bits/dim {test_bpd:.4f} after {step} steps "
+                            f"({self.position.skipped_steps} skipped)")
+        tracker = getattr(self.report, "tracker", None)
+        if tracker is not None:
+            self.report.message(f"results: {tracker.describe()}")
+        return {"test/bpd": test_bpd, "step": float(step), "skipped_steps": float(self.position.skipped_steps)}
+
+
+def train(cfg: Config) -> dict[str, float]:
+    return Trainer(cfg).fit()

@@ -1,0 +1,33 @@
+"""Shared fixtures: real digits shards written by `glow-dist prepare`, and one real MLflow server per session."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The scikit-learn digits as 8x8 grey WebDataset shards with DALI index files (prepared once per session)."""
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    cmd = [sys.executable, "-m", "glow_dist", "prepare", "digits", "--out", str(out), "--shard-size", "500"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The tracking URI of an `mlflow server` on a free 127.0.0.1 port, with a sqlite backend."""
+    from test_tracking import Server
+
+    server = Server(tmp_path_factory.mktemp("mlflow_server_session")).start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
