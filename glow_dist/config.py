@@ -61,6 +61,7 @@ class OptimConfig:
 
 
 @dataclass
+    rollback_lr_factor: float = 0.5  # lr multiplier at each rollback (see train.max_consecutive_skips)
 class TrainConfig:
     batch_size: int = 16          # per rank
     init_batch_size: int = 64     # per rank, for ActNorm data-dependent init
@@ -80,6 +81,7 @@ class TrainConfig:
 
 
 @dataclass
+    max_consecutive_skips: int = 20   # after this many non-finite steps in a row, roll back; 0 disables rollback
 class DistConfig:
     elastic: bool = False         # Horovod elastic mode
     fp16_allreduce: bool = False  # compress gradients to fp16 on the wire

@@ -12,13 +12,18 @@ Determinism: data order depends on (seed, epoch), dequantization noise on (seed,
 `train.deterministic=true` a run stopped and resumed from a checkpoint ends with the same weights as one that
 never stopped.
 
-Fault drill: GLOW_DIST_INJECT_NONFINITE="STEP:RANK[,STEP:RANK...]" makes that rank's loss NaN at that step, to check
-that every rank skips the step together (tests use it; so can an operator on a new cluster).
+Reliability: a non-finite loss or gradient on any rank makes every rank skip the step; after
+`train.max_consecutive_skips` in a row, every rank rolls back to the newest good checkpoint with the learning rate
+multiplied by `optim.rollback_lr_factor`. SIGTERM/SIGINT (preemption) saves a checkpoint and exits cleanly.
+
+Fault drill: GLOW_DIST_INJECT_NONFINITE="STEP:RANK[,STEP:RANK...]" makes that rank's loss NaN once at that step, to
+check the collective skip and the rollback (tests use it; so can an operator on a new cluster).
 """
 from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +49,9 @@ class Position:
     epoch: int = 0
     batch_in_epoch: int = 0
     skipped_steps: int = 0
+    consecutive_skips: int = 0
+    lr_scale: float = 1.0         # multiplied by optim.rollback_lr_factor at every rollback
+    rollbacks: int = 0
 
 
 def _injected_faults() -> set[tuple[int, int]]:
@@ -54,10 +62,34 @@ def _injected_faults() -> set[tuple[int, int]]:
         raise ConfigError(f"GLOW_DIST_INJECT_NONFINITE={spec!r}: expected STEP:RANK[,STEP:RANK...]") from None
 
 
-def learning_rate(cfg: Config, step: int, world_size: int) -> float:
+def learning_rate(cfg: Config, step: int, world_size: int, lr_scale: float = 1.0) -> float:
     scale = {"none": 1.0, "linear": float(world_size), "sqrt": math.sqrt(world_size)}[cfg.optim.lr_scaling]
     warmup = min(1.0, (step + 1) / cfg.optim.warmup_steps) if cfg.optim.warmup_steps > 0 else 1.0
-    return cfg.optim.lr * scale * warmup
+    return cfg.optim.lr * scale * warmup * lr_scale
+
+
+class StopSignal:
+    """SIGTERM or SIGINT (a scheduler preempting the job, or Ctrl-C) sets a flag that the loop checks after every
+    step, so the job saves a checkpoint and exits cleanly. A second SIGINT interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.name = ""
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.name = True, signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignal:
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -122,11 +154,7 @@ class Trainer:
         resumed = self._restore()
         if resumed is None:
             self._init_actnorm()
-        # Every rank starts from rank 0's optimizer state, weights and EMA. Optimizer state goes first: Horovod fills
-        # an empty state with a zero-gradient step, which would move weights (weight decay) after their broadcast.
-        dist.broadcast_optimizer_state(self.optimizer)
-        dist.broadcast_parameters(self.model)
-        dist.broadcast_parameters(self.ema.model)
+        self._sync_from_rank0()
 
         tracker = make_tracker(cfg, dist.is_main(), run_id=self._run_id)
         self.report = Reporter(cfg, tracker, self.position.step) if dist.is_main() else NullReporter()
@@ -134,9 +162,16 @@ class Trainer:
                 "world_size": str(self.world)}
         self.report.start(cfg, self.world, tags, resumed)
 
-    def _restore(self) -> str | None:
-        """Rank 0 loads the checkpoint named by train.resume; every rank learns the position and run id."""
-        found = find_resume_checkpoint(self.cfg) if dist.is_main() else None
+    def _sync_from_rank0(self) -> None:
+        """Every rank takes rank 0's optimizer state, weights and EMA. Optimizer state goes first: Horovod fills an
+        empty state with a zero-gradient step, which would move weights (weight decay) after their broadcast."""
+        dist.broadcast_optimizer_state(self.optimizer)
+        dist.broadcast_parameters(self.model)
+        dist.broadcast_parameters(self.ema.model)
+
+    def _load_on_rank0(self, found: tuple[Path, dict] | None) -> dict | None:
+        """Rank 0 loads a checkpoint's weights, EMA and optimizer; every rank gets its position, run id and path.
+        The caller broadcasts the tensors with `_sync_from_rank0`."""
         meta = None
         if found is not None:
             path, state = found
@@ -145,20 +180,42 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
             meta = {"position": state["position"], "run_id": state.get("mlflow_run_id"), "path": str(path)}
-        meta = dist.broadcast_object(meta)  # non-main ranks take the position and run id from rank 0
+        return dist.broadcast_object(meta)  # non-main ranks learn what rank 0 found
+
+    def _restore(self) -> str | None:
+        """Load what train.resume names (rank 0 reads it); None for a fresh start."""
+        meta = self._load_on_rank0(find_resume_checkpoint(self.cfg) if dist.is_main() else None)
         self._run_id = meta["run_id"] if meta else None
         if meta is None:
             return None
-        self.position = Position(**meta["position"])
-        if self.position.epoch > 0 or self.position.batch_in_epoch > 0:
-            self.position.epoch, self.position.batch_in_epoch = self._normalized(self.position)
+        self.position = self._resumable(Position(**meta["position"]))
         return meta["path"]
 
-    def _normalized(self, p: Position) -> tuple[int, int]:
+    def _resumable(self, p: Position) -> Position:
         # A checkpoint taken after the last batch of an epoch resumes at the start of the next one.
         if p.batch_in_epoch >= self.train_data.batches_per_epoch:
-            return p.epoch + 1, 0
-        return p.epoch, p.batch_in_epoch
+            p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+        p.consecutive_skips = 0
+        return p
+
+    def _rollback(self) -> None:
+        """After too many consecutive non-finite steps: every rank returns to the newest good checkpoint and goes on
+        with the learning rate multiplied by optim.rollback_lr_factor."""
+        pos = self.position
+        meta = self._load_on_rank0(load_latest(self.cfg.train.run_dir) if dist.is_main() else None)
+        if meta is None:
+            raise RuntimeError(f"{pos.consecutive_skips} consecutive steps had a non-finite loss or gradient and "
+                               f"{self.cfg.train.run_dir} has no checkpoint to roll back to; lower optim.lr, raise "
+                               "optim.warmup_steps, or checkpoint more often (train.checkpoint_every)")
+        self._sync_from_rank0()
+        restored = self._resumable(Position(**meta["position"]))
+        restored.lr_scale = pos.lr_scale * self.cfg.optim.rollback_lr_factor
+        restored.rollbacks = pos.rollbacks + 1
+        restored.skipped_steps = pos.skipped_steps
+        self.position = restored
+        self.report.message(f"{pos.consecutive_skips} consecutive non-finite steps at step {pos.step}: rolled back to "
+                            f"{meta['path']} (step {restored.step}), learning rate x{restored.lr_scale:g}")
+        self.report.metrics({"rollbacks": float(restored.rollbacks), "lr_scale": restored.lr_scale}, pos.step)
 
     def init_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's ActNorm init batch, dequantized with noise fixed by (seed, rank)."""
@@ -193,7 +250,7 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         cfg = self.cfg
-        lr = learning_rate(cfg, self.position.step, self.world)
+        lr = learning_rate(cfg, self.position.step, self.world, self.position.lr_scale)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         gen = _noise_generator(self.device, cfg.train.seed, self.position.step, self.rank)
@@ -204,6 +261,7 @@ class Trainer:
         if out.y_logits is not None:  # the reference objective: bits/dim + weight_y * class cross-entropy in bits
             loss = loss + cfg.model.weight_y * F.cross_entropy(out.y_logits, labels) / math.log(2)
         if (self.position.step, self.rank) in self.faults:
+            self.faults.discard((self.position.step, self.rank))  # one-shot, like a real transient fault
             loss = loss * float("nan")
         self.optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none; torch defaults to True
         loss.backward()
@@ -218,35 +276,53 @@ class Trainer:
                             max_batches=self.cfg.train.max_eval_batches, seed=self.cfg.train.seed)
 
     def fit(self) -> dict[str, float]:
-        cfg, pos = self.cfg, self.position
-        interval = {"bpd": 0.0, "grad_norm": 0.0, "n": 0, "t0": time.perf_counter()}
-        final: dict[str, float] = {}
         status = "FAILED"
         try:
-            while pos.step < cfg.train.steps:
-                for images, labels in self.train_data.epoch(pos.epoch, start_batch=pos.batch_in_epoch):
-                    bpd, grad_norm, skipped = self.train_step(images, labels)
-                    pos.step += 1
-                    pos.batch_in_epoch += 1
-                    pos.skipped_steps += int(skipped)
-                    if not skipped:
-                        interval["bpd"] += float(bpd)
-                        interval["grad_norm"] += float(grad_norm)
-                        interval["n"] += 1
-                    self.report.step(pos.step)
-                    self._periodic(interval)
-                    if pos.step >= cfg.train.steps:
-                        break
-                if pos.batch_in_epoch >= self.train_data.batches_per_epoch:
-                    pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-            final = self._finish()
-            status = "FINISHED"
+            with StopSignal() as stop:
+                result = self._loop(stop)
+            status = "KILLED" if stop.requested else "FINISHED"
+            return result
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
             self.report.finish(status)
-        return final
+
+    def _loop(self, stop: StopSignal) -> dict[str, float]:
+        cfg = self.cfg
+        interval = {"bpd": 0.0, "grad_norm": 0.0, "n": 0, "t0": time.perf_counter()}
+        while self.position.step < cfg.train.steps:
+            pos = self.position
+            for images, labels in self.train_data.epoch(pos.epoch, start_batch=pos.batch_in_epoch):
+                bpd, grad_norm, skipped = self.train_step(images, labels)
+                pos.step += 1
+                pos.batch_in_epoch += 1
+                pos.skipped_steps += int(skipped)
+                pos.consecutive_skips = pos.consecutive_skips + 1 if skipped else 0
+                if not skipped:
+                    interval["bpd"] += float(bpd)
+                    interval["grad_norm"] += float(grad_norm)
+                    interval["n"] += 1
+                self.report.step(pos.step)
+                self._periodic(interval)
+                # Distributed: a signal may reach the ranks at different steps; they stop at the same one.
+                if dist.all_any(stop.requested):
+                    return self._stop(stop.name or "a signal on another rank")
+                if 0 < cfg.train.max_consecutive_skips <= pos.consecutive_skips:
+                    self._rollback()
+                    break
+                if pos.step >= cfg.train.steps:
+                    break
+            if self.position.batch_in_epoch >= self.train_data.batches_per_epoch:
+                self.position.epoch, self.position.batch_in_epoch = self.position.epoch + 1, 0
+        return self._finish()
+
+    def _stop(self, reason: str) -> dict[str, float]:
+        step = self.position.step
+        self.report.checkpoint(self.checkpoint_state, step)
+        self.report.message(f"stopped by {reason} at step {step}; checkpoint saved. Run the same command again to "
+                            "resume (train.resume=auto)")
+        return {"step": float(step), "skipped_steps": float(self.position.skipped_steps), "stopped": 1.0}
 
     def _periodic(self, interval: dict) -> None:
         cfg, step = self.cfg.train, self.position.step
@@ -257,7 +333,7 @@ class Trainer:
                      "images_per_sec": cfg.log_every * cfg.batch_size / max(elapsed, 1e-9)}
             metrics = dist.allreduce_scalars(local)  # averaged over ranks before logging
             metrics["images_per_sec"] *= self.world  # the job's throughput, not one rank's
-            metrics["lr"] = learning_rate(self.cfg, step - 1, self.world)
+            metrics["lr"] = learning_rate(self.cfg, step - 1, self.world, self.position.lr_scale)
             metrics["skipped_steps"] = float(self.position.skipped_steps)
             metrics["epoch"] = float(self.position.epoch)
             self.report.metrics(metrics, step)
@@ -266,7 +342,8 @@ class Trainer:
             self.report.metrics({"test/bpd": self.evaluate()}, step)
         if step % cfg.sample_every == 0 and step < cfg.steps:
             self.report.samples(self.ema.model, step)
-        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        # Not during a run of skipped steps: a rollback should land before the trouble started.
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps and self.position.consecutive_skips == 0:
             self.report.checkpoint(self.checkpoint_state, step)
 
     def _finish(self) -> dict[str, float]:

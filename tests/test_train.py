@@ -1,48 +1,18 @@
 """The trainer end to end: real horovodrun processes, real shards, a real MLflow server on 127.0.0.1."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import BASE, BIN, REPO, assert_identical, horovodrun, load_ckpt, run_check, train_cli
 from mlflow.tracking import MlflowClient
 
 from glow_dist.config import load_config
 from glow_dist.model import build_model
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SCRIPT = REPO / "tests" / "scripts" / "train_check.py"
-
 pytestmark = pytest.mark.slow
-
-# A few steps of the debug model on the digits shards, with every periodic action exercised.
-BASE = ["train.steps=6", "train.log_every=2", "train.eval_every=3", "train.sample_every=3",
-        "train.checkpoint_every=3", "train.progress=false", "train.threads=1", "train.max_eval_batches=4"]
-
-
-def horovodrun(np: int, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    if not (BIN / "horovodrun").exists():
-        pytest.skip("horovodrun is not installed in this environment: run `make horovod`")
-    cmd = [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo", sys.executable, *args]
-    full_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=full_env)
-    assert out.returncode == 0, f"horovodrun failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    return out
-
-
-def run_check(np: int, outdir: Path, overrides: list[str], env: dict | None = None) -> list[dict]:
-    horovodrun(np, str(SCRIPT), str(outdir), "--config", "configs/debug.yaml", *overrides, env=env)
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(np)]
-
-
-def assert_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs across ranks"
 
 
 def test_two_ranks_train_in_lockstep_and_log_to_mlflow(tmp_path, digits_shards, mlflow_server):
@@ -97,15 +67,6 @@ def test_nonfinite_loss_on_one_rank_is_skipped_by_both(tmp_path, digits_shards):
     assert all(torch.isfinite(v).all() for v in r0["final"].values() if v.is_floating_point())
 
 
-def train_cli(*overrides: str, np: int = 1) -> None:
-    args = ["-m", "glow_dist", "train", "--config", "configs/debug.yaml", *overrides]
-    if np > 1:
-        horovodrun(np, *args)
-        return
-    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert out.returncode == 0, out.stderr[-4000:]
-
-
 def test_stop_and_resume_gives_the_same_weights(tmp_path, digits_shards):
     """2 ranks, weight decay on: the resumed run restores and broadcasts weights, EMA, optimizer state, position."""
     common = BASE + [f"data.root={digits_shards}", "train.deterministic=true", "train.steps=8",
@@ -115,12 +76,11 @@ def test_stop_and_resume_gives_the_same_weights(tmp_path, digits_shards):
     # The interrupted run stops at step 5 (its final checkpoint), then `resume=auto` continues to step 8.
     train_cli(*common, f"train.run_dir={tmp_path / 'resumed'}", "train.steps=5", np=2)
     train_cli(*common, f"train.run_dir={tmp_path / 'resumed'}", "train.resume=auto", np=2)
-    straight = torch.load(tmp_path / "straight" / "checkpoints" / "ckpt-00000008.pt", weights_only=False)
-    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "ckpt-00000008.pt", weights_only=False)
+    straight, resumed = load_ckpt(tmp_path / "straight", 8), load_ckpt(tmp_path / "resumed", 8)
     assert resumed["position"] == straight["position"]
     assert_identical(straight["model"], resumed["model"])
     assert_identical(straight["ema"], resumed["ema"])
-    first = torch.load(tmp_path / "resumed" / "checkpoints" / "ckpt-00000005.pt", weights_only=False)
+    first = load_ckpt(tmp_path / "resumed", 5)
     assert first["mlflow_run_id"] == resumed["mlflow_run_id"]  # the same MLflow run continued
 
 

@@ -1,0 +1,64 @@
+"""Helpers shared by the multi-process tests: launching horovodrun and the trainer, comparing weights."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TRAIN_CHECK = REPO / "tests" / "scripts" / "train_check.py"
+
+# A few steps of the debug model with every periodic action exercised.
+BASE = ["train.steps=6", "train.log_every=2", "train.eval_every=3", "train.sample_every=3",
+        "train.checkpoint_every=3", "train.progress=false", "train.threads=1", "train.max_eval_batches=4"]
+
+
+def horovodrun_cmd(np: int, *args: str) -> list[str]:
+    if not (BIN / "horovodrun").exists():
+        pytest.skip("horovodrun is not installed in this environment: run `make horovod`")
+    return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo", sys.executable, *args]
+
+
+def env_with_venv(extra: dict | None = None) -> dict:
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(extra or {})}
+
+
+def horovodrun(np: int, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run(horovodrun_cmd(np, *args), capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                         env=env_with_venv(env))
+    assert out.returncode == 0, f"horovodrun failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return out
+
+
+def train_cmd(*overrides: str, config: str = "configs/debug.yaml") -> list[str]:
+    return ["-m", "glow_dist", "train", "--config", config, *overrides]
+
+
+def train_cli(*overrides: str, np: int = 1, env: dict | None = None) -> None:
+    if np > 1:
+        horovodrun(np, *train_cmd(*overrides), env=env)
+        return
+    out = subprocess.run([sys.executable, *train_cmd(*overrides)], capture_output=True, text=True, cwd=REPO,
+                         timeout=300, env=env_with_venv(env))
+    assert out.returncode == 0, out.stderr[-4000:]
+
+
+def run_check(np: int, outdir: Path, overrides: list[str], env: dict | None = None) -> list[dict]:
+    """Run tests/scripts/train_check.py on `np` ranks; return each rank's dump."""
+    horovodrun(np, str(TRAIN_CHECK), str(outdir), "--config", "configs/debug.yaml", *overrides, env=env)
+    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(np)]
+
+
+def load_ckpt(run_dir: Path, step: int) -> dict:
+    return torch.load(run_dir / "checkpoints" / f"ckpt-{step:08d}.pt", weights_only=False)
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
