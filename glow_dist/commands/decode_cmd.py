@@ -1,0 +1,36 @@
+"""Decode latents written by `glow-dist encode` back into images, one PNG per latent:
+
+  glow-dist decode --checkpoint runs/celeba --latents latents.npz --out decoded/
+
+With the checkpoint that encoded them the PNGs equal the inputs quantized to the model's n_bits. Latents from a
+model of another configuration are refused.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run dir (newest checkpoint)")
+    parser.add_argument("--latents", required=True, help=".npz file from `glow-dist encode`")
+    parser.add_argument("--batch-size", type=int, default=64, help="images decoded at once")
+    parser.add_argument("--out", required=True, help="directory for the PNG files")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from glow_dist.latent import decode_latents, load_latents, load_model
+    from glow_dist.sampling import save_png
+
+    loaded = load_model(args.checkpoint)
+    zs, names = load_latents(args.latents, loaded)
+    images = decode_latents(loaded.model, zs, args.batch_size)
+    stems = [Path(n).stem for n in names]
+    if len(set(stems)) < len(stems):  # same file name from different folders: keep every image
+        stems = [f"{i:04d}-{s}" for i, s in enumerate(stems)]
+    out = Path(args.out)
+    for image, stem in zip(images, stems, strict=True):
+        save_png(image.permute(1, 2, 0).numpy(), out / f"{stem}.png")
+    print(f"wrote {len(stems)} images decoded with {loaded.path} (step {loaded.step}) to {out}")
+    return 0
