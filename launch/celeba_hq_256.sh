@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The paper's CelebA-HQ 256 run: 40 ranks (5 machines x 8 GPUs) started by horovodrun over ssh from this machine.
+#
+#   HOSTFILE=launch/hostfile NIC=eth0 MLFLOW_TRACKING_URI=http://mlflow-host:5000 launch/celeba_hq_256.sh
+#   launch/celeba_hq_256.sh train.steps=2000          # extra arguments are config overrides
+#   DRY_RUN=1 launch/celeba_hq_256.sh                 # print the command instead of running it
+#
+# Every machine needs the same checkout and venv at the same path (this repo, `make install horovod` with a CUDA
+# torch, or the Docker image), passwordless ssh between machines, and DATA and RUN_DIR on shared storage
+# (rank 0 writes checkpoints to RUN_DIR; every rank reads DATA).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+HOSTFILE=${HOSTFILE:-launch/hostfile}          # "host slots=8" lines; see launch/hostfile.example
+NP=${NP:-40}                                   # total ranks = sum of slots
+NIC=${NIC:-eth0}                               # interface the ranks talk over (ib0, ens5, ...): Gloo and NCCL
+START_TIMEOUT=${START_TIMEOUT:-300}            # seconds for ssh checks and starting every rank
+SSH_PORT=${SSH_PORT:-22}
+CONFIG=${CONFIG:-configs/celeba_hq_256.yaml}
+DATA=${DATA:-data/celeba_hq_256}               # `glow-dist prepare folder ... --out $DATA`
+RUN_DIR=${RUN_DIR:-runs/celeba_hq_256}         # checkpoints; `train.resume=auto` continues from here
+MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:?set MLFLOW_TRACKING_URI to the tracking server (launch/mlflow-server.sh)}
+BIN=${BIN:-$PWD/.venv/bin}                     # where horovodrun and glow-dist live on every machine
+
+# NCCL carries the all-reduce; pin it to the same interface Horovod's Gloo controller uses.
+export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$NIC}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export MLFLOW_TRACKING_URI PATH="$BIN:$PATH"
+
+# --gloo: our Horovod build has no MPI (launch/install-horovod.sh); horovodrun exports this environment to every rank.
+cmd=(horovodrun -np "$NP" --hostfile "$HOSTFILE" --gloo --network-interfaces "$NIC"
+     --start-timeout "$START_TIMEOUT" -p "$SSH_PORT"
+     glow-dist train --config "$CONFIG" "data.root=$DATA" "train.run_dir=$RUN_DIR"
+     "tracking.uri=$MLFLOW_TRACKING_URI" "$@")
+if [[ ${DRY_RUN:-0} == 1 ]]; then
+    printf '%q ' "${cmd[@]}"; echo
+    exit 0
+fi
+[[ -f $HOSTFILE ]] || { echo "no hostfile $HOSTFILE: copy launch/hostfile.example and list your machines" >&2; exit 2; }
+exec "${cmd[@]}"

