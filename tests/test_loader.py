@@ -133,3 +133,34 @@ def test_missing_empty_and_mismatched(dataset: Path, tmp_path: Path) -> None:
         make_loader(cfg, ModelConfig(image_size=16, channels=3), "train", 0, 1, 4, CPU, 0)
     with pytest.raises(DataError, match="fewer than world size 4 x batch size 16"):
         make_loader(cfg, MODEL, "train", 0, 4, 16, CPU, 0)
+
+
+def wrong_size_copy(dataset: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A copy whose first test image is re-encoded at 16x16 inside an 8x8 data set (shards made by another tool)."""
+    import io
+    import tarfile
+
+    from glow_dist.data.shards import write_index
+
+    root = tmp_path / "wrong-size"
+    shutil.copytree(dataset, root)
+    shard = read_manifest(root)["splits"]["test"]["shards"][0]
+    with tarfile.open(root / shard["file"]) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    index = next(i for i, (m, _) in enumerate(members) if m.name.endswith(".png"))
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(png, format="PNG")
+    members[index][0].size = len(png.getvalue())
+    members[index] = (members[index][0], png.getvalue())
+    with tarfile.open(root / shard["file"], "w") as tar:
+        for member, data in members:
+            tar.addfile(member, io.BytesIO(data))
+    write_index(root / shard["file"], root / shard["index"])
+    return root, shard["file"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrong_size_image_inside_a_shard(dataset: Path, tmp_path: Path, backend: str) -> None:
+    root, shard = wrong_size_copy(dataset, tmp_path)
+    with pytest.raises(DataError, match=rf"^sample '\d+' in shard .*{shard} is 16x16, the manifest says 8x8$"):
+        collect(loader(root, backend, "test", batch=4))

@@ -58,7 +58,9 @@ class DaliLoader(Loader):
             # the batch count is set by the smallest rank's part, not by this rank's.
             batches = DALIGenericIterator([pipe], ["images", "labels"], size=-1, auto_reset=False)
         except RuntimeError as e:
-            raise DataError(f"DALI could not open the {self.split} shards in {self.root}: {e}") from e
+            # The iterator prefetches while it is built, so a bad sample (undecodable, wrong size) can fail here.
+            raise self.find_bad_sample(part) or DataError(
+                f"DALI could not open the {self.split} shards in {self.root}: {e}") from e
         try:
             for j in range(self.batches_per_epoch):
                 try:

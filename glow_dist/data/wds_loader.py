@@ -135,11 +135,16 @@ class WdsLoader(Loader):
         )
         pending: dict[int, tuple] = {}
         expected = start_batch
-        for j, images, labels in data:
-            if images is None:
-                continue
-            pending[j] = (images, labels)
-            # Round-robin already delivers in order; the buffer only guards that assumption.
-            while expected in pending:
-                yield self._to_device(*pending.pop(expected))
-                expected += 1
+        try:
+            for j, images, labels in data:
+                if images is None:
+                    continue
+                pending[j] = (images, labels)
+                # Round-robin already delivers in order; the buffer only guards that assumption.
+                while expected in pending:
+                    yield self._to_device(*pending.pop(expected))
+                    expected += 1
+        except DataError as e:
+            # A worker's error arrives wrapped in its traceback text; its last line is the message for the user.
+            raise DataError(str(e).strip().splitlines()[-1].removeprefix("glow_dist.data.manifest.DataError: ")) \
+                from None
