@@ -35,7 +35,10 @@ class ModelConfig:
     y_condition: bool = False     # class-conditional top prior plus classifier head
     num_classes: int = 0          # required when y_condition is true
     weight_y: float = 0.01        # weight of the classifier loss (nats per image, added to the objective)
-    memory: str = "plain"         # plain | checkpoint (gradient checkpointing per flow step)
+    memory: str = "plain"         # plain | checkpoint (per flow step) | invertible (rebuild inputs with reverse)
+    channels_last: bool = False   # NHWC activations and conv weights inside the flow (faster oneDNN/cuDNN convs)
+    autocast: str = "none"        # none | bf16: coupling networks in bfloat16; logdet, 1x1 convs, priors in fp32
+    compile: bool = False         # torch.compile every flow step (needs a C++ compiler on CPU; slow first step)
 
 
 @dataclass
@@ -58,10 +61,10 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 50.0       # max global L2 norm of the gradient; 0 disables clipping
     ema_decay: float = 0.999      # Polyak averaging of weights; 0 disables it
+    rollback_lr_factor: float = 0.5  # lr multiplier at each rollback (see train.max_consecutive_skips)
 
 
 @dataclass
-    rollback_lr_factor: float = 0.5  # lr multiplier at each rollback (see train.max_consecutive_skips)
 class TrainConfig:
     batch_size: int = 16          # per rank
     init_batch_size: int = 64     # per rank, for ActNorm data-dependent init
@@ -78,12 +81,13 @@ class TrainConfig:
     threads: int = 0              # torch intra-op threads per process; 0 leaves torch's default
     max_eval_batches: int = 0     # 0: evaluate the whole test split
     progress: bool = True         # progress bar on rank 0
+    max_consecutive_skips: int = 20   # after this many non-finite steps in a row, roll back; 0 disables rollback
 
 
 @dataclass
-    max_consecutive_skips: int = 20   # after this many non-finite steps in a row, roll back; 0 disables rollback
 class DistConfig:
-    elastic: bool = False         # Horovod elastic mode
+    elastic: bool = False         # Horovod elastic mode: launch with horovodrun --host-discovery-script, --min-np
+    commit_every: int = 10        # elastic: steps between commits (the state a lost worker rolls the others back to)
     fp16_allreduce: bool = False  # compress gradients to fp16 on the wire
 
 
@@ -111,7 +115,8 @@ class Config:
 _CHOICES = {
     "model.coupling": ("additive", "affine"),
     "model.invconv": ("lu", "plain"),
-    "model.memory": ("plain", "checkpoint"),
+    "model.memory": ("plain", "checkpoint", "invertible"),
+    "model.autocast": ("none", "bf16"),
     "data.backend": ("auto", "dali", "webdataset"),
     "optim.name": ("adamax", "adam"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),

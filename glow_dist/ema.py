@@ -26,8 +26,8 @@ class EMA:
             torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
         else:
             torch._foreach_copy_(ema_params, params)
-        for ema_buf, buf in zip(self.model.buffers(), model.buffers(), strict=True):
-            ema_buf.copy_(buf)
+        # Buffers (ActNorm flags, LU permutations and masks) do not change while training; `reset` and
+        # `load_state_dict` copy them, so the per-step update skips them.
 
     @torch.no_grad()
     def reset(self, model: nn.Module) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from glow_dist.config import ModelConfig
+from glow_dist.model.invertible import invertible_flow
 from glow_dist.model.layers import ActNorm, FlowStep, Reducer, ZeroConv2d, gaussian_log_prob, squeeze2d, unsqueeze2d
 
 
@@ -42,17 +43,29 @@ class Level(nn.Module):
         super().__init__()
         channels = 4 * in_channels
         self.steps = nn.ModuleList(
-            FlowStep(channels, cfg.width, cfg.coupling, cfg.invconv) for _ in range(cfg.steps)
+            FlowStep(channels, cfg.width, cfg.coupling, cfg.invconv, cfg.autocast) for _ in range(cfg.steps)
         )
+        if cfg.memory not in ("plain", "checkpoint", "invertible"):
+            raise ValueError(f"memory must be 'plain', 'checkpoint' or 'invertible', got {cfg.memory!r}")
+        if cfg.compile:
+            for step in self.steps:
+                step.compile()  # in place: parameter names (and so checkpoints) are unchanged
         # Conditional prior of the split-off half, predicted from the half that continues.
         self.prior = ZeroConv2d(channels // 2, channels) if split else None
-        self.checkpointing = cfg.memory == "checkpoint"
+        self.memory = cfg.memory
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.out_channels = channels // 2 if split else channels
 
     def flow(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K flow steps: (B, C, H, W) -> same shape, logdet (B,). `memory` decides what backward keeps:
+        plain stores every step's activations, checkpoint each step's input, invertible only the chain's output."""
+        x = x.contiguous(memory_format=self.memory_format)
+        if self.memory == "invertible":
+            return invertible_flow(self.steps, x)
+        checkpointing = self.memory == "checkpoint"
         logdet = x.new_zeros(x.shape[0])
         for step in self.steps:
-            if self.checkpointing and torch.is_grad_enabled():
+            if checkpointing and torch.is_grad_enabled():
                 x, ld = checkpoint(step, x, use_reentrant=False)
             else:
                 x, ld = step(x)
@@ -60,6 +73,7 @@ class Level(nn.Module):
         return x, logdet
 
     def reverse_flow(self, y: torch.Tensor) -> torch.Tensor:
+        y = y.contiguous(memory_format=self.memory_format)
         for step in reversed(self.steps):
             y = step.reverse(y)
         return y
@@ -88,6 +102,8 @@ class Glow(nn.Module):
             for layer in (self.y_embed, self.y_classifier):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
+        if cfg.channels_last:
+            self.to(memory_format=torch.channels_last)  # 4-D conv weights; activations follow in Level.flow
 
     @property
     def num_dims(self) -> int:

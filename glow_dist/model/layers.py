@@ -159,24 +159,36 @@ class Coupling(nn.Module):
     affine:   b' = (b + t) * sigmoid(s + 2), (t, s) = NN(a)  logdet = sum(log sigmoid(s + 2))
     """
 
-    def __init__(self, num_channels: int, width: int, kind: str = "affine"):
+    def __init__(self, num_channels: int, width: int, kind: str = "affine", autocast: str = "none"):
         super().__init__()
         if kind not in ("additive", "affine"):
             raise ValueError(f"coupling must be 'additive' or 'affine', got {kind!r}")
+        if autocast not in ("none", "bf16"):
+            raise ValueError(f"autocast must be 'none' or 'bf16', got {autocast!r}")
         self.kind = kind
+        self.bf16 = autocast == "bf16"
         self.split = num_channels // 2
         out = num_channels - self.split
         self.net = coupling_network(self.split, out if kind == "additive" else 2 * out, width)
 
+    def _nn(self, a: torch.Tensor) -> torch.Tensor:
+        """NN(a) in a's dtype. With bf16 only the convolutions run in bfloat16: the update is added, and its
+        logdet taken, in full precision, and forward and reverse compute the same NN(a), so the flow stays exactly
+        invertible."""
+        if not self.bf16:
+            return self.net(a)
+        with torch.autocast(a.device.type, dtype=torch.bfloat16):
+            return self.net(a).to(a.dtype)
+
     def _shift_scale(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.net(a)
+        h = self._nn(a)
         shift, raw_scale = h[:, 0::2], h[:, 1::2]  # interleaved, as in the reference code
         return shift, torch.sigmoid(raw_scale + 2.0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = x[:, : self.split], x[:, self.split :]
         if self.kind == "additive":
-            return torch.cat([a, b + self.net(a)], dim=1), x.new_zeros(x.shape[0])
+            return torch.cat([a, b + self._nn(a)], dim=1), x.new_zeros(x.shape[0])
         shift, scale = self._shift_scale(a)
         logdet = torch.log(scale).flatten(1).sum(dim=1)
         return torch.cat([a, (b + shift) * scale], dim=1), logdet
@@ -184,7 +196,7 @@ class Coupling(nn.Module):
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
         a, b = y[:, : self.split], y[:, self.split :]
         if self.kind == "additive":
-            return torch.cat([a, b - self.net(a)], dim=1)
+            return torch.cat([a, b - self._nn(a)], dim=1)
         shift, scale = self._shift_scale(a)
         return torch.cat([a, b / scale - shift], dim=1)
 
@@ -214,11 +226,12 @@ def unsqueeze2d(x: torch.Tensor) -> torch.Tensor:
 class FlowStep(nn.Module):
     """One step of flow: ActNorm -> invertible 1x1 conv -> coupling."""
 
-    def __init__(self, num_channels: int, width: int, coupling: str = "affine", invconv: str = "lu"):
+    def __init__(self, num_channels: int, width: int, coupling: str = "affine", invconv: str = "lu",
+                 autocast: str = "none"):
         super().__init__()
         self.actnorm = ActNorm(num_channels)
         self.invconv = InvConv1x1LU(num_channels) if invconv == "lu" else InvConv1x1(num_channels)
-        self.coupling = Coupling(num_channels, width, coupling)
+        self.coupling = Coupling(num_channels, width, coupling, autocast)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, logdet = self.actnorm(x)

@@ -1,0 +1,144 @@
+"""Memory modes and step options: invertible recomputation against plain backprop, memory flat in depth."""
+import pytest
+import torch
+from test_model import randomize, tiny_cfg
+
+from glow_dist.config import load_config
+from glow_dist.model import Glow
+
+
+def _grads(model: Glow, x: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad()
+    model.log_prob(x).mean().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _pair(memory: str, dtype: torch.dtype = torch.float32, scale: float = 0.1, **kw) -> tuple[Glow, Glow]:
+    """A randomized plain model and a `memory` model with the same weights."""
+    torch.manual_seed(0)
+    plain = randomize(Glow(tiny_cfg(**kw)), scale=scale).to(dtype)
+    other = Glow(tiny_cfg(memory=memory, **kw)).to(dtype)
+    other.load_state_dict(plain.state_dict())
+    return plain, other
+
+
+@pytest.mark.parametrize("coupling,invconv", [("affine", "lu"), ("additive", "plain"), ("additive", "lu")])
+def test_invertible_gradients_equal_plain_backprop_float64(coupling, invconv):
+    plain, inv = _pair("invertible", torch.float64, steps=3, coupling=coupling, invconv=invconv)
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64) - 0.5
+    torch.testing.assert_close(inv.log_prob(x), plain.log_prob(x), rtol=1e-12, atol=1e-10)
+    for (name, _), g, h in zip(plain.named_parameters(), _grads(plain, x), _grads(inv, x), strict=True):
+        torch.testing.assert_close(h, g, rtol=1e-9, atol=1e-11, msg=name)
+    # The input's gradient too (used when the model is differentiated w.r.t. images).
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    for model, xi in zip((plain, inv), xs, strict=True):
+        model.log_prob(xi).sum().backward()
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-9, atol=1e-11)
+
+
+def test_invertible_gradients_equal_plain_backprop_float32():
+    # 12 steps at the gentler scale of test_model's float32 round trip: the rebuilt inputs carry the rounding of
+    # every later step's inverse, which grows with how ill-conditioned the random flow is.
+    plain, inv = _pair("invertible", scale=0.05, steps=4, levels=3, image_size=16)
+    x = torch.rand(4, 3, 16, 16) - 0.5
+    g_plain, g_inv = _grads(plain, x), _grads(inv, x)
+    # Norm-wise per tensor: single entries that are sums of cancelling terms carry the float32 rounding of the sum.
+    for (name, _), g, h in zip(plain.named_parameters(), g_plain, g_inv, strict=True):
+        assert (h - g).norm() <= 1e-4 * g.norm(), (name, float((h - g).norm() / g.norm()))
+    total = torch.cat([(h - g).flatten() for g, h in zip(g_plain, g_inv, strict=True)]).norm()
+    assert total <= 1e-5 * torch.cat([g.flatten() for g in g_plain]).norm()
+
+
+def test_invertible_gradients_reach_accumulate_grad_hooks():
+    """Horovod all-reduces each gradient from a hook on its AccumulateGrad node: every parameter must fire one."""
+    _, inv = _pair("invertible")
+    fired = set()
+    for name, p in inv.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda _p, name=name: fired.add(name))
+    inv.log_prob(torch.rand(2, 3, 8, 8) - 0.5).mean().backward()
+    assert fired == {name for name, _ in inv.named_parameters()}
+
+
+def _saved_bytes(model: Glow, x: torch.Tensor) -> tuple[int, int]:
+    """(bytes saved for backward at the end of forward, peak over forward + backward), weights excluded."""
+    weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    live, refs, peak = [0], {}, [0]
+
+    class Held:
+        def __init__(self, t: torch.Tensor):
+            self.t, self.key = t, t.untyped_storage()._cdata
+            refs[self.key] = refs.get(self.key, 0) + 1
+            if refs[self.key] == 1:
+                live[0] += t.untyped_storage().nbytes()
+                peak[0] = max(peak[0], live[0])
+
+        def __del__(self):
+            refs[self.key] -= 1
+            if refs[self.key] == 0:
+                live[0] -= self.t.untyped_storage().nbytes()
+
+    def pack(t):
+        return t if t.untyped_storage()._cdata in weights else Held(t)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h if isinstance(h, torch.Tensor) else h.t):
+        loss = model.log_prob(x).mean()
+        after_forward = live[0]
+        loss.backward()
+    return after_forward, peak[0]
+
+
+def test_invertible_memory_is_constant_in_depth():
+    x = torch.rand(2, 3, 8, 8) - 0.5
+    saved = {}
+    for memory in ("plain", "invertible"):
+        for steps in (2, 6):
+            torch.manual_seed(0)
+            saved[memory, steps] = _saved_bytes(randomize(Glow(tiny_cfg(steps=steps, memory=memory))), x)
+    assert saved["invertible", 2] == saved["invertible", 6]           # O(1) steps per level, forward and backward
+    assert saved["plain", 6][0] > 2.5 * saved["plain", 2][0] > 0       # plain grows with K
+    assert saved["invertible", 6][1] < saved["plain", 6][1] / 3
+
+
+def test_invertible_mode_initializes_and_decodes():
+    torch.manual_seed(1)
+    plain = Glow(tiny_cfg())
+    inv = Glow(tiny_cfg(memory="invertible"))
+    inv.load_state_dict(plain.state_dict())
+    x = torch.rand(16, 3, 8, 8) - 0.5
+    plain.initialize(x)
+    inv.initialize(x)  # ActNorm init runs under no_grad, on the plain path
+    assert inv.is_initialized
+    for (name, p), q in zip(plain.state_dict().items(), inv.state_dict().values(), strict=True):
+        torch.testing.assert_close(q, p, msg=name)
+    with torch.no_grad():
+        back = inv.decode(inv.encode(x))
+    torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-5)
+    assert inv.sample(2, temperature=0.7).shape == (2, 3, 8, 8)
+
+
+def test_memory_modes_in_config():
+    assert load_config(None, ["model.memory=invertible"]).model.memory == "invertible"
+    assert load_config(None, ["model.autocast=bf16", "model.channels_last=true"]).model.autocast == "bf16"
+    with pytest.raises(ValueError, match="memory"):
+        Glow(tiny_cfg(memory="reversible"))
+
+
+def test_channels_last_gives_the_same_model():
+    plain, nhwc = _pair("invertible", channels_last=True)
+    x = torch.rand(2, 3, 8, 8) - 0.5
+    torch.testing.assert_close(nhwc.log_prob(x), plain.log_prob(x))
+    for g, h in zip(_grads(plain, x), _grads(nhwc, x), strict=True):
+        torch.testing.assert_close(h, g, rtol=1e-4, atol=1e-6)
+    assert set(nhwc.state_dict()) == set(plain.state_dict())  # checkpoints interchange
+
+
+def test_bf16_coupling_stays_exactly_invertible_with_fp32_logdet():
+    torch.manual_seed(2)
+    model = randomize(Glow(tiny_cfg(autocast="bf16"))).eval()
+    x = torch.rand(2, 3, 8, 8) - 0.5
+    with torch.no_grad():
+        out = model(x)
+        back = model.decode(out.zs)
+    assert out.logdet.dtype == out.log_prior.dtype == torch.float32
+    assert all(z.dtype == torch.float32 for z in out.zs)
+    torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-5)
