@@ -240,3 +240,65 @@ def clip_and_step(
         with skip_sync() if skip_sync is not None else nullcontext():
             optimizer.step()
     return StepResult(grad_norm.detach(), skipped)
+
+
+# ---- Horovod elastic (dist.elastic=true) -------------------------------------------------------------------------
+# Under `horovodrun --host-discovery-script ... --min-np ... --max-np ...` workers may die or join. Every worker runs
+# the training function inside `elastic_run`; a lost peer (HorovodInternalError) or a host change noticed at a commit
+# (HostsUpdatedInterrupt) restarts Horovod with the new world, rolls the state back to its last commit, runs the
+# reset callbacks and broadcasts rank 0's state to everyone (including new workers) before calling it again.
+
+
+def elastic_launched() -> bool:
+    """True in a worker started by an elastic horovodrun (one given a host discovery script)."""
+    return _hvd is not None and os.environ.get("HOROVOD_ELASTIC") == "1"
+
+
+def elastic_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: torch.nn.Module,
+                  **fields: Any) -> Any:
+    """Horovod's TorchState over the model, the (distributed) optimizer, the EMA copy and plain picklable `fields`
+    (readable and assignable as attributes). `commit()` copies them to host memory (and raises if hosts changed);
+    `restore()` returns to the last commit; `sync()` broadcasts rank 0's copy, as the other broadcasts here do:
+    bool buffers (ActNorm's `initialized`) as uint8, and no zero-gradient optimizer step on a fresh start."""
+    hvd = _backend()
+    if hvd is None:
+        raise RuntimeError("elastic_state needs Horovod: run under horovodrun with --host-discovery-script")
+    import horovod.torch.elastic as hvd_elastic
+    from horovod.common.elastic import ObjectState
+
+    class GlowState(hvd_elastic.TorchState):
+        def sync(self) -> None:
+            broadcast_optimizer_state(self.optimizer)  # first: see _sync_from_rank0 in train.py
+            broadcast_parameters(self.model)
+            broadcast_parameters(self.ema)
+            ObjectState.sync(self)  # the plain fields; skips TorchState.sync, whose broadcasts reject bool tensors
+
+    return GlowState(model=model, optimizer=optimizer, ema=ema, **fields)
+
+
+def elastic_run(fn: Any) -> Any:
+    """`fn(state, ...)` under Horovod elastic: re-run from the last commit, on the new world, after every change."""
+    hvd = _backend()
+    if hvd is None:
+        raise RuntimeError("elastic_run needs Horovod: run under horovodrun with --host-discovery-script")
+    import horovod.torch.elastic as hvd_elastic
+
+    return hvd_elastic.run(fn)
+
+
+def reset_gradient_hooks(optimizer: torch.optim.Optimizer) -> None:
+    """Forget the all-reduces of a step that a lost worker interrupted.
+
+    Horovod's DistributedOptimizer keeps per-parameter handles and countdowns between backward() and step(); a step
+    broken by a failure leaves them half-consumed, and the next backward() would then fail its own consistency
+    check ("Gradients were computed more than backward_passes_per_step times"). Call it after an elastic reset.
+    """
+    handles = getattr(optimizer, "_handles", None)
+    if handles is None:
+        return  # not a Horovod optimizer
+    handles.clear()
+    for p in optimizer._allreduce_delay:
+        optimizer._allreduce_delay[p] = optimizer.backward_passes_per_step
+    for group in getattr(optimizer, "_group_counts", None) or {}:
+        optimizer._group_counts[group] = 0
+    optimizer._synchronized = False

@@ -16,6 +16,16 @@ Reliability: a non-finite loss or gradient on any rank makes every rank skip the
 `train.max_consecutive_skips` in a row, every rank rolls back to the newest good checkpoint with the learning rate
 multiplied by `optim.rollback_lr_factor`. SIGTERM/SIGINT (preemption) saves a checkpoint and exits cleanly.
 
+Elastic (`dist.elastic=true`, Horovod elastic over Gloo): workers may be lost and added while the job runs.
+
+    horovodrun -np 2 --min-np 1 --max-np 2 --host-discovery-script launch/discover_hosts.sh --gloo \
+        glow-dist train --config configs/digits.yaml dist.elastic=true
+
+Every `dist.commit_every` steps the weights, optimizer, EMA and position are committed to host memory. When a worker
+dies the others roll back to the last commit, Horovod restarts with the smaller world, data sharding is rebuilt for
+it and training goes on; a worker that (re)joins gets rank 0's state. The position within the epoch is mapped
+proportionally (batch b of B becomes b * B' // B), so an epoch still covers about one pass over the data.
+
 Fault drill: GLOW_DIST_INJECT_NONFINITE="STEP:RANK[,STEP:RANK...]" makes that rank's loss NaN once at that step, to
 check the collective skip and the rollback (tests use it; so can an operator on a new cluster).
 """
@@ -35,6 +45,7 @@ from glow_dist import dist
 from glow_dist.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest, rng_state
 from glow_dist.config import Config, ConfigError, to_dict
 from glow_dist.data import make_loader
+from glow_dist.data.manifest import train_batches
 from glow_dist.ema import EMA
 from glow_dist.evaluate import evaluate_bpd
 from glow_dist.model import Glow, bits_per_dim_from_log_prob, build_model, preprocess
@@ -147,9 +158,10 @@ class Trainer:
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.position = Position()
         self.faults = _injected_faults()
-        loader_args = dict(rank=self.rank, world_size=self.world, device=self.device, seed=cfg.train.seed)
-        self.train_data = make_loader(cfg.data, cfg.model, "train", batch_size=cfg.train.batch_size, **loader_args)
-        self.test_data = make_loader(cfg.data, cfg.model, "test", batch_size=cfg.train.batch_size, **loader_args)
+        self._build_loaders()
+        if cfg.dist.elastic:
+            self._init_elastic()
+            return
 
         resumed = self._restore()
         if resumed is None:
@@ -162,6 +174,81 @@ class Trainer:
                 "world_size": str(self.world)}
         self.report.start(cfg, self.world, tags, resumed)
 
+    def _build_loaders(self) -> None:
+        loader_args = dict(rank=self.rank, world_size=self.world, device=self.device, seed=self.cfg.train.seed)
+        batch = self.cfg.train.batch_size
+        self.train_data = make_loader(self.cfg.data, self.cfg.model, "train", batch_size=batch, **loader_args)
+        self.test_data = make_loader(self.cfg.data, self.cfg.model, "test", batch_size=batch, **loader_args)
+
+    def _init_elastic(self) -> None:
+        """Elastic: no collective here. A worker joining a running job gets everything from the state's sync, the
+        first collective it makes; rank 0 of a starting job reads the checkpoint that sync then broadcasts."""
+        if not dist.elastic_launched():
+            raise ConfigError("dist.elastic=true needs an elastic launch: horovodrun --host-discovery-script SCRIPT "
+                              "--min-np N --max-np M --gloo ... (see launch/discover_hosts.sh)")
+        if self.cfg.dist.commit_every < 1:
+            raise ConfigError(f"dist.commit_every must be at least 1, got {self.cfg.dist.commit_every}")
+        meta = self._load_local(find_resume_checkpoint(self.cfg)) if dist.is_main() else None
+        batches_per_epoch = self.train_data.batches_per_epoch
+        if meta is not None:
+            self.position = Position(**meta["position"])
+            batches_per_epoch = train_batches(self.train_data.total, meta["world_size"], self.cfg.train.batch_size)
+        self.report: NullReporter = NullReporter()  # a Reporter on whichever process is rank 0, see _adopt_world
+        self.state = dist.elastic_state(
+            self.model, self.optimizer, self.ema.model, position=asdict(self.position), world=self.world,
+            batches_per_epoch=batches_per_epoch, actnorm_done=meta is not None, run_id=meta and meta["run_id"],
+            resumed=meta and meta["path"])
+        self.state.register_reset_callbacks([self._on_elastic_reset])
+
+    def _on_elastic_reset(self) -> None:
+        """After Horovod restarted with a new world, before rank 0's state is broadcast."""
+        dist.reset_gradient_hooks(self.optimizer)  # a step broken by the lost worker left handles behind
+        self.rank, self.world = dist.rank(), dist.size()
+        self._build_loaders()  # sharding for the new rank and world size
+
+    def _adopt_world(self) -> None:
+        """Elastic, at every (re)start on the synchronized state: position mapped to this world's epoch length,
+        the Reporter on the current rank 0, the world size logged when it changed."""
+        state = self.state
+        position = Position(**state.position)
+        if state.batches_per_epoch != self.train_data.batches_per_epoch:
+            position.batch_in_epoch = position.batch_in_epoch * self.train_data.batches_per_epoch \
+                // state.batches_per_epoch
+        self.position = self._resumable(position)
+        hosts = dist.host_count()  # collective: every rank calls it
+        if dist.is_main() and not isinstance(self.report, Reporter):
+            tracker = make_tracker(self.cfg, True, run_id=state.run_id)
+            self.report = Reporter(self.cfg, tracker, self.position.step)
+            tags = {"hosts": str(hosts), "gpu_type": gpu_type(), "git_commit": git_commit(),
+                    "world_size": str(self.world), "elastic": "true"}
+            self.report.start(self.cfg, self.world, tags, state.resumed)
+        elif not dist.is_main() and isinstance(self.report, Reporter):
+            self.report.finish("FINISHED")  # no longer rank 0: the new rank 0 reopens the same MLflow run
+            self.report = NullReporter()
+        state.run_id = dist.broadcast_object(self.report.run_id)  # so any survivor can carry the run on
+        if state.world != self.world:
+            self.report.message(f"world size {state.world} -> {self.world} at step {self.position.step}: data "
+                                f"resharded, epoch {self.position.epoch} goes on at batch "
+                                f"{self.position.batch_in_epoch}/{self.train_data.batches_per_epoch}")
+        self.report.metrics({"world_size": float(self.world)}, self.position.step)
+        state.world = self.world
+
+    def _commit(self) -> None:
+        """Elastic: the state to return to when a worker is lost; raises HostsUpdatedInterrupt on a host change."""
+        state = self.state
+        state.position, state.world = asdict(self.position), self.world
+        state.batches_per_epoch = self.train_data.batches_per_epoch
+        state.commit()
+
+    def _elastic_run(self, state: object, stop: StopSignal) -> dict[str, float]:
+        """The training under dist.elastic_run; `state` is self.state (Horovod's wrapper syncs and restores it)."""
+        self._adopt_world()
+        if not self.state.actnorm_done:  # fresh start: data-dependent init once, before the first commit
+            self._init_actnorm()
+            self.state.actnorm_done = True
+            self._commit()
+        return self._loop(stop)
+
     def _sync_from_rank0(self) -> None:
         """Every rank takes rank 0's optimizer state, weights and EMA. Optimizer state goes first: Horovod fills an
         empty state with a zero-gradient step, which would move weights (weight decay) after their broadcast."""
@@ -169,18 +256,22 @@ class Trainer:
         dist.broadcast_parameters(self.model)
         dist.broadcast_parameters(self.ema.model)
 
+    def _load_local(self, found: tuple[Path, dict] | None) -> dict | None:
+        """Load a checkpoint's weights, EMA and optimizer into this process; its position, run id, path, world."""
+        if found is None:
+            return None
+        path, state = found
+        check_same_architecture(self.cfg, state["config"], str(path))
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return {"position": state["position"], "run_id": state.get("mlflow_run_id"), "path": str(path),
+                "world_size": state.get("world_size", self.world)}
+
     def _load_on_rank0(self, found: tuple[Path, dict] | None) -> dict | None:
-        """Rank 0 loads a checkpoint's weights, EMA and optimizer; every rank gets its position, run id and path.
+        """Rank 0 loads a checkpoint; every rank gets its position, run id and path.
         The caller broadcasts the tensors with `_sync_from_rank0`."""
-        meta = None
-        if found is not None:
-            path, state = found
-            check_same_architecture(self.cfg, state["config"], str(path))
-            self.model.load_state_dict(state["model"])
-            self.ema.load_state_dict(state["ema"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            meta = {"position": state["position"], "run_id": state.get("mlflow_run_id"), "path": str(path)}
-        return dist.broadcast_object(meta)  # non-main ranks learn what rank 0 found
+        return dist.broadcast_object(self._load_local(found))  # non-main ranks learn what rank 0 found
 
     def _restore(self) -> str | None:
         """Load what train.resume names (rank 0 reads it); None for a fresh start."""
@@ -279,7 +370,10 @@ class Trainer:
         status = "FAILED"
         try:
             with StopSignal() as stop:
-                result = self._loop(stop)
+                if self.cfg.dist.elastic:
+                    result = dist.elastic_run(self._elastic_run)(self.state, stop)
+                else:
+                    result = self._loop(stop)
             status = "KILLED" if stop.requested else "FINISHED"
             return result
         except KeyboardInterrupt:
@@ -311,6 +405,8 @@ class Trainer:
                 if 0 < cfg.train.max_consecutive_skips <= pos.consecutive_skips:
                     self._rollback()
                     break
+                if cfg.dist.elastic and pos.step % cfg.dist.commit_every == 0:
+                    self._commit()
                 if pos.step >= cfg.train.steps:
                     break
             if self.position.batch_in_epoch >= self.train_data.batches_per_epoch:
