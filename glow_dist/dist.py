@@ -138,9 +138,12 @@ def allreduce_scalars(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, mean.tolist(), strict=True))
 
 
-def all_any(flag: bool) -> bool:
-    """True on every rank when `flag` is true on any rank: turns a local condition into a collective decision."""
-    count = allreduce_sum(torch.tensor([1.0 if flag else 0.0]), name="dist.all_any")
+def all_any(flag: bool | torch.Tensor) -> bool:
+    """True on every rank when `flag` is true on any rank: turns a local condition into a collective decision.
+
+    `flag` may be a bool tensor on the training device, so the caller need not sync before the vote."""
+    vote = flag.float().reshape(1) if isinstance(flag, torch.Tensor) else torch.tensor([1.0 if flag else 0.0])
+    count = allreduce_sum(vote, name="dist.all_any")
     return bool(count.item() > 0)
 
 
@@ -228,11 +231,12 @@ def clip_and_step(
         synchronize()  # distributed: wait for the averaged gradients, so clipping sees the global gradient
     params = [p for p in parameters if p.grad is not None]  # after synchronize, which may fill unused ones
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    locally_bad = not bool(torch.isfinite(grad_norm))
+    locally_bad = ~torch.isfinite(grad_norm)  # a device tensor: no host sync until the vote below
     if loss is not None:
-        locally_bad = locally_bad or not bool(torch.isfinite(loss.detach()).all())
+        locally_bad = locally_bad | ~torch.isfinite(loss.detach()).all()
     # Distributed: the averaged gradient is already NaN everywhere when one rank's is, but a non-finite *loss*
-    # with finite gradients is local; an explicit vote makes every rank take the same decision.
+    # with finite gradients is local; an explicit vote makes every rank take the same decision. It is the step's
+    # one host sync.
     skipped = all_any(locally_bad)
     if not skipped:
         # Distributed: the gradients were synchronized above; skip_synchronize stops step() doing it again.

@@ -393,9 +393,9 @@ class Trainer:
                 pos.batch_in_epoch += 1
                 pos.skipped_steps += int(skipped)
                 pos.consecutive_skips = pos.consecutive_skips + 1 if skipped else 0
-                if not skipped:
-                    interval["bpd"] += float(bpd)
-                    interval["grad_norm"] += float(grad_norm)
+                if not skipped:  # accumulated on the device: read back only when logging
+                    interval["bpd"] = interval["bpd"] + bpd
+                    interval["grad_norm"] = interval["grad_norm"] + grad_norm
                     interval["n"] += 1
                 self.report.step(pos.step)
                 self._periodic(interval)
@@ -425,7 +425,7 @@ class Trainer:
         if step % cfg.log_every == 0:
             elapsed = time.perf_counter() - interval["t0"]
             n = max(interval["n"], 1)
-            local = {"train/bpd": interval["bpd"] / n, "grad_norm": interval["grad_norm"] / n,
+            local = {"train/bpd": float(interval["bpd"]) / n, "grad_norm": float(interval["grad_norm"]) / n,
                      "images_per_sec": cfg.log_every * cfg.batch_size / max(elapsed, 1e-9)}
             metrics = dist.allreduce_scalars(local)  # averaged over ranks before logging
             metrics["images_per_sec"] *= self.world  # the job's throughput, not one rank's
