@@ -57,7 +57,8 @@ def test_dockerfile_builds_the_gpu_stack_and_copies_only_what_exists():
 
 def make_n(*args: str) -> list[list[str]]:
     """The commands `make -n` would run, continuation lines joined, each split like the shell would."""
-    text = sh("make", "-n", *args).stdout.replace("\\\n", " ")
+    # --no-print-directory: under `make test` the nested make would add "Entering directory" lines.
+    text = sh("make", "-n", "--no-print-directory", *args).stdout.replace("\\\n", " ")
     return [shlex.split(line) for line in text.splitlines() if line.strip()]
 
 
@@ -80,7 +81,7 @@ def test_make_docker_train_expands_to_horovodrun_in_the_container(tmp_path):
 
 
 def test_make_docker_train_without_gpus_says_so():
-    out = sh("make", "docker-train", "GPUS=0", check=False)
+    out = sh("make", "--no-print-directory", "docker-train", "GPUS=0", check=False)
     assert out.returncode != 0 and "no GPU found; set GPUS=N" in out.stderr
 
 
