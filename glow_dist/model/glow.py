@@ -53,6 +53,7 @@ class Level(nn.Module):
         # Conditional prior of the split-off half, predicted from the half that continues.
         self.prior = ZeroConv2d(channels // 2, channels) if split else None
         self.memory = cfg.memory
+        self.invertible_segment = cfg.invertible_segment
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.out_channels = channels // 2 if split else channels
 
@@ -61,7 +62,7 @@ class Level(nn.Module):
         plain stores every step's activations, checkpoint each step's input, invertible only the chain's output."""
         x = x.contiguous(memory_format=self.memory_format)
         if self.memory == "invertible":
-            return invertible_flow(self.steps, x)
+            return invertible_flow(self.steps, x, self.invertible_segment)
         checkpointing = self.memory == "checkpoint"
         logdet = x.new_zeros(x.shape[0])
         for step in self.steps:

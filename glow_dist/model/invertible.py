@@ -12,8 +12,10 @@ so activation memory per chain is O(1) steps instead of O(K). The cost is one re
 step (about what per-step gradient checkpointing pays, plus the reverse). Parameters are inputs of the autograd
 Function, so their gradients reach the usual AccumulateGrad nodes (and thus Horovod's all-reduce hooks).
 
-The rebuilt inputs differ from the originals by float rounding that accumulates over the chain; in float64 the
-gradients equal plain backprop's to ~1e-12, in float32 to ~1e-5 relative for a well-conditioned flow.
+The rebuilt inputs differ from the originals by float rounding that the inverse amplifies step after step; in
+float64 the gradients equal plain backprop's to ~1e-12. In float32 a deep flow whose forward contracts (its inverse
+expands) can amplify rounding without bound, so the chain is cut into segments (`model.invertible_segment` steps)
+that each keep their output: memory O(K / segment) small tensors plus one step's graph, error bounded by a segment.
 ActNorm's data-dependent init must have run before (it runs in `Glow.initialize`, under no_grad, where this path
 is not used).
 """
@@ -78,12 +80,21 @@ def _expand(step: nn.Module, trainable: list[torch.Tensor], grads: Sequence[torc
     return [by_id.get(id(p)) for p in step.parameters()]
 
 
-def invertible_flow(steps: nn.ModuleList, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def invertible_flow(steps: nn.ModuleList, x: torch.Tensor, segment: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The chain `steps` applied to x -> (y, logdet (B,)), with gradients by invertible recomputation.
 
+    `segment` > 0 splits the chain into runs of that many steps, each keeping its own output: rounding in the
+    rebuilt inputs then travels through at most `segment` steps (a deep, ill-conditioned flow in float32 otherwise
+    amplifies it without bound), for one stored activation per segment. 0 keeps one output for the whole chain.
     Falls back to a plain pass when nothing needs a gradient (eval, ActNorm init), where there is nothing to save.
     """
     params = [p for step in steps for p in step.parameters()]
     if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
         return _run(steps, x)
-    return _InvertibleChain.apply(x, steps, *params)
+    size = segment if segment > 0 else len(steps)
+    logdet = x.new_zeros(x.shape[0])
+    for start in range(0, len(steps), size):
+        chunk = steps[start:start + size]
+        x, ld = _InvertibleChain.apply(x, chunk, *[p for step in chunk for p in step.parameters()])
+        logdet = logdet + ld
+    return x, logdet
