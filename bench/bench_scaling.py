@@ -25,7 +25,7 @@ def run(np: int, args: argparse.Namespace) -> dict:
     horovodrun = shutil.which("horovodrun") or str(Path(sys.executable).with_name("horovodrun"))
     cmd = [horovodrun, "-np", str(np), "-H", f"localhost:{np}", "--gloo", sys.executable, str(WORKER),
            "--batch", str(args.batch), "--steps", str(args.steps), "--width", str(args.width),
-           "--depth", str(args.depth)]
+           "--depth", str(args.depth)] + (["--fp16-allreduce"] if args.fp16_allreduce else [])
     # One thread per rank, also for any OpenMP/MKL pool started before torch.set_num_threads.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--fp16-allreduce", action="store_true", help="gradients cross the wire as fp16")
     args = parser.parse_args()
     print(f"32x32x3 L=3 K={args.depth} width {args.width} additive LU, batch {args.batch} per rank, 1 thread per "
           f"rank, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)

@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=8, help="K")
+    parser.add_argument("--fp16-allreduce", action="store_true", help="gradients cross as fp16 (dist.fp16_allreduce)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dist.init()
@@ -35,7 +36,8 @@ def main() -> None:
     model = Glow(cfg)
     x = torch.rand(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(dist.rank())) - 0.5
     model.initialize(x, reduce_fn=dist.allreduce_sum)  # Distributed: ActNorm statistics summed over ranks
-    optimizer = dist.distributed_optimizer(torch.optim.Adamax(model.parameters(), lr=1e-4), model)
+    optimizer = dist.distributed_optimizer(torch.optim.Adamax(model.parameters(), lr=1e-4), model,
+                                           fp16_allreduce=args.fp16_allreduce)
     dist.broadcast_parameters(model)  # Distributed: every rank starts from rank 0's weights
 
     times = []
