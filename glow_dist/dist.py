@@ -51,11 +51,6 @@ def init() -> None:
                 "launched by horovodrun but horovod.torch cannot be imported; build it with `make horovod`"
             ) from None
         return  # single process without Horovod: the functions below use their size-1 branch
-    if not torch.cuda.is_available():
-        # CPU ranks share their cores with Horovod's background thread, which wakes every cycle (default 1 ms).
-        # A 50 ms cycle measured best for 2 ranks on 2 cores (1.79x vs 1.53x, BENCHMARKS.md); GPU jobs keep the
-        # default, and a value the user set always wins.
-        os.environ.setdefault("HOROVOD_CYCLE_TIME", "50")
     try:
         hvd.init()
     except Exception as e:
