@@ -211,6 +211,7 @@ def distributed_optimizer(
 class StepResult(NamedTuple):
     grad_norm: torch.Tensor   # L2 norm of the rank-averaged gradient, before clipping
     skipped: bool             # True on every rank when any rank had a non-finite loss or gradient
+    stop: bool = False        # True on every rank when any rank passed stop_requested (a signal arrived)
 
 
 def clip_and_step(
@@ -218,6 +219,7 @@ def clip_and_step(
     parameters: Iterable[torch.Tensor],
     max_norm: float,
     loss: torch.Tensor | None = None,
+    stop_requested: bool = False,
 ) -> StepResult:
     """Finish the gradient all-reduce, clip the averaged gradient, and step unless any rank saw a non-finite value.
 
@@ -235,15 +237,18 @@ def clip_and_step(
     if loss is not None:
         locally_bad = locally_bad | ~torch.isfinite(loss.detach()).all()
     # Distributed: the averaged gradient is already NaN everywhere when one rank's is, but a non-finite *loss*
-    # with finite gradients is local; an explicit vote makes every rank take the same decision. It is the step's
-    # one host sync.
-    skipped = all_any(locally_bad)
+    # with finite gradients is local; an explicit vote makes every rank take the same decision. The same vote
+    # carries `stop_requested` (a signal may reach ranks at different steps), so a step costs one small
+    # all-reduce and one host sync for both decisions.
+    votes = torch.stack([locally_bad.float().reshape(()),
+                         torch.tensor(1.0 if stop_requested else 0.0, device=grad_norm.device)])
+    skipped, stop = (count > 0 for count in allreduce_sum(votes, name="dist.step_vote").tolist())
     if not skipped:
         # Distributed: the gradients were synchronized above; skip_synchronize stops step() doing it again.
         skip_sync = getattr(optimizer, "skip_synchronize", None)
         with skip_sync() if skip_sync is not None else nullcontext():
             optimizer.step()
-    return StepResult(grad_norm.detach(), skipped)
+    return StepResult(grad_norm.detach(), skipped, stop)
 
 
 # ---- Horovod elastic (dist.elastic=true) -------------------------------------------------------------------------

@@ -7,13 +7,12 @@ the shares, so the result is the average over every test sample exactly once.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
 from glow_dist.model import bits_per_dim_from_log_prob, preprocess, quantize
-
-Reducer = Callable[[torch.Tensor], torch.Tensor]
+from glow_dist.model.layers import Reducer
 
 
 @torch.no_grad()

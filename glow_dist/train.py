@@ -339,7 +339,9 @@ class Trainer:
             "world_size": self.world,
         }
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor,
+                   stop_requested: bool = False) -> tuple[torch.Tensor, dist.StepResult]:
+        """One optimizer step; returns this rank's bits/dim and the collective result (skipped, stop)."""
         cfg = self.cfg
         lr = learning_rate(cfg, self.position.step, self.world, self.position.lr_scale)
         for group in self.optimizer.param_groups:
@@ -356,10 +358,11 @@ class Trainer:
             loss = loss * float("nan")
         self.optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none; torch defaults to True
         loss.backward()
-        result = dist.clip_and_step(self.optimizer, self.model.parameters(), cfg.optim.grad_clip, loss=loss)
+        result = dist.clip_and_step(self.optimizer, self.model.parameters(), cfg.optim.grad_clip, loss=loss,
+                                    stop_requested=stop_requested)
         if not result.skipped:
             self.ema.update(self.model)
-        return bpd.detach(), result.grad_norm, result.skipped
+        return bpd.detach(), result
 
     def evaluate(self) -> float:
         return evaluate_bpd(self.ema.model, self.test_data.epoch(0), self.cfg.model.n_bits,
@@ -388,19 +391,19 @@ class Trainer:
         while self.position.step < cfg.train.steps:
             pos = self.position
             for images, labels in self.train_data.epoch(pos.epoch, start_batch=pos.batch_in_epoch):
-                bpd, grad_norm, skipped = self.train_step(images, labels)
+                bpd, result = self.train_step(images, labels, stop.requested)
+                skipped = result.skipped
                 pos.step += 1
                 pos.batch_in_epoch += 1
                 pos.skipped_steps += int(skipped)
                 pos.consecutive_skips = pos.consecutive_skips + 1 if skipped else 0
                 if not skipped:  # accumulated on the device: read back only when logging
                     interval["bpd"] = interval["bpd"] + bpd
-                    interval["grad_norm"] = interval["grad_norm"] + grad_norm
+                    interval["grad_norm"] = interval["grad_norm"] + result.grad_norm
                     interval["n"] += 1
                 self.report.step(pos.step)
                 self._periodic(interval)
-                # Distributed: a signal may reach the ranks at different steps; they stop at the same one.
-                if dist.all_any(stop.requested):
+                if result.stop:  # voted with the skip decision, so every rank stops after the same step
                     return self._stop(stop.name or "a signal on another rank")
                 if 0 < cfg.train.max_consecutive_skips <= pos.consecutive_skips:
                     self._rollback()
