@@ -175,6 +175,14 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 
 
+def broadcast_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: torch.nn.Module) -> None:
+    """Every rank takes rank 0's optimizer state, weights and EMA copy. Optimizer state goes first: Horovod fills an
+    empty state with a zero-gradient step, which would move weights (weight decay) after their broadcast."""
+    broadcast_optimizer_state(optimizer)
+    broadcast_parameters(model)
+    broadcast_parameters(ema)
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` (any picklable value) on every rank."""
     hvd = _backend()
@@ -277,9 +285,7 @@ def elastic_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema:
 
     class GlowState(hvd_elastic.TorchState):
         def sync(self) -> None:
-            broadcast_optimizer_state(self.optimizer)  # first: see _sync_from_rank0 in train.py
-            broadcast_parameters(self.model)
-            broadcast_parameters(self.ema)
+            broadcast_training_state(self.model, self.optimizer, self.ema)
             ObjectState.sync(self)  # the plain fields; skips TorchState.sync, whose broadcasts reject bool tensors
 
     return GlowState(model=model, optimizer=optimizer, ema=ema, **fields)

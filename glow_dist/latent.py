@@ -38,7 +38,7 @@ class LatentError(ValueError):
 
 
 class LoadedModel(NamedTuple):
-    model: Glow           # EMA weights, eval mode, on the GPU when there is one
+    model: Glow           # EMA weights (or raw, if asked), eval mode, on the GPU when there is one
     config: Config        # the checkpoint's saved config
     path: Path            # the checkpoint file (resolved from a run directory)
     step: int
@@ -49,15 +49,17 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(checkpoint: str | Path, device: torch.device | None = None) -> LoadedModel:
-    """The EMA weights of a checkpoint file (or of a run directory's newest one) in eval mode."""
+def load_model(checkpoint: str | Path, device: torch.device | None = None, weights: str = "ema") -> LoadedModel:
+    """The EMA weights (or `weights="model"`: the raw ones) of a checkpoint file, or of a run directory's newest
+    one, in eval mode."""
     path, state = open_checkpoint(checkpoint)
     cfg = from_dict(state["config"], source=f"{path} (saved config)")
     model = build_model(cfg.model)
     try:
-        model.load_state_dict(state["ema"])
+        model.load_state_dict(state[weights])
     except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: its EMA weights do not fit the model its config describes: {e}") from None
+        raise CheckpointError(f"{path}: its {weights} weights do not fit the model its config describes: {e}") \
+            from None
     model.eval().requires_grad_(False).to(device or default_device())
     # open_checkpoint verified the file against this sidecar, so it is the file's true digest.
     sha = path.with_name(path.name + ".sha256").read_text().split()[0]

@@ -250,11 +250,7 @@ class Trainer:
         return self._loop(stop)
 
     def _sync_from_rank0(self) -> None:
-        """Every rank takes rank 0's optimizer state, weights and EMA. Optimizer state goes first: Horovod fills an
-        empty state with a zero-gradient step, which would move weights (weight decay) after their broadcast."""
-        dist.broadcast_optimizer_state(self.optimizer)
-        dist.broadcast_parameters(self.model)
-        dist.broadcast_parameters(self.ema.model)
+        dist.broadcast_training_state(self.model, self.optimizer, self.ema.model)
 
     def _load_local(self, found: tuple[Path, dict] | None) -> dict | None:
         """Load a checkpoint's weights, EMA and optimizer into this process; its position, run id, path, world."""

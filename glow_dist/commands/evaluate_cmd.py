@@ -22,28 +22,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from glow_dist import dist
-    from glow_dist.checkpoint import open_checkpoint
-    from glow_dist.config import from_dict
     from glow_dist.data import make_loader
     from glow_dist.evaluate import evaluate_bpd, independent_pixel_bpd, pixel_histograms, uniform_bound
-    from glow_dist.model import build_model
+    from glow_dist.latent import load_model
 
     dist.init()
     device = dist.pin_device()
-    path, state = open_checkpoint(args.checkpoint)
-    cfg = from_dict(state["config"], source=f"{path} (saved config)")
+    model, cfg, path, step, _ = load_model(args.checkpoint, device, weights="model" if args.raw_weights else "ema")
     if args.data:
         cfg.data.root = args.data
     if args.backend:
         cfg.data.backend = args.backend
-    model = build_model(cfg.model).to(device)
-    model.load_state_dict(state["model"] if args.raw_weights else state["ema"])
     common = dict(rank=dist.rank(), world_size=dist.size(), batch_size=args.batch_size, device=device,
                   seed=cfg.train.seed)
     test = make_loader(cfg.data, cfg.model, "test", **common)
     bpd = evaluate_bpd(model, test.epoch(0), cfg.model.n_bits, reduce_fn=dist.allreduce_sum,
                        y_condition=cfg.model.y_condition, seed=cfg.train.seed)
-    lines = [f"checkpoint {path} (step {state['position']['step']})",
+    lines = [f"checkpoint {path} (step {step})",
              f"test bits/dim: {bpd:.4f}  ({'raw' if args.raw_weights else 'EMA'} weights, data {cfg.data.root})"]
     if args.baseline:
         train = make_loader(cfg.data, cfg.model, "train", **common)
