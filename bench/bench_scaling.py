@@ -25,11 +25,13 @@ def run(np: int, args: argparse.Namespace) -> dict:
     horovodrun = shutil.which("horovodrun") or str(Path(sys.executable).with_name("horovodrun"))
     cmd = [horovodrun, "-np", str(np), "-H", f"localhost:{np}", "--gloo", sys.executable, str(WORKER),
            "--batch", str(args.batch), "--steps", str(args.steps), "--width", str(args.width),
-           "--depth", str(args.depth)] + (["--fp16-allreduce"] if args.fp16_allreduce else [])
+           "--depth", str(args.depth), "--background-priority", args.background_priority] + (
+               ["--fp16-allreduce"] if args.fp16_allreduce else []) + (["--spin-waits"] if args.spin_waits else [])
     # One thread per rank, also for any OpenMP/MKL pool started before torch.set_num_threads.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "HOROVOD_CYCLE_TIME": f"{args.cycle_time_ms:g}",  # see BENCHMARKS.md: it decides CPU scaling here
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    if args.cycle_time_ms is not None:
+        env["HOROVOD_CYCLE_TIME"] = f"{args.cycle_time_ms:g}"
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if '"images_per_s"' in line]
     if done.returncode != 0 or not lines:
@@ -46,10 +48,16 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--fp16-allreduce", action="store_true", help="gradients cross the wire as fp16")
-    parser.add_argument("--cycle-time-ms", type=float, default=50.0,
-                        help="HOROVOD_CYCLE_TIME for the runs (Horovod's default is 1; 50 scaled best here)")
+    parser.add_argument("--cycle-time-ms", type=float, default=None,
+                        help="HOROVOD_CYCLE_TIME for the runs (default: Horovod's, 1 ms)")
+    parser.add_argument("--spin-waits", action="store_true",
+                        help="wait for collectives by spinning, as Horovod's synchronize() does (the old behaviour)")
+    parser.add_argument("--background-priority", choices=["auto", "low", "normal"], default="auto",
+                        help="dist.init's priority for Horovod's threads (auto: low on CPU ranks)")
     args = parser.parse_args()
-    print(f"HOROVOD_CYCLE_TIME={args.cycle_time_ms:g} ms; "
+    cycle = "Horovod's default" if args.cycle_time_ms is None else f"{args.cycle_time_ms:g} ms"
+    print(f"HOROVOD_CYCLE_TIME {cycle}, background priority {args.background_priority}, "
+          f"{'spinning' if args.spin_waits else 'sleeping'} waits; "
           f"32x32x3 L=3 K={args.depth} width {args.width} additive LU, batch {args.batch} per rank, 1 thread per "
           f"rank, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
     results: dict[int, list[dict]] = {np: [] for np in args.nps}

@@ -27,9 +27,14 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=8, help="K")
     parser.add_argument("--fp16-allreduce", action="store_true", help="gradients cross as fp16 (dist.fp16_allreduce)")
+    parser.add_argument("--background-priority", choices=["auto", "low", "normal"], default="auto")
+    parser.add_argument("--spin-waits", action="store_true",
+                        help="wait the way Horovod's synchronize() does (spinning), as glow_dist.dist did before")
     args = parser.parse_args()
+    if args.spin_waits:
+        dist._sleep_until_done = lambda handle: None  # synchronize() then does the waiting, spinning
     torch.set_num_threads(args.threads)
-    dist.init()
+    dist.init(args.background_priority)
     cfg = ModelConfig(image_size=32, channels=3, levels=3, steps=args.depth, width=args.width, coupling="additive",
                       invconv="lu", n_bits=8)
     torch.manual_seed(0)

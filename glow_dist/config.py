@@ -71,9 +71,9 @@ class TrainConfig:
     init_batch_size: int = 64     # per rank, for ActNorm data-dependent init
     steps: int = 1000             # total optimizer steps
     log_every: int = 10
-    eval_every: int = 200         # test-set bits/dim every N steps (and at the end)
-    sample_every: int = 500       # sample grids every N steps (and at the end)
-    checkpoint_every: int = 200
+    eval_every: int = 200         # test-set bits/dim every N steps and at the end (0: only at the end)
+    sample_every: int = 500       # sample grids every N steps and at the end (0: only at the end)
+    checkpoint_every: int = 200   # and at the end, and on SIGTERM (0: only then)
     keep_checkpoints: int = 3
     run_dir: str = "runs/default"
     resume: str = "auto"          # auto | never | path to a checkpoint
@@ -90,6 +90,7 @@ class DistConfig:
     elastic: bool = False         # Horovod elastic mode: launch with horovodrun --host-discovery-script, --min-np
     commit_every: int = 10        # elastic: steps between commits (the state a lost worker rolls the others back to)
     fp16_allreduce: bool = False  # compress gradients to fp16 on the wire
+    background_priority: str = "auto"  # Horovod's threads: low (nice 19) | normal | auto (low on CPU ranks)
 
 
 @dataclass
@@ -121,6 +122,7 @@ _CHOICES = {
     "data.backend": ("auto", "dali", "webdataset"),
     "optim.name": ("adamax", "adam"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),
+    "dist.background_priority": ("auto", "low", "normal"),
 }
 
 
@@ -261,6 +263,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.y_condition=true needs model.num_classes >= 2")
     if cfg.train.batch_size < 1 or cfg.train.init_batch_size < 1:
         raise ConfigError("train.batch_size and train.init_batch_size must be at least 1")
+    t = cfg.train
+    if t.log_every < 1:
+        raise ConfigError(f"train.log_every must be at least 1, got {t.log_every}")
+    for key in ("eval_every", "sample_every", "checkpoint_every"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key} must be >= 0 (0: only at the end), got {getattr(t, key)}")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}")
 

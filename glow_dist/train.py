@@ -141,7 +141,7 @@ def check_same_architecture(cfg: Config, saved_config: dict, source: str) -> Non
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        dist.init()
+        dist.init(cfg.dist.background_priority)
         self.rank, self.world = dist.rank(), dist.size()
         self.device = dist.pin_device()
         threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // dist.local_size())
@@ -433,12 +433,15 @@ class Trainer:
             metrics["epoch"] = float(self.position.epoch)
             self.report.metrics(metrics, step)
             interval.update(bpd=0.0, grad_norm=0.0, n=0, t0=time.perf_counter())
-        if step % cfg.eval_every == 0 and step < cfg.steps:
+        def due(every: int) -> bool:  # 0: only at the end (done by _finish)
+            return every > 0 and step % every == 0 and step < cfg.steps
+
+        if due(cfg.eval_every):
             self.report.metrics({"test/bpd": self.evaluate()}, step)
-        if step % cfg.sample_every == 0 and step < cfg.steps:
+        if due(cfg.sample_every):
             self.report.samples(self.ema.model, step)
         # Not during a run of skipped steps: a rollback should land before the trouble started.
-        if step % cfg.checkpoint_every == 0 and step < cfg.steps and self.position.consecutive_skips == 0:
+        if due(cfg.checkpoint_every) and self.position.consecutive_skips == 0:
             self.report.checkpoint(self.checkpoint_state, step)
 
     def _finish(self) -> dict[str, float]:

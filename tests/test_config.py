@@ -54,6 +54,13 @@ def test_cross_field_validation():
         load_config(None, ["model.image_size=12", "model.levels=3"])
     with pytest.raises(ConfigError, match="num_classes"):
         load_config(None, ["model.y_condition=true"])
+    with pytest.raises(ConfigError, match="train.log_every must be at least 1"):
+        load_config(None, ["train.log_every=0"])
+    with pytest.raises(ConfigError, match="train.eval_every must be >= 0"):
+        load_config(None, ["train.eval_every=-5"])
+    with pytest.raises(ConfigError, match="dist.background_priority.*auto, low, normal"):
+        load_config(None, ["dist.background_priority=high"])
+    assert load_config(None, ["train.eval_every=0"]).train.eval_every == 0  # 0: only at the end
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -8,7 +8,9 @@ It must not import pytest: it runs outside the test process.
 """
 from __future__ import annotations
 
+import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -34,13 +36,20 @@ def train_step(model, optimizer, x, y, reported_loss=None) -> dist.StepResult:
     return dist.clip_and_step(optimizer, model.parameters(), MAX_NORM, loss if reported_loss is None else reported_loss)
 
 
+def thread_nice() -> dict:
+    """Nice value of this (main) thread and of every other thread of the process."""
+    main_tid = threading.get_native_id()
+    others = [os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task") if int(t) != main_tid]
+    return {"main": os.getpriority(os.PRIO_PROCESS, main_tid), "others": sorted(others)}
+
+
 def main(outdir: Path) -> None:
-    dist.init()
+    dist.init()  # background_priority "auto": Horovod's threads at nice 19 on a CPU-only machine
     r, n = dist.rank(), dist.size()
     out: dict = {"rank": r, "size": n, "local_rank": dist.local_rank(), "local_size": dist.local_size(),
                  "is_main": dist.is_main(),
                  "host_count": dist.host_count(), "device": str(dist.pin_device()),
-                 "max_norm": MAX_NORM, "lr": LR, "momentum": MOMENTUM}
+                 "max_norm": MAX_NORM, "lr": LR, "momentum": MOMENTUM, "nice": thread_nice()}
     out["sum"] = dist.allreduce_sum(torch.tensor([r + 1.0])).item()
     out["mean"] = dist.allreduce_mean(torch.tensor([float(r), 10.0 * r])).tolist()
     out["scalars"] = dist.allreduce_scalars({"b": float(r), "a": 2.0 * r})
