@@ -37,7 +37,8 @@ class ModelConfig:
     weight_y: float = 0.01        # weight of the classifier loss (nats per image, added to the objective)
     memory: str = "plain"         # plain | checkpoint (per flow step) | invertible (rebuild inputs with reverse)
     invertible_segment: int = 8   # memory=invertible: steps rebuilt from one stored output (0: a whole level)
-    channels_last: bool = False   # NHWC activations and conv weights inside the flow (faster oneDNN/cuDNN convs)
+    channels_last: bool = True    # NHWC activations inside the flow (faster oneDNN/cuDNN convs; weights stay NCHW)
+    channels_last_min_size: int = 8  # ... only in levels whose feature maps are at least this size (H after squeeze)
     autocast: str = "none"        # none | bf16: coupling networks in bfloat16; logdet, 1x1 convs, priors in fp32
     compile: bool = False         # torch.compile every flow step (needs a C++ compiler on CPU; slow first step)
 

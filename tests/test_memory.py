@@ -1,9 +1,11 @@
 """Memory modes and step options: invertible recomputation against plain backprop, memory flat in depth."""
+import dataclasses
+
 import pytest
 import torch
 from test_model import randomize, tiny_cfg
 
-from glow_dist.config import load_config
+from glow_dist.config import ModelConfig, load_config
 from glow_dist.model import Glow
 
 
@@ -123,13 +125,32 @@ def test_memory_modes_in_config():
         Glow(tiny_cfg(memory="reversible"))
 
 
-def test_channels_last_gives_the_same_model():
-    plain, nhwc = _pair("invertible", channels_last=True)
+@pytest.mark.parametrize("memory", ["plain", "invertible"])
+def test_channels_last_gives_the_same_model(memory):
+    torch.manual_seed(0)
+    plain = randomize(Glow(tiny_cfg(channels_last=False)), scale=0.1)
+    nhwc = Glow(tiny_cfg(memory=memory, channels_last=True, channels_last_min_size=1))  # NHWC in every level
+    nhwc.load_state_dict(plain.state_dict())
+    assert all(level.memory_format == torch.channels_last for level in nhwc.levels)
     x = torch.rand(2, 3, 8, 8) - 0.5
     torch.testing.assert_close(nhwc.log_prob(x), plain.log_prob(x))
-    for g, h in zip(_grads(plain, x), _grads(nhwc, x), strict=True):
+    grads = _grads(nhwc, x)
+    for g, h in zip(_grads(plain, x), grads, strict=True):
         torch.testing.assert_close(h, g, rtol=1e-4, atol=1e-6)
+    # Horovod all-reduces only contiguous tensors: NHWC activations must leave weights and gradients NCHW.
+    assert all(p.is_contiguous() for p in nhwc.parameters())
+    assert all(g.is_contiguous() for g in grads)
     assert set(nhwc.state_dict()) == set(plain.state_dict())  # checkpoints interchange
+    with torch.no_grad():  # and the inverse runs in NHWC too
+        torch.testing.assert_close(nhwc.decode(nhwc.encode(x)), x, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_only_where_feature_maps_are_large_enough():
+    cfg = ModelConfig(image_size=32, channels=3, levels=3, steps=1, width=8)  # levels at 16x16, 8x8, 4x4
+    formats = [level.memory_format for level in Glow(cfg).levels]
+    assert formats == [torch.channels_last, torch.channels_last, torch.contiguous_format]
+    off = dataclasses.replace(cfg, channels_last=False)
+    assert all(level.memory_format == torch.contiguous_format for level in Glow(off).levels)
 
 
 def test_bf16_coupling_stays_exactly_invertible_with_fp32_logdet():
