@@ -19,11 +19,17 @@ perturbed from their identity init, ActNorm initialized from the batch) and runs
    allocated bytes before the pass.
 
 For invertible mode the child then runs plain backprop on the same weights and batch and reports the relative error
-of the gradients: ||g_invertible - g_plain|| / ||g_plain|| over all parameters, and the worst single tensor.
+of the gradients: ||g_invertible - g_plain|| / ||g_plain|| over all parameters, and the worst single tensor, in
+float64 (exactness). In float32 it compares them on two models: the perturbed one above (a stress test: random
+weights make a deep, badly conditioned flow whose float32 gradients are noisy whatever the method), and a model in a
+training state (the trainer's init, ActNorm from the batch, then `--train-steps` Adamax steps at lr 1e-4 of plain
+backprop; 1e-3 without the trainer's warmup overflows at K=32), reported with that model's float32 noise floor (plain
+float32 against float64).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -93,6 +99,22 @@ def _backward(model: Glow, x: torch.Tensor) -> None:
     loss.backward()
 
 
+def _trained_model(cfg: ModelConfig, x: torch.Tensor, device: torch.device, steps: int) -> Glow:
+    """The trainer's starting point (identity-like init, ActNorm from the batch) after `steps` Adamax steps."""
+    torch.manual_seed(0)
+    model = Glow(dataclasses.replace(cfg, memory="plain")).to(device)
+    model.initialize(x)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        _backward(model, x)
+        optimizer.step()
+    optimizer.zero_grad()
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise RuntimeError(f"the model diverged in {steps} training steps")
+    return model
+
+
 def _perturbed_model(cfg: ModelConfig, x: torch.Tensor, device: torch.device) -> Glow:
     torch.manual_seed(0)
     model = Glow(cfg).to(device)
@@ -120,7 +142,7 @@ def _rel_err(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
     return float(diff / torch.sqrt(sum((b.double() ** 2).sum() for b in reference)))
 
 
-def child(memory: str, steps: int, batch: int) -> dict:
+def child(memory: str, steps: int, batch: int, train_steps: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = bench_config(steps, memory)
     x = (torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(2)) - 0.5).to(device)
@@ -166,13 +188,22 @@ def child(memory: str, steps: int, batch: int) -> dict:
         result["grad_rel_err_worst"] = max(_rel_err([a], [b]) for a, b in zip(inv64, truth, strict=True))
         result["fp32_plain_vs_exact"] = _rel_err(plain32, truth)
         result["fp32_invertible_vs_exact"] = _rel_err(inv32, truth)
+        # A model in a training state: float32 invertible against float32 plain directly.
+        trained = _trained_model(cfg, x, device, train_steps)
+        plain32 = _grads(trained, x)
+        result["trained_fp32_vs_plain"] = _rel_err(_grads(_copy(trained, steps, "invertible", torch.float32), x),
+                                                   plain32)
+        result["trained_fp32_plain_vs_exact"] = _rel_err(
+            plain32, _grads(_copy(trained, steps, "plain", torch.float64), x.double()))
+        result["train_steps"] = train_steps
     return result
 
 
-def run_child(memory: str, steps: int, batch: int) -> dict:
+def run_child(memory: str, steps: int, batch: int, train_steps: int) -> dict:
     # Pinned mmap threshold: large tensors are mmapped and unmapped on free, so RSS tracks live memory.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    cmd = [sys.executable, __file__, "--child", memory, str(steps), "--batch", str(batch)]
+    cmd = [sys.executable, __file__, "--child", memory, str(steps), "--batch", str(batch),
+           "--train-steps", str(train_steps)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
@@ -184,10 +215,12 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--train-steps", type=int, default=10,
+                        help="Adamax steps before the float32 gradient comparison on a model in a training state")
     parser.add_argument("--child", nargs=2, metavar=("MEMORY", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.batch)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.batch, args.train_steps)))
         return
 
     device = "cuda (max_memory_allocated)" if torch.cuda.is_available() else "cpu (peak RSS delta)"
@@ -196,9 +229,11 @@ def main() -> None:
     results = {}
     for memory in args.modes:
         for k in args.ks:
-            results[memory, k] = r = run_child(memory, k, args.batch)
+            results[memory, k] = r = run_child(memory, k, args.batch, args.train_steps)
             extra = (f", fp64 grad rel err vs plain {r['grad_rel_err']:.1e}; fp32 vs exact: plain "
-                     f"{r['fp32_plain_vs_exact']:.1e}, invertible {r['fp32_invertible_vs_exact']:.1e}"
+                     f"{r['fp32_plain_vs_exact']:.1e}, invertible {r['fp32_invertible_vs_exact']:.1e}; "
+                     f"after {r['train_steps']} training steps: fp32 vs plain {r['trained_fp32_vs_plain']:.1e}, "
+                     f"plain fp32 vs exact {r['trained_fp32_plain_vs_exact']:.1e}"
                      if "grad_rel_err" in r else "")
             print(f"  {memory} K={k}: peak {r['peak'] / MIB:.0f} MiB, saved {r['saved'] / MIB:.0f} MiB, "
                   f"step {r['seconds']:.1f} s{extra}", flush=True)
@@ -208,8 +243,9 @@ def main() -> None:
     print(f"\nPeak memory of forward + backward (MiB), and saved-for-backward peak (MiB) in parentheses; "
           f"load average {os.getloadavg()[0]:.1f}\n")
     print(f"| memory | {ks} | growth K={first}->{last} (peak / saved) | step at K={last} (s) | "
-          f"fp64 grad rel err vs plain (all / worst tensor) | fp32 grad rel err vs exact (plain / invertible) |")
-    print("|---|" + "---|" * len(args.ks) + "---|---|---|---|")
+          f"fp64 grad rel err vs plain (all / worst tensor) | fp32 grad rel err vs exact (plain / invertible) | "
+          f"trained {args.train_steps} steps: fp32 grad rel err vs plain (floor: plain fp32 vs exact) |")
+    print("|---|" + "---|" * len(args.ks) + "---|---|---|---|---|")
     for memory in args.modes:
         row = [results[memory, k] for k in args.ks]
         cells = " | ".join(f"{r['peak'] / MIB:.0f} ({r['saved'] / MIB:.0f}{'*' if r['saved_source'] == 'plan' else ''})"
@@ -219,7 +255,9 @@ def main() -> None:
         err = f"{last['grad_rel_err']:.1e} / {last['grad_rel_err_worst']:.1e}" if "grad_rel_err" in last else "-"
         fp32 = (f"{last['fp32_plain_vs_exact']:.1e} / {last['fp32_invertible_vs_exact']:.1e}"
                 if "grad_rel_err" in last else "-")
-        print(f"| {memory} | {cells} | {growth} | {last['seconds']:.1f} | {err} | {fp32} |")
+        trained = (f"{last['trained_fp32_vs_plain']:.1e} ({last['trained_fp32_plain_vs_exact']:.1e})"
+                   if "grad_rel_err" in last else "-")
+        print(f"| {memory} | {cells} | {growth} | {last['seconds']:.1f} | {err} | {fp32} | {trained} |")
     print("\n* checkpoint's saved bytes are glow_dist.plan's figure (its inner hooks hide it from ours)")
 
 

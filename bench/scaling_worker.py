@@ -31,10 +31,10 @@ def main() -> None:
     parser.add_argument("--spin-waits", action="store_true",
                         help="wait the way Horovod's synchronize() does (spinning), as glow_dist.dist did before")
     args = parser.parse_args()
-    if args.spin_waits:
-        dist._sleep_until_done = lambda handle: None  # synchronize() then does the waiting, spinning
     torch.set_num_threads(args.threads)
     dist.init(args.background_priority)
+    if args.spin_waits:
+        dist._restore_spinning_waits()  # Horovod's own synchronize(), which spins while it waits
     cfg = ModelConfig(image_size=32, channels=3, levels=3, steps=args.depth, width=args.width, coupling="additive",
                       invconv="lu", n_bits=8)
     torch.manual_seed(0)

@@ -41,8 +41,7 @@ def init(background_priority: str = "auto") -> None:
     """Start Horovod (also as a plain single process, over Gloo); fall back to single-process without it.
 
     Under a launcher a failure is fatal: silently running N independent trainings would be worse than stopping.
-    `background_priority` is "low", "normal" or "auto" (low when this rank computes on the CPU): see
-    `_lower_background_priority`.
+    `background_priority`: "low", "normal", or "auto" (low when this rank computes on the CPU); see `_quiet_waits`.
     """
     global _hvd
     if _hvd is not None:
@@ -65,7 +64,7 @@ def init(background_priority: str = "auto") -> None:
         return
     _hvd = hvd
     if background_priority == "low" or (background_priority == "auto" and not torch.cuda.is_available()):
-        _lower_background_priority(_thread_ids() - threads_before)
+        _quiet_waits(_thread_ids() - threads_before)
 
 
 def _thread_ids() -> set[int]:
@@ -75,39 +74,55 @@ def _thread_ids() -> set[int]:
         return set()
 
 
-def _lower_background_priority(thread_ids: set[int]) -> None:
-    """Give the threads that hvd.init started (Horovod's background loop and Gloo's I/O threads) nice 19.
+# Horovod's synchronize() as it came, in each module that imported it, while _quiet_waits has replaced it.
+_spinning_synchronize: dict[ModuleType, Any] = {}
+
+
+def _quiet_waits(horovod_threads: set[int]) -> None:
+    """Make Horovod's threads yield to this rank's compute thread, and make every wait for a collective sleep.
 
     On a CPU whose cores all run ranks, Horovod's background thread wakes every HOROVOD_CYCLE_TIME (1 ms) to
-    negotiate with the other ranks, and each wake-up preempts this rank's compute thread: forward and backward ran
-    15-25% slower under `horovodrun -np 2` on 2 cores than alone (BENCHMARKS.md). At nice 19 it runs when the compute
-    thread waits (every wait in this module sleeps instead of spinning, see `_wait`), which is when the all-reduce
-    has to happen anyway, since there is no spare core to overlap it with. GPU ranks keep the normal priority: their
-    CPU cores are mostly idle and the background thread launches the NCCL work that overlaps backward.
+    negotiate with the other ranks, and each wake-up preempts the compute thread: forward and backward ran 15-25%
+    slower under `horovodrun -np 2` on 2 cores than alone. And while a rank waits for a collective, Horovod's
+    synchronize() spins on sched_yield, taking a core from the background threads doing the collective's work.
+    So the threads that hvd.init started (the background loop, Gloo's I/O) get nice 19, and synchronize() polls and
+    sleeps (50 us, doubling to 1 ms) instead of spinning: the background threads then run when the compute thread
+    waits, which is when the all-reduce has to happen anyway, having no spare core to overlap with. Measured:
+    2-rank scaling 1.5x -> 1.9x (BENCHMARKS.md). GPU ranks keep Horovod's behaviour (auto): their CPU cores are
+    mostly idle and the background thread launches the NCCL work that overlaps backward.
     """
     main = threading.get_native_id()
-    for tid in thread_ids - {main}:
+    for tid in horovod_threads - {main}:
         try:
             os.setpriority(os.PRIO_PROCESS, tid, 19)  # Linux: PRIO_PROCESS with a thread id sets that thread's nice
         except OSError:
-            pass  # the thread ended, or the platform has no per-thread nice: nothing to gain, nothing lost
+            pass  # the thread ended, or no per-thread nice on this platform: nothing gained, nothing lost
+    import horovod.torch.functions
+    import horovod.torch.mpi_ops
+    import horovod.torch.optimizer
+
+    spinning, spinning_poll = horovod.torch.mpi_ops.synchronize, horovod.torch.mpi_ops.poll
+
+    def synchronize(handle: Any) -> Any:
+        if isinstance(handle, int):  # an async op's handle (not a callable from a custom optimizer path)
+            delay = 5e-5
+            while not spinning_poll(handle):
+                time.sleep(delay)
+                delay = min(2 * delay, 1e-3)
+        return spinning(handle)  # done: returns at once, with the result (or raises the collective's error)
+
+    # Every Horovod wait goes through synchronize(), looked up in these modules' namespaces (0.28.1).
+    for module in (horovod.torch.mpi_ops, horovod.torch.functions, horovod.torch.optimizer, _hvd):
+        if getattr(module, "synchronize", None) is spinning:
+            _spinning_synchronize[module] = spinning
+            module.synchronize = synchronize
 
 
-def _sleep_until_done(handle: int) -> None:
-    """Wait for a Horovod async handle by polling and sleeping (50 us, doubling to 1 ms): adds at most ~1 ms.
-
-    Horovod's own synchronize() spins on sched_yield while it waits; on a fully used CPU that spin takes the core
-    from the background threads that are doing the collective's work."""
-    delay = 5e-5
-    while not _hvd.poll(handle):
-        time.sleep(delay)
-        delay = min(2 * delay, 1e-3)
-
-
-def _wait(handle: int) -> Any:
-    """The result of a Horovod async handle, without spinning (see `_sleep_until_done`)."""
-    _sleep_until_done(handle)
-    return _hvd.synchronize(handle)  # complete: returns at once
+def _restore_spinning_waits() -> None:
+    """Undo the sleeping synchronize() of `_quiet_waits` (for the scaling benchmark's before/after)."""
+    for module, original in _spinning_synchronize.items():
+        module.synchronize = original
+    _spinning_synchronize.clear()
 
 
 def _backend() -> ModuleType | None:
@@ -165,7 +180,7 @@ def allreduce_sum(tensor: torch.Tensor, name: str = "dist.allreduce_sum") -> tor
     hvd = _backend()
     if hvd is None:
         return tensor.clone()
-    return _wait(hvd.allreduce_async(tensor, op=hvd.Sum, name=name))
+    return hvd.allreduce(tensor, op=hvd.Sum, name=name)
 
 
 def allreduce_mean(tensor: torch.Tensor, name: str = "dist.allreduce_mean") -> torch.Tensor:
@@ -173,7 +188,7 @@ def allreduce_mean(tensor: torch.Tensor, name: str = "dist.allreduce_mean") -> t
     hvd = _backend()
     if hvd is None:
         return tensor.clone()
-    return _wait(hvd.allreduce_async(tensor, op=hvd.Average, name=name))
+    return hvd.allreduce(tensor, op=hvd.Average, name=name)
 
 
 def allreduce_scalars(values: dict[str, float]) -> dict[str, float]:
@@ -205,10 +220,7 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
     flags = {k: v for k, v in state.items() if v.dtype == torch.bool}
     # Horovod cannot broadcast bool tensors (ActNorm's `initialized`): send them as uint8 and copy back.
     as_bytes = {k: v.to(torch.uint8) for k, v in flags.items()}
-    sendable = {**{k: v for k, v in state.items() if k not in flags}, **as_bytes}
-    handles = [hvd.broadcast_async_(v, root_rank=0, name=f"dist.broadcast.{k}") for k, v in sorted(sendable.items())]
-    for handle in handles:
-        _wait(handle)
+    hvd.broadcast_parameters({**{k: v for k, v in state.items() if k not in flags}, **as_bytes}, root_rank=0)
     for k, v in as_bytes.items():
         flags[k].copy_(v.bool())
 
@@ -247,7 +259,7 @@ def barrier() -> None:
     """Wait until every rank arrives here."""
     hvd = _backend()
     if hvd is not None:
-        _wait(hvd.allreduce_async(torch.zeros(1), name="dist.barrier"))  # a barrier that sleeps while it waits
+        hvd.barrier()
 
 
 def distributed_optimizer(
@@ -290,9 +302,6 @@ def clip_and_step(
     parameters = list(parameters)
     synchronize = getattr(optimizer, "synchronize", None)  # absent on a plain (size-1, no Horovod) optimizer
     if synchronize is not None:
-        for handle, _ in list(getattr(optimizer, "_handles", {}).values()):
-            if isinstance(handle, int):  # None: not started; a callable: already reduced
-                _sleep_until_done(handle)  # backward's all-reduces, without Horovod's spin
         synchronize()  # distributed: wait for the averaged gradients, so clipping sees the global gradient
     params = [p for p in parameters if p.grad is not None]  # after synchronize, which may fill unused ones
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
