@@ -19,6 +19,7 @@ BENCH = Path(__file__).parent
 # name -> (script, arguments): small settings, so the suite finishes in minutes.
 SUITE: dict[str, tuple[str, list[str]]] = {
     "train": ("bench_train.py", ["--rounds", "3"]),
+    "train-1-thread": ("bench_train.py", ["--rounds", "3", "--threads", "1", "--variants", "default", "nchw"]),
     "scaling": ("bench_scaling.py", ["--repeats", "2", "--steps", "3"]),
     "data": ("bench_data.py", ["--images", "256", "--workers", "2", "--repeats", "1", "--epochs", "1"]),
     "memory": ("bench_memory.py", []),
@@ -50,11 +51,11 @@ def summarize(name: str, rows: list[dict[str, str]]) -> list[tuple[str, str, str
     """(measure, value, goal) lines for the summary table."""
     if not rows:
         return [(name, "no table (see the output above)", "")]
-    if name == "train":
+    if name.startswith("train"):
         best = max(rows, key=lambda r: float(r["images/s"]))
-        return [(f"train: {rows[0]['variant']} fraction of fp32 matmul", f"{rows[0]['fraction of matmul']} "
+        return [(f"{name}: {rows[0]['variant']} fraction of fp32 matmul", f"{rows[0]['fraction of matmul']} "
                  f"({rows[0]['images/s']} img/s)", ">= 0.75"),
-                (f"train: fastest variant ({best['variant']})",
+                (f"{name}: fastest variant ({best['variant']})",
                  f"{best['fraction of matmul']} ({best['images/s']} img/s, {best[column(rows, 'vs ')]})", ">= 0.75")]
     if name == "scaling":
         last = rows[-1]
