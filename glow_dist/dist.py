@@ -44,9 +44,10 @@ def init(background_priority: str = "auto") -> None:
     `background_priority`: "low", "normal", or "auto" (low when this rank computes on the CPU); see `_quiet_waits`.
     """
     global _hvd
+    if background_priority not in ("auto", "low", "normal"):
+        raise ValueError(f"background_priority must be auto, low or normal, got {background_priority!r}")
     if _hvd is not None:
         return
-    threads_before = _thread_ids()
     try:
         import horovod.torch as hvd
     except ImportError:
@@ -55,6 +56,7 @@ def init(background_priority: str = "auto") -> None:
                 "launched by horovodrun but horovod.torch cannot be imported; build it with `make horovod`"
             ) from None
         return  # single process without Horovod: the functions below use their size-1 branch
+    threads_before = _thread_ids()
     try:
         hvd.init()
     except Exception as e:
