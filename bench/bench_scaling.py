@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from glow_dist.config import BACKGROUND_PRIORITIES
+
 WORKER = Path(__file__).with_name("scaling_worker.py")
 
 
@@ -52,7 +54,7 @@ def main() -> None:
                         help="HOROVOD_CYCLE_TIME for the runs (default: Horovod's, 1 ms)")
     parser.add_argument("--spin-waits", action="store_true",
                         help="wait for collectives by spinning, as Horovod's synchronize() does (the old behaviour)")
-    parser.add_argument("--background-priority", choices=["auto", "low", "normal"], default="auto",
+    parser.add_argument("--background-priority", choices=BACKGROUND_PRIORITIES, default="auto",
                         help="dist.init's priority for Horovod's threads (auto: low on CPU ranks)")
     args = parser.parse_args()
     cycle = "Horovod's default" if args.cycle_time_ms is None else f"{args.cycle_time_ms:g} ms"

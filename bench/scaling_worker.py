@@ -15,7 +15,7 @@ import time
 import torch
 
 from glow_dist import dist
-from glow_dist.config import ModelConfig
+from glow_dist.config import BACKGROUND_PRIORITIES, ModelConfig
 from glow_dist.model import Glow, bits_per_dim_from_log_prob
 
 
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=8, help="K")
     parser.add_argument("--fp16-allreduce", action="store_true", help="gradients cross as fp16 (dist.fp16_allreduce)")
-    parser.add_argument("--background-priority", choices=["auto", "low", "normal"], default="auto")
+    parser.add_argument("--background-priority", choices=BACKGROUND_PRIORITIES, default="auto")
     parser.add_argument("--spin-waits", action="store_true",
                         help="wait the way Horovod's synchronize() does (spinning), as glow_dist.dist did before")
     args = parser.parse_args()

@@ -115,6 +115,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+BACKGROUND_PRIORITIES = ("auto", "low", "normal")  # dist.background_priority; see glow_dist.dist.init
+
 _CHOICES = {
     "model.coupling": ("additive", "affine"),
     "model.invconv": ("lu", "plain"),
@@ -123,7 +125,7 @@ _CHOICES = {
     "data.backend": ("auto", "dali", "webdataset"),
     "optim.name": ("adamax", "adam"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),
-    "dist.background_priority": ("auto", "low", "normal"),
+    "dist.background_priority": BACKGROUND_PRIORITIES,
 }
 
 

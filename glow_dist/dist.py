@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from glow_dist.config import BACKGROUND_PRIORITIES
+
 _hvd: ModuleType | None = None   # horovod.torch once init() succeeded; None means single process
 
 
@@ -44,8 +46,8 @@ def init(background_priority: str = "auto") -> None:
     `background_priority`: "low", "normal", or "auto" (low when this rank computes on the CPU); see `_quiet_waits`.
     """
     global _hvd
-    if background_priority not in ("auto", "low", "normal"):
-        raise ValueError(f"background_priority must be auto, low or normal, got {background_priority!r}")
+    if background_priority not in BACKGROUND_PRIORITIES:
+        raise ValueError(f"background_priority must be one of {BACKGROUND_PRIORITIES}, got {background_priority!r}")
     if _hvd is not None:
         return
     try:

@@ -39,7 +39,7 @@ class GlowOutput(NamedTuple):
 class Level(nn.Module):
     """Squeeze, K flow steps, then (unless it is the top level) split off half the channels as a latent."""
 
-    def __init__(self, in_channels: int, cfg: ModelConfig, split: bool, size: int | None = None):
+    def __init__(self, in_channels: int, cfg: ModelConfig, split: bool, size: int):
         super().__init__()
         channels = 4 * in_channels
         self.steps = nn.ModuleList(
@@ -55,7 +55,7 @@ class Level(nn.Module):
         self.memory = cfg.memory
         self.invertible_segment = cfg.invertible_segment
         # NHWC where it helps: measured on oneDNN, NHWC convolutions win at 16x16 and 8x8 and lose at 4x4.
-        nhwc = cfg.channels_last and (size is None or size // 2 >= cfg.channels_last_min_size)
+        nhwc = cfg.channels_last and size // 2 >= cfg.channels_last_min_size  # size: the input's, before squeeze
         self.memory_format = torch.channels_last if nhwc else torch.contiguous_format
         self.out_channels = channels // 2 if split else channels
 
