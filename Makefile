@@ -26,6 +26,7 @@ help:
 	@echo "make lint       ruff over the package, tests and benchmarks"
 	@echo "make mlflow-ui  MLflow UI on the local store (http://127.0.0.1:$(MLFLOW_PORT))"
 	@echo "make bench      benchmark suite; prints tables (see BENCHMARKS.md)"
+	@echo "make bench-quality  test bits/dim (EMA and raw) on natural-image patches at 200/400/800 steps"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +72,12 @@ mlflow-ui: $(STAMP)
 
 bench: $(STAMP) $(HVD_STAMP)
 	PATH=$(BIN):$$PATH $(PY) bench/run_all.py
+
+# Model quality on natural images (test bits/dim of EMA and raw weights vs the port's recipe); about 25 CPU-minutes.
+.PHONY: bench-quality
+bench-quality: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	nice -n 10 $(PY) bench/bench_quality.py --ema-study $(BENCH_ARGS)
 
 # GPU machines: the image of docker/Dockerfile, and a training run in it on all local GPUs.
 # make docker-train CONFIG=configs/celeba_hq_256.yaml DATA=/data/celeba_hq_256 RUN_DIR=/runs/celeba GPUS=8 \

@@ -103,6 +103,7 @@ class TrackingConfig:
     sample_temperatures: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 1.0])
     sample_count: int = 16        # images per temperature in each grid
     log_checkpoints: bool = True  # upload checkpoints as artifacts
+    sample_weights: str = "best"  # grids from: best (the weights that scored better at the last evaluation) | ema | raw
 
 
 @dataclass
@@ -126,6 +127,7 @@ _CHOICES = {
     "optim.name": ("adamax", "adam"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),
     "dist.background_priority": BACKGROUND_PRIORITIES,
+    "tracking.sample_weights": ("best", "ema", "raw"),
 }
 
 

@@ -28,6 +28,7 @@ import torch
 
 from glow_dist.checkpoint import CheckpointError, open_checkpoint
 from glow_dist.config import Config, ModelConfig, from_dict, to_dict
+from glow_dist.ema import ema_weights
 from glow_dist.model import Glow, build_model, postprocess, preprocess, quantize
 
 Latents = list[torch.Tensor]
@@ -53,10 +54,15 @@ def load_model(checkpoint: str | Path, device: torch.device | None = None, weigh
     """The EMA weights (or `weights="model"`: the raw ones) of a checkpoint file, or of a run directory's newest
     one, in eval mode."""
     path, state = open_checkpoint(checkpoint)
+    return model_from_state(path, state, device, weights)
+
+
+def model_from_state(path: Path, state: dict, device: torch.device | None = None, weights: str = "ema") -> LoadedModel:
+    """`load_model` on a checkpoint already opened (open_checkpoint verified it against its sidecar)."""
     cfg = from_dict(state["config"], source=f"{path} (saved config)")
     model = build_model(cfg.model)
     try:
-        model.load_state_dict(state[weights])
+        model.load_state_dict(ema_weights(state[weights]))  # the EMA state also holds its update count
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"{path}: its {weights} weights do not fit the model its config describes: {e}") \
             from None

@@ -75,7 +75,7 @@ class Reporter(NullReporter):
                                     prefix="train", unit="step", ascii=True)
             self.message(f"{bar} step {step} | {shown}")
         # With a live bar, a permanent line for test results and at least once a minute; else one per interval.
-        elif self._bar is None or "test/bpd" in metrics or time.monotonic() - self._last_line > 60:
+        elif self._bar is None or "bits_per_dim/test_ema" in metrics or time.monotonic() - self._last_line > 60:
             self.message(f"step {step}: {shown}")
             self._last_line = time.monotonic()
 

@@ -2,7 +2,7 @@
 
     tracker = make_tracker(cfg, is_main=dist.is_main(), run_id=state.get("mlflow_run_id"))
     tracker.log_params(flatten(cfg)); tracker.log_config(cfg)
-    tracker.log_metrics({"train/bpd": 3.4}, step=100)
+    tracker.log_metrics({"bits_per_dim/train": 3.4}, step=100)
     print(tracker.describe())
     tracker.finish("FINISHED")
 

@@ -164,6 +164,7 @@ class Trainer:
             return
 
         resumed = self._restore()
+        self._fresh = resumed is None
         if resumed is None:
             self._init_actnorm()
         self._sync_from_rank0()
@@ -197,7 +198,7 @@ class Trainer:
         self.state = dist.elastic_state(
             self.model, self.optimizer, self.ema.model, position=asdict(self.position), world=self.world,
             batches_per_epoch=batches_per_epoch, actnorm_done=meta is not None, run_id=meta and meta["run_id"],
-            resumed=meta and meta["path"])
+            resumed=meta and meta["path"], ema_updates=self.ema.updates)
         self.state.register_reset_callbacks([self._on_elastic_reset])
 
     def _on_elastic_reset(self) -> None:
@@ -215,6 +216,7 @@ class Trainer:
             position.batch_in_epoch = position.batch_in_epoch * self.train_data.batches_per_epoch \
                 // state.batches_per_epoch
         self.position = self._resumable(position)
+        self.ema.updates = state.ema_updates  # the EMA weights were restored and synced by Horovod; the count here
         hosts = dist.host_count()  # collective: every rank calls it
         if dist.is_main() and not isinstance(self.report, Reporter):
             tracker = make_tracker(self.cfg, True, run_id=state.run_id)
@@ -237,6 +239,7 @@ class Trainer:
         """Elastic: the state to return to when a worker is lost; raises HostsUpdatedInterrupt on a host change."""
         state = self.state
         state.position, state.world = asdict(self.position), self.world
+        state.ema_updates = self.ema.updates
         state.batches_per_epoch = self.train_data.batches_per_epoch
         state.commit()
 
@@ -247,6 +250,7 @@ class Trainer:
             self._init_actnorm()
             self.state.actnorm_done = True
             self._commit()
+            self._log_evaluation(0)  # fresh start only: the curves begin at the initial weights
         return self._loop(stop)
 
     def _sync_from_rank0(self) -> None:
@@ -259,10 +263,13 @@ class Trainer:
         path, state = found
         check_same_architecture(self.cfg, state["config"], str(path))
         self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
+        # A checkpoint from before the EMA warm-up has no update count: it gets the optimizer steps it took, the
+        # count an unbroken run would have reached (see glow_dist/ema.py).
+        taken = state["position"]["step"] - state["position"].get("skipped_steps", 0)
+        self.ema.load_state_dict(state["ema"], default_updates=taken)
         self.optimizer.load_state_dict(state["optimizer"])
         return {"position": state["position"], "run_id": state.get("mlflow_run_id"), "path": str(path),
-                "world_size": state.get("world_size", self.world)}
+                "world_size": state.get("world_size", self.world), "ema_updates": self.ema.updates}
 
     def _load_on_rank0(self, found: tuple[Path, dict] | None) -> dict | None:
         """Rank 0 loads a checkpoint; every rank gets its position, run id and path.
@@ -276,6 +283,7 @@ class Trainer:
         if meta is None:
             return None
         self.position = self._resumable(Position(**meta["position"]))
+        self.ema.updates = meta["ema_updates"]  # rank 0's count; the weights come with _sync_from_rank0
         return meta["path"]
 
     def _resumable(self, p: Position) -> Position:
@@ -295,6 +303,7 @@ class Trainer:
                                f"{self.cfg.train.run_dir} has no checkpoint to roll back to; lower optim.lr, raise "
                                "optim.warmup_steps, or checkpoint more often (train.checkpoint_every)")
         self._sync_from_rank0()
+        self.ema.updates = meta["ema_updates"]
         restored = self._resumable(Position(**meta["position"]))
         restored.lr_scale = pos.lr_scale * self.cfg.optim.rollback_lr_factor
         restored.rollbacks = pos.rollbacks + 1
@@ -360,10 +369,48 @@ class Trainer:
             self.ema.update(self.model)
         return bpd.detach(), result
 
-    def evaluate(self) -> float:
-        return evaluate_bpd(self.ema.model, self.test_data.epoch(0), self.cfg.model.n_bits,
+    def evaluate(self, weights: str = "ema") -> float:
+        """Test bits/dim of the EMA (`weights="ema"`) or raw (`"raw"`) weights; collective: every rank calls it."""
+        model = {"ema": self.ema.model, "raw": self.model}[weights]
+        return evaluate_bpd(model, self.test_data.epoch(0), self.cfg.model.n_bits,
                             reduce_fn=dist.allreduce_sum, y_condition=self._uses_labels,
                             max_batches=self.cfg.train.max_eval_batches, seed=self.cfg.train.seed)
+
+    def evaluate_both(self) -> dict[str, float]:
+        """`bits_per_dim/test_ema` and `bits_per_dim/test_raw`; remembered for the choice of sample weights.
+        While the EMA copy is the raw weights (no update since its reset, or decay 0), one pass scores both."""
+        ema = self.evaluate("ema")
+        raw = ema if self.ema.updates == 0 or self.ema.decay == 0 else self.evaluate("raw")
+        self._last_eval = {"ema": ema, "raw": raw}
+        return {"bits_per_dim/test_ema": ema, "bits_per_dim/test_raw": raw}
+
+    def _log_evaluation(self, step: int, extra: dict[str, float] | None = None) -> dict[str, float]:
+        metrics = self.evaluate_both()
+        self.report.metrics({**metrics, **(extra or {})}, step)
+        return metrics
+
+    def sample_weights(self) -> str:
+        """`ema` or `raw`: tracking.sample_weights, or for `best` whichever scored lower at the last evaluation
+        (the EMA before any evaluation of this process, e.g. right after a resume)."""
+        choice = self.cfg.tracking.sample_weights
+        if choice != "best":
+            return choice
+        scores = getattr(self, "_last_eval", None)
+        return "raw" if scores and scores["raw"] < scores["ema"] else "ema"
+
+    def _samples(self, step: int) -> None:
+        weights = self.sample_weights()
+        scores = getattr(self, "_last_eval", None)
+        why = (f"tracking.sample_weights={self.cfg.tracking.sample_weights}" +
+               (f"; test bits/dim EMA {scores['ema']:.4f}, raw {scores['raw']:.4f}" if scores else ""))
+        self.report.message(f"samples at step {step} from the {'EMA' if weights == 'ema' else 'raw'} weights ({why})")
+        model = self.ema.model if weights == "ema" else self.model
+        was_training = model.training
+        model.eval()
+        try:
+            self.report.samples(model, step)
+        finally:
+            model.train(was_training)
 
     def fit(self) -> dict[str, float]:
         status = "FAILED"
@@ -372,6 +419,8 @@ class Trainer:
                 if self.cfg.dist.elastic:
                     result = dist.elastic_run(self._elastic_run)(self.state, stop)
                 else:
+                    if self._fresh and self.position.step == 0:
+                        self._log_evaluation(0)  # fresh start only: the curves begin at the initial weights
                     result = self._loop(stop)
             status = "KILLED" if stop.requested else "FINISHED"
             return result
@@ -424,7 +473,7 @@ class Trainer:
         if step % cfg.log_every == 0:
             elapsed = time.perf_counter() - interval["t0"]
             n = max(interval["n"], 1)
-            local = {"train/bpd": float(interval["bpd"]) / n, "grad_norm": float(interval["grad_norm"]) / n,
+            local = {"bits_per_dim/train": float(interval["bpd"]) / n, "grad_norm": float(interval["grad_norm"]) / n,
                      "images_per_sec": cfg.log_every * cfg.batch_size / max(elapsed, 1e-9)}
             metrics = dist.allreduce_scalars(local)  # averaged over ranks before logging
             metrics["images_per_sec"] *= self.world  # the job's throughput, not one rank's
@@ -437,25 +486,25 @@ class Trainer:
             return every > 0 and step % every == 0 and step < cfg.steps
 
         if due(cfg.eval_every):
-            self.report.metrics({"test/bpd": self.evaluate()}, step)
+            self._log_evaluation(step)
         if due(cfg.sample_every):
-            self.report.samples(self.ema.model, step)
+            self._samples(step)
         # Not during a run of skipped steps: a rollback should land before the trouble started.
         if due(cfg.checkpoint_every) and self.position.consecutive_skips == 0:
             self.report.checkpoint(self.checkpoint_state, step)
 
     def _finish(self) -> dict[str, float]:
         step = self.position.step
-        test_bpd = self.evaluate()
-        self.report.metrics({"test/bpd": test_bpd, "skipped_steps": float(self.position.skipped_steps)}, step)
-        self.report.samples(self.ema.model, step)
+        test = self._log_evaluation(step, {"skipped_steps": float(self.position.skipped_steps)})
+        self._samples(step)
         self.report.checkpoint(self.checkpoint_state, step)
-        self.report.message(f"final test bits/dim {test_bpd:.4f} after {step} steps "
-                            f"({self.position.skipped_steps} skipped)")
+        self.report.message(f"final test bits/dim {test['bits_per_dim/test_ema']:.4f} with the EMA weights "
+                            f"({self.ema.describe()}), {test['bits_per_dim/test_raw']:.4f} with the raw weights, "
+                            f"after {step} steps ({self.position.skipped_steps} skipped)")
         tracker = getattr(self.report, "tracker", None)
         if tracker is not None:
             self.report.message(f"results: {tracker.describe()}")
-        return {"test/bpd": test_bpd, "step": float(step), "skipped_steps": float(self.position.skipped_steps)}
+        return {**test, "step": float(step), "skipped_steps": float(self.position.skipped_steps)}
 
 
 def train(cfg: Config) -> dict[str, float]:

@@ -99,7 +99,7 @@ def test_killed_worker_job_continues_then_worker_rejoins(tmp_path, digits_shards
         return [(r["step"], r["metrics"]["world_size"]) for r in records(metrics) if "world_size" in r["metrics"]]
 
     def last_train_step() -> int:
-        return max([r["step"] for r in records(metrics) if "train/bpd" in r["metrics"]], default=0)
+        return max([r["step"] for r in records(metrics) if "bits_per_dim/train" in r["metrics"]], default=0)
 
     with open(log, "w") as out:
         job = subprocess.Popen(elastic_cmd(outdir, overrides), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,

@@ -164,10 +164,10 @@ def test_mlflow_server_script_serves_runs_and_artifacts(tmp_path):
                 time.sleep(0.5)
         client = MlflowClient(uri)
         run = client.create_run(client.create_experiment("launch-test"))
-        client.log_metric(run.info.run_id, "test/bpd", 3.5, step=1)
+        client.log_metric(run.info.run_id, "bits_per_dim/test_ema", 3.5, step=1)
         (tmp_path / "note.txt").write_text("hello")
         client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
-        assert client.get_metric_history(run.info.run_id, "test/bpd")[0].value == 3.5
+        assert client.get_metric_history(run.info.run_id, "bits_per_dim/test_ema")[0].value == 3.5
         # The server proxies artifacts into its own root: clients need no access to the storage.
         assert [p.name for p in (tmp_path / "home" / "artifacts").rglob("note.txt")] == ["note.txt"]
         assert (tmp_path / "home" / "mlflow.db").is_file()

@@ -131,7 +131,7 @@ def test_tracking_server_restart_mid_run_loses_no_metrics(tmp_path, digits_shard
     metrics = run_dir / "metrics.jsonl"
 
     def logged() -> int:
-        return metrics.read_text().count("train/bpd") if metrics.exists() else 0
+        return metrics.read_text().count("bits_per_dim/train") if metrics.exists() else 0
 
     try:
         wait_for(lambda: logged() >= 2, 180, "the first metrics")
@@ -151,7 +151,7 @@ def test_tracking_server_restart_mid_run_loses_no_metrics(tmp_path, digits_shard
         assert "is unreachable" in output  # the user was told
         client = MlflowClient(server.uri)
         (run,) = client.search_runs([client.get_experiment_by_name("glow-dist-debug").experiment_id])
-        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/bpd"))
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "bits_per_dim/train"))
     finally:
         server.stop()
     total = logged()

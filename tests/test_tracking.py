@@ -94,7 +94,7 @@ def test_log_and_read_back_through_server(mlflow_server: str, tmp_path: Path) ->
         tracker.log_params(params)
         tracker.set_tags(run_tags(host_count=2, gpu_type="cpu", git_commit="abc123"))
         for step in range(1, 6):
-            tracker.log_metrics({"train/bpd": 8.0 / step, "train/lr": 1e-3}, step=step)
+            tracker.log_metrics({"bits_per_dim/train": 8.0 / step, "train/lr": 1e-3}, step=step)
         tracker.log_image(image, "samples/t0.7.png")
         tracker.log_artifact(tmp_path / "notes.txt", "misc")
         tracker.log_config(cfg)
@@ -107,7 +107,7 @@ def test_log_and_read_back_through_server(mlflow_server: str, tmp_path: Path) ->
     assert run.data.params["model.levels"] == "3" and run.data.params["extra.p149"] == "149"
     assert run.data.params["extra.long"] == "x" * 6000  # MLflow's limit, truncated instead of rejected
     assert run.data.tags["hosts"] == "2" and run.data.tags["mlflow.source.git.commit"] == "abc123"
-    history = client.get_metric_history(tracker.run_id, "train/bpd")
+    history = client.get_metric_history(tracker.run_id, "bits_per_dim/train")
     assert sorted((m.step, m.value) for m in history) == [(s, 8.0 / s) for s in range(1, 6)]
     assert {a.path for a in client.list_artifacts(tracker.run_id)} >= {"config.yaml", "samples", "misc"}
     downloaded = client.download_artifacts(tracker.run_id, "samples/t0.7.png", str(tmp_path / "dl"))

@@ -41,10 +41,17 @@ def test_two_ranks_train_in_lockstep_and_log_to_mlflow(tmp_path, digits_shards, 
     client = MlflowClient(mlflow_server)
     run = client.get_run(r0["run_id"])
     assert run.info.status == "FINISHED"
-    for name in ("train/bpd", "test/bpd", "lr", "grad_norm", "images_per_sec", "skipped_steps"):
+    for name in ("bits_per_dim/train", "bits_per_dim/test_ema", "bits_per_dim/test_raw", "lr", "grad_norm",
+                 "images_per_sec", "skipped_steps"):
         history = client.get_metric_history(run.info.run_id, name)
         assert history, f"metric {name} missing"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/bpd")] == [3, 6]
+    assert not {"train/bpd", "test/bpd"} & set(run.data.metrics)  # the old names are gone
+    # Both test curves start at step 0 (the initial weights, where EMA and raw are the same model).
+    test = {w: {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"bits_per_dim/test_{w}")}
+            for w in ("ema", "raw")}
+    assert sorted(test["ema"]) == sorted(test["raw"]) == [0, 3, 6]
+    assert test["ema"][0] == test["raw"][0] and test["ema"][6] != test["raw"][6]
+    assert r0["final_metrics"]["bits_per_dim/test_ema"] == test["ema"][6]
     params = run.data.params
     assert params["world_size"] == "2" and params["global_batch_size"] == "16"
     assert params["model.levels"] == "2" and params["train.steps"] == "6"

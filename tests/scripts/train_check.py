@@ -27,7 +27,8 @@ def main() -> None:
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"init_x": init_x.cpu(), "after_init": after_init, "final": trainer.model.state_dict(),
-                "ema": trainer.ema.state_dict(), "test_bpd_before": before, "test_bpd_after": final["test/bpd"],
+                "ema": trainer.ema.state_dict(), "test_bpd_before": before,
+                "test_bpd_after": final["bits_per_dim/test_ema"], "final_metrics": final,
                 "position": vars(trainer.position), "world": trainer.world, "run_id": trainer.report.run_id},
                out / f"rank{trainer.rank}.pt")
 

@@ -1,0 +1,343 @@
+"""Model quality on natural images: test bits/dim of the EMA and raw weights at a few step budgets, through the CLI.
+
+    nice -n 10 .venv/bin/python bench/bench_quality.py                       # default recipe, the port's, variants
+    nice -n 10 .venv/bin/python bench/bench_quality.py --recipes default port --budgets 200 400 800
+
+Data: the RGB photographs that ship inside scikit-image (`skimage.data`: astronaut, chelsea, coffee, rocket, ...),
+cut into 32x32 patches at three scales (the photo at 1/1, 1/2 and 1/4 size). The split is fixed and spatial: in
+every photo the rightmost 20% of the columns is the test region, the rest the training region, and a patch belongs to
+a split only when it lies entirely in its region at every scale, so no test pixel is ever seen in training. Training
+patches overlap (stride 16), test ones do not (stride 32). The PNGs are written to a temporary folder and turned into
+shards by the project's own prepare path (`glow_dist.data.prepare.prepare` on `folder_source`s, as
+`glow-dist prepare folder` does; the two folders are the two splits instead of a random fraction).
+
+Each recipe is trained through the real CLI (`python -m glow_dist train ...`, one process) for the largest budget,
+with a test evaluation and a checkpoint at every budget (the learning rate has no decay, so the state at step 200 of
+an 800-step run is that of a 200-step run). For each budget the table shows `bits_per_dim/test_ema`,
+`bits_per_dim/test_raw` (from the run's metrics.jsonl), and, for the default recipe, what `glow-dist evaluate` prints
+for that checkpoint with its default weights. `port` is the recipe of a popular PyTorch port (Adam 1e-4, no EMA, no
+warm-up, no gradient clipping) on the same architecture, data, batch and steps.
+
+`--ema-study` trains the default recipe once more in-process (the real Trainer) and scores, at every budget, other
+averages of the same trajectory: the EMA without warm-up (the code before issue 17), a bias-corrected EMA, and the
+warmed-up EMA at other decays. The training itself does not depend on the average, so one run answers all of them.
+
+bits/dim are load-independent: the numbers are valid on a shared machine (the wall time is not, and is not shown).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")
+SCALES = (1, 2, 4)
+TEST_COLUMNS = 0.2  # the rightmost fraction of every photo is the test region
+
+# The architecture of every recipe (small enough for a 2-core CPU; 5-bit as in the paper's CelebA-HQ runs).
+ARCH = ["model.image_size=32", "model.channels=3", "model.n_bits=5", "model.levels=3", "model.steps=4",
+        "model.width=64", "model.coupling=affine", "model.invconv=lu", "model.learn_top=true",
+        "train.batch_size=16", "train.init_batch_size=64"]
+
+# name -> overrides on top of the defaults of glow_dist/config.py (the default recipe has none).
+RECIPES: dict[str, list[str]] = {
+    "default": [],
+    "port": ["optim.name=adam", "optim.lr=1e-4", "optim.ema_decay=0", "optim.warmup_steps=0", "optim.grad_clip=0"],
+    "adamax-lr3e-4": ["optim.lr=3e-4"],
+    "adamax-lr3e-3": ["optim.lr=3e-3"],
+    "adam-lr1e-3": ["optim.name=adam"],
+    "no-warmup": ["optim.warmup_steps=0"],
+    "no-clip": ["optim.grad_clip=0"],
+}
+DEFAULT_RECIPES = ["default", "port"]
+
+
+def load_photos() -> dict[str, np.ndarray]:
+    """The RGB photographs of skimage.data that load without a download (uint8 H x W x 3)."""
+    try:
+        from skimage import data
+    except ImportError:
+        sys.exit("bench_quality needs scikit-image: .venv/bin/pip install -e '.[test]'")
+    photos = {}
+    for name in PHOTOS:
+        try:
+            image = getattr(data, name)()
+        except Exception as e:  # a photo that needs a download (no network): go on without it
+            print(f"note: skimage.data.{name} unavailable ({type(e).__name__}); skipped", file=sys.stderr)
+            continue
+        if image.ndim == 3 and image.shape[2] >= 3:
+            photos[name] = np.ascontiguousarray(image[..., :3]).astype(np.uint8)
+    if not photos:
+        sys.exit("no skimage.data photograph could be loaded")
+    return photos
+
+
+def patches(photos: dict[str, np.ndarray], size: int = 32) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """{"train": [(name, patch)], "test": [...]}: the fixed spatial split described in the module docstring."""
+    from PIL import Image
+
+    out: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "test": []}
+    for name, photo in photos.items():
+        height, width = photo.shape[:2]
+        border = int(round(width * (1 - TEST_COLUMNS)))  # in original pixels: train left of it, test right of it
+        for scale in SCALES:
+            small = np.asarray(Image.fromarray(photo).resize((width // scale, height // scale), Image.BOX))
+            h, w = small.shape[:2]
+            for split, stride in (("train", size // 2), ("test", size)):
+                for y in range(0, h - size + 1, stride):
+                    for x in range(0, w - size + 1, stride):
+                        left, right = x * scale, (x + size) * scale  # the patch's columns in the original photo
+                        inside = right <= border if split == "train" else left >= border
+                        if inside:
+                            out[split].append((f"{name}-s{scale}-y{y:04d}-x{x:04d}", small[y:y + size, x:x + size]))
+    return out
+
+
+def prepare_shards(out: Path, seed: int = 0) -> dict:
+    """Write the patches as PNGs and prepare them into `out` with the project's prepare path; returns the manifest."""
+    from PIL import Image
+
+    from glow_dist.data.prepare import prepare
+    from glow_dist.data.sources import Source, folder_source
+
+    split_patches = patches(load_photos())
+    with tempfile.TemporaryDirectory(prefix="bench-quality-png-") as tmp:
+        folders = {}
+        for split, items in split_patches.items():
+            folder = Path(tmp) / split
+            folder.mkdir()
+            for name, patch in items:
+                Image.fromarray(patch).save(folder / f"{name}.png")
+            folders[split] = folder_source(folder, channels=3, classes=False, attributes=None, test_fraction=0.0,
+                                           seed=seed).train
+        source = Source("skimage-patches", 3, "bicubic", train=folders["train"], test=folders["test"])
+        return prepare(source, out, size=32, channels=3, shard_size=1000, seed=seed, workers=1, overwrite=True)
+
+
+def base_config(work: Path) -> Path:
+    """A config file that leaves every recipe setting at the defaults of glow_dist/config.py."""
+    path = work / "quality.yaml"
+    if not path.exists():
+        path.write_text("# bench/bench_quality.py: everything else is given as overrides\ntracking:\n"
+                        "  experiment: bench-quality\n")
+    return path
+
+
+def common_overrides(data: Path, run_dir: Path, budgets: list[int], threads: int) -> list[str]:
+    every = math.gcd(*budgets)
+    return [*ARCH, f"data.root={data}", "data.backend=webdataset", f"train.run_dir={run_dir}",
+            f"train.steps={max(budgets)}", f"train.eval_every={every}", f"train.checkpoint_every={every}",
+            "train.keep_checkpoints=0", f"train.sample_every={10 ** 9}", "train.log_every=50", "train.progress=false",
+            f"train.threads={threads}", "train.resume=never", f"tracking.local_dir={run_dir / 'mlflow'}",
+            "tracking.sample_count=4", "tracking.sample_temperatures=[0.7]"]
+
+
+def train_recipe(name: str, data: Path, work: Path, budgets: list[int], threads: int) -> dict:
+    run_dir = work / name
+    cmd = [sys.executable, "-m", "glow_dist", "train", "--config", str(base_config(work)),
+           *common_overrides(data, run_dir, budgets, threads), *RECIPES[name]]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if out.returncode != 0:
+        raise RuntimeError(f"{name}: training failed:\n{out.stderr[-3000:]}")
+    curves: dict[str, dict[int, float]] = {"ema": {}, "raw": {}}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for weights in curves:
+            value = record["metrics"].get(f"bits_per_dim/test_{weights}")
+            if value is not None:
+                curves[weights][record["step"]] = value
+    return {"run_dir": run_dir, "curves": curves}
+
+
+def evaluate_cli(checkpoint: Path, *extra: str) -> tuple[float, str]:
+    """`glow-dist evaluate` on a checkpoint: its test bits/dim and its whole output."""
+    out = subprocess.run([sys.executable, "-m", "glow_dist", "evaluate", "--checkpoint", str(checkpoint), *extra],
+                         capture_output=True, text=True, cwd=REPO)
+    if out.returncode != 0:
+        raise RuntimeError(f"evaluate {checkpoint} failed:\n{out.stderr[-3000:]}")
+    return float(out.stdout.split("test bits/dim:")[1].split()[0]), out.stdout
+
+
+def per_pixel_baseline(checkpoint: Path) -> float:
+    _, text = evaluate_cli(checkpoint, "--baseline")
+    return float(text.split("per-pixel independent baseline:")[1].split()[0])
+
+
+# ---- --ema-study: other averages of one trajectory, scored by the real Trainer's evaluation -----------------------
+
+class PlainEMA:
+    """The average before issue 17: a fixed decay from the initial weights."""
+
+    def __init__(self, model, decay: float):
+        import copy
+
+        self.decay, self.model = decay, copy.deepcopy(model).eval()
+
+    def update(self, model) -> None:
+        import torch
+
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()],
+                                 1.0 - self.decay)
+
+
+class BiasCorrectedEMA(PlainEMA):
+    """Adam-style: the average starts at zero and is divided by 1 - decay**n."""
+
+    def __init__(self, model, decay: float):
+        import torch
+
+        super().__init__(model, decay)
+        self.n = 0
+        self.sums = [torch.zeros_like(p) for p in self.model.parameters()]
+
+    def update(self, model) -> None:
+        import torch
+
+        self.n += 1
+        with torch.no_grad():
+            torch._foreach_lerp_(self.sums, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+            correction = 1.0 - self.decay ** self.n
+            for p, s in zip(self.model.parameters(), self.sums, strict=True):
+                p.copy_(s / correction)
+
+
+def ema_study_worker(outfile: Path, overrides: list[str], budgets: list[int]) -> None:
+    """In a subprocess: train the default recipe with the real Trainer and score extra averages at every budget."""
+    from glow_dist.config import load_config
+    from glow_dist.ema import EMA
+    from glow_dist.evaluate import evaluate_bpd
+    from glow_dist.train import Trainer
+
+    trainer = Trainer(load_config(base_config(outfile.parent), overrides))
+    decay = trainer.cfg.optim.ema_decay
+    extra = {f"no warm-up {decay:g} (before)": PlainEMA(trainer.model, decay),
+             f"bias-corrected {decay:g}": BiasCorrectedEMA(trainer.model, decay)}
+    for other in (0.99, 0.9999):
+        extra[f"warm-up {other:g}"] = EMA(trainer.model, other)
+    for avg in extra.values():  # start where the trainer's own EMA starts: at the ActNorm-initialized weights
+        if isinstance(avg, EMA):
+            avg.reset(trainer.model)
+        else:
+            avg.model.load_state_dict(trainer.model.state_dict())
+    update, evaluate_both = trainer.ema.update, trainer.evaluate_both
+    scores: dict[str, dict[int, float]] = {name: {} for name in extra}
+    scores[f"warm-up {decay:g} (default)"], scores["raw"] = {}, {}
+
+    def update_all(model) -> None:
+        update(model)
+        for avg in extra.values():
+            avg.update(model)
+
+    def evaluate_all() -> dict[str, float]:
+        result = evaluate_both()
+        step = trainer.position.step
+        if step in budgets:
+            scores[f"warm-up {decay:g} (default)"][step] = result["bits_per_dim/test_ema"]
+            scores["raw"][step] = result["bits_per_dim/test_raw"]
+            for name, avg in extra.items():
+                scores[name][step] = evaluate_bpd(avg.model, trainer.test_data.epoch(0), trainer.cfg.model.n_bits,
+                                                  seed=trainer.cfg.train.seed)
+        return result
+
+    trainer.ema.update, trainer.evaluate_both = update_all, evaluate_all
+    trainer.fit()
+    outfile.write_text(json.dumps(scores))
+
+
+def ema_study(data: Path, work: Path, budgets: list[int], threads: int) -> dict[str, dict[int, float]]:
+    run_dir = work / "ema-study"
+    outfile = work / "ema-study.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--ema-worker", str(outfile), "--budgets",
+           *map(str, budgets), "--", *common_overrides(data, run_dir, budgets, threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if out.returncode != 0:
+        raise RuntimeError(f"ema study failed:\n{out.stderr[-3000:]}")
+    return {name: {int(k): v for k, v in curve.items()} for name, curve in json.loads(outfile.read_text()).items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(RECIPES) + ["all"])
+    parser.add_argument("--budgets", nargs="+", type=int, default=[200, 400, 800])
+    parser.add_argument("--ema-study", action="store_true", help="also score other EMA variants (one more run)")
+    parser.add_argument("--jobs", type=int, default=2, help="trainings run at once")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
+    parser.add_argument("--work", help="keep shards and runs here (default: a temporary folder)")
+    parser.add_argument("--json", help="also write every number to this file")
+    parser.add_argument("--ema-worker", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    budgets = sorted(set(args.budgets))
+    if args.ema_worker:
+        ema_study_worker(Path(args.ema_worker), [r for r in rest if r != "--"], budgets)
+        return
+    recipes = list(RECIPES) if "all" in args.recipes else args.recipes
+    if "default" not in recipes:
+        recipes.insert(0, "default")
+
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        data = work / "shards"
+        manifest = prepare_shards(data)
+        n_train, n_test = (manifest["splits"][s]["num_samples"] for s in ("train", "test"))
+        print(f"data: {n_train} train / {n_test} test 32x32 RGB patches from skimage.data photographs "
+              f"(scales 1/{', 1/'.join(map(str, SCALES))}), 5-bit", flush=True)
+        print(f"architecture: {' '.join(a for a in ARCH)}", flush=True)
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            futures = {name: pool.submit(train_recipe, name, data, work, budgets, args.threads) for name in recipes}
+            study = pool.submit(ema_study, data, work, budgets, args.threads) if args.ema_study else None
+            runs = {name: f.result() for name, f in futures.items()}
+            study_scores = study.result() if study else None
+        default_dir = runs["default"]["run_dir"]
+        ckpt = {b: default_dir / "checkpoints" / f"ckpt-{b:08d}.pt" for b in budgets}
+        baseline = per_pixel_baseline(ckpt[budgets[-1]])
+        evaluated = {b: evaluate_cli(ckpt[b]) for b in budgets}
+        print(f"\nper-pixel independent baseline: {baseline:.3f} bits/dim; uniform 5-bit bound: 5.000")
+        print(f"`glow-dist evaluate` states: {evaluated[budgets[-1]][1].splitlines()[-1]}\n")
+
+        header = "| recipe | weights | " + " | ".join(f"{b} steps" for b in budgets) + " |"
+        print(header)
+        print("|" + "---|" * (2 + len(budgets)))
+        rows = []
+        for name in recipes:
+            curves = runs[name]["curves"]
+            for weights in ("ema", "raw"):
+                if weights == "ema" and "optim.ema_decay=0" in RECIPES[name]:
+                    continue
+                cells = [curves[weights].get(b, float("nan")) for b in budgets]
+                rows.append({"recipe": name, "weights": weights, "bpd": dict(zip(budgets, cells, strict=True))})
+                print(f"| {name} | {'EMA' if weights == 'ema' else 'raw'} | "
+                      + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        default, port = runs["default"]["curves"], runs.get("port", {}).get("curves")
+        print("| default | `evaluate` (default weights) | "
+              + " | ".join(f"{evaluated[b][0]:.3f}" for b in budgets) + " |")
+        print("| default | evaluate - raw | "
+              + " | ".join(f"{evaluated[b][0] - default['raw'][b]:+.3f}" for b in budgets) + " |")
+        if port:
+            print("| default vs port | evaluate - port | "
+                  + " | ".join(f"{evaluated[b][0] - port['raw'][b]:+.3f}" for b in budgets) + " |")
+        if study_scores:
+            print("\nEMA variants on one trajectory of the default recipe (test bits/dim; training identical):\n")
+            print("| average | " + " | ".join(f"{b} steps" for b in budgets) + " |")
+            print("|" + "---|" * (1 + len(budgets)))
+            for name, curve in study_scores.items():
+                print(f"| {name} | " + " | ".join(f"{curve.get(b, float('nan')):.3f}" for b in budgets) + " |")
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "train": n_train, "test": n_test, "baseline_per_pixel": baseline, "rows": rows,
+                "evaluate": {b: evaluated[b][0] for b in budgets}, "ema_study": study_scores,
+                "load_average": os.getloadavg()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
