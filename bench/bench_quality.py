@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -142,12 +143,16 @@ def common_overrides(data: Path, run_dir: Path, budgets: list[int], threads: int
 
 
 def train_recipe(name: str, data: Path, work: Path, budgets: list[int], threads: int) -> dict:
+    """Train one recipe through the CLI (unless --work already holds its finished run) and read its test curves."""
     run_dir = work / name
-    cmd = [sys.executable, "-m", "glow_dist", "train", "--config", str(base_config(work)),
-           *common_overrides(data, run_dir, budgets, threads), *RECIPES[name]]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if out.returncode != 0:
-        raise RuntimeError(f"{name}: training failed:\n{out.stderr[-3000:]}")
+    if not (run_dir / "checkpoints" / f"ckpt-{max(budgets):08d}.pt").is_file():
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # an unfinished run: start it over
+        cmd = [sys.executable, "-m", "glow_dist", "train", "--config", str(base_config(work)),
+               *common_overrides(data, run_dir, budgets, threads), *RECIPES[name]]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if out.returncode != 0:
+            raise RuntimeError(f"{name}: training failed:\n{out.stderr[-3000:]}")
     curves: dict[str, dict[int, float]] = {"ema": {}, "raw": {}}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -190,6 +195,23 @@ class PlainEMA:
                                  1.0 - self.decay)
 
 
+class WarmupEMA(PlainEMA):
+    """min(decay, (1 + n) / (offset + n)): the trainer's schedule (offset 10) with another offset; a larger offset
+    averages over a shorter recent window (about n / (offset - 1) steps), a smaller one over a longer one."""
+
+    def __init__(self, model, decay: float, offset: float):
+        super().__init__(model, decay)
+        self.offset, self.n = offset, 0
+
+    def update(self, model) -> None:
+        import torch
+
+        d = min(self.decay, (1.0 + self.n) / (self.offset + self.n))
+        self.n += 1
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1.0 - d)
+
+
 class BiasCorrectedEMA(PlainEMA):
     """Adam-style: the average starts at zero and is divided by 1 - decay**n."""
 
@@ -214,7 +236,6 @@ class BiasCorrectedEMA(PlainEMA):
 def ema_study_worker(outfile: Path, overrides: list[str], budgets: list[int]) -> None:
     """In a subprocess: train the default recipe with the real Trainer and score extra averages at every budget."""
     from glow_dist.config import load_config
-    from glow_dist.ema import EMA
     from glow_dist.evaluate import evaluate_bpd
     from glow_dist.train import Trainer
 
@@ -222,16 +243,13 @@ def ema_study_worker(outfile: Path, overrides: list[str], budgets: list[int]) ->
     decay = trainer.cfg.optim.ema_decay
     extra = {f"no warm-up {decay:g} (before)": PlainEMA(trainer.model, decay),
              f"bias-corrected {decay:g}": BiasCorrectedEMA(trainer.model, decay)}
-    for other in (0.99, 0.9999):
-        extra[f"warm-up {other:g}"] = EMA(trainer.model, other)
+    for offset in (4, 20, 40):
+        extra[f"warm-up {decay:g}, (1+n)/({offset}+n)"] = WarmupEMA(trainer.model, decay, offset)
     for avg in extra.values():  # start where the trainer's own EMA starts: at the ActNorm-initialized weights
-        if isinstance(avg, EMA):
-            avg.reset(trainer.model)
-        else:
-            avg.model.load_state_dict(trainer.model.state_dict())
+        avg.model.load_state_dict(trainer.model.state_dict())
     update, evaluate_both = trainer.ema.update, trainer.evaluate_both
     scores: dict[str, dict[int, float]] = {name: {} for name in extra}
-    scores[f"warm-up {decay:g} (default)"], scores["raw"] = {}, {}
+    scores[f"warm-up {decay:g}, (1+n)/(10+n) (default)"], scores["raw"] = {}, {}
 
     def update_all(model) -> None:
         update(model)
@@ -242,7 +260,7 @@ def ema_study_worker(outfile: Path, overrides: list[str], budgets: list[int]) ->
         result = evaluate_both()
         step = trainer.position.step
         if step in budgets:
-            scores[f"warm-up {decay:g} (default)"][step] = result["bits_per_dim/test_ema"]
+            scores[f"warm-up {decay:g}, (1+n)/(10+n) (default)"][step] = result["bits_per_dim/test_ema"]
             scores["raw"][step] = result["bits_per_dim/test_raw"]
             for name, avg in extra.items():
                 scores[name][step] = evaluate_bpd(avg.model, trainer.test_data.epoch(0), trainer.cfg.model.n_bits,
@@ -257,6 +275,10 @@ def ema_study_worker(outfile: Path, overrides: list[str], budgets: list[int]) ->
 def ema_study(data: Path, work: Path, budgets: list[int], threads: int) -> dict[str, dict[int, float]]:
     run_dir = work / "ema-study"
     outfile = work / "ema-study.json"
+    if outfile.is_file():  # kept in --work from an earlier run
+        return {name: {int(k): v for k, v in curve.items()} for name, curve in json.loads(outfile.read_text()).items()}
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--ema-worker", str(outfile), "--budgets",
            *map(str, budgets), "--", *common_overrides(data, run_dir, budgets, threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -272,7 +294,8 @@ def main() -> None:
     parser.add_argument("--ema-study", action="store_true", help="also score other EMA variants (one more run)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings run at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
-    parser.add_argument("--work", help="keep shards and runs here (default: a temporary folder)")
+    parser.add_argument("--work", help="keep shards and runs here (default: a temporary folder); finished runs "
+                        "found there are reused")
     parser.add_argument("--json", help="also write every number to this file")
     parser.add_argument("--ema-worker", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
@@ -288,7 +311,8 @@ def main() -> None:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         data = work / "shards"
-        manifest = prepare_shards(data)
+        manifest = (json.loads((data / "manifest.json").read_text()) if (data / "manifest.json").is_file()
+                    else prepare_shards(data))  # --work: the shards of an earlier run are reused
         n_train, n_test = (manifest["splits"][s]["num_samples"] for s in ("train", "test"))
         print(f"data: {n_train} train / {n_test} test 32x32 RGB patches from skimage.data photographs "
               f"(scales 1/{', 1/'.join(map(str, SCALES))}), 5-bit", flush=True)

@@ -137,6 +137,8 @@ def test_killed_worker_job_continues_then_worker_rejoins(tmp_path, digits_shards
     assert r0["position"]["step"] > grown_at
     assert_identical(r0["final"], r1["final"])  # the rejoined worker took rank 0's state and stayed in step
     assert_identical(r0["ema"], r1["ema"])
+    # The EMA's update count went back to the last commit with the weights: one update per step taken.
+    assert int(r0["ema"]["ema_updates"]) == r0["position"]["step"] - r0["position"]["skipped_steps"]
     # One MLflow run throughout, carried on by whichever process was rank 0.
     client = MlflowClient(f"sqlite:///{tmp_path / 'ml' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("glow-dist-debug").experiment_id])

@@ -9,7 +9,9 @@ import torch
 from helpers import BASE, BIN, REPO, assert_identical, horovodrun, load_ckpt, run_check, train_cli
 from mlflow.tracking import MlflowClient
 
+from glow_dist.checkpoint import save_checkpoint
 from glow_dist.config import load_config
+from glow_dist.ema import UPDATES_KEY
 from glow_dist.model import build_model
 
 pytestmark = pytest.mark.slow
@@ -71,6 +73,7 @@ def test_nonfinite_loss_on_one_rank_is_skipped_by_both(tmp_path, digits_shards):
     r0, r1 = run_check(2, tmp_path / "out", overrides, env={"GLOW_DIST_INJECT_NONFINITE": "2:1,4:0"})
     assert r0["position"]["skipped_steps"] == r1["position"]["skipped_steps"] == 2
     assert r0["position"]["step"] == 6
+    assert int(r0["ema"][UPDATES_KEY]) == 4  # a skipped step does not update the average
     assert_identical(r0["final"], r1["final"])
     assert all(torch.isfinite(v).all() for v in r0["final"].values() if v.is_floating_point())
 
@@ -131,3 +134,30 @@ def test_evaluate_command_single_and_two_ranks(tmp_path, digits_shards):
     missing = subprocess.run([str(BIN / "glow-dist"), "evaluate", "--checkpoint", str(tmp_path / "nope")],
                              capture_output=True, text=True, cwd=REPO, timeout=120)
     assert missing.returncode != 0 and "nope" in missing.stderr
+
+
+def test_checkpoint_from_before_the_ema_warmup_resumes_as_if_unbroken(tmp_path, digits_shards):
+    """A checkpoint whose EMA state has no update count (written before the warm-up) resumes with the count of the
+    steps it took, so it ends where an unbroken run ends; evaluate names the weights it scores."""
+    common = BASE + [f"data.root={digits_shards}", "train.deterministic=true", f"tracking.local_dir={tmp_path / 'm'}"]
+    straight, old = tmp_path / "straight", tmp_path / "old"
+    train_cli(*common, f"train.run_dir={straight}")
+    state = load_ckpt(straight, 3)
+    assert int(state["ema"][UPDATES_KEY]) == 3
+    del state["ema"][UPDATES_KEY]  # as written before the warm-up existed
+    save_checkpoint(state, old, 3, keep=0)
+
+    def evaluate(run_dir, *extra: str) -> str:
+        out = subprocess.run([str(BIN / "glow-dist"), "evaluate", "--checkpoint", str(run_dir), *extra],
+                             capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert "weights: EMA (decay 0.999, written before the EMA warm-up" in evaluate(old)
+    train_cli(*common, f"train.run_dir={old}")
+    resumed, unbroken = load_ckpt(old, 6), load_ckpt(straight, 6)
+    assert int(resumed["ema"][UPDATES_KEY]) == 6
+    assert_identical(unbroken["ema"], resumed["ema"])
+    assert_identical(unbroken["model"], resumed["model"])
+    assert "weights: EMA (decay 0.999 warmed up as min(decay, (1+n)/(10+n)); 6 updates" in evaluate(old)
+    assert "weights: raw" in evaluate(old, "--raw-weights")
