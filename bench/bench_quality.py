@@ -236,6 +236,7 @@ class BiasCorrectedEMA(PlainEMA):
 def ema_study_worker(outfile: Path, overrides: list[str], budgets: list[int]) -> None:
     """In a subprocess: train the default recipe with the real Trainer and score extra averages at every budget."""
     from glow_dist.config import load_config
+    from glow_dist.ema import WARMUP_OFFSET
     from glow_dist.evaluate import evaluate_bpd
     from glow_dist.train import Trainer
 
@@ -243,13 +244,14 @@ def ema_study_worker(outfile: Path, overrides: list[str], budgets: list[int]) ->
     decay = trainer.cfg.optim.ema_decay
     extra = {f"no warm-up {decay:g} (before)": PlainEMA(trainer.model, decay),
              f"bias-corrected {decay:g}": BiasCorrectedEMA(trainer.model, decay)}
-    for offset in (4, 20, 40):
+    for offset in (k for k in (4, 10, 20, 40) if k != WARMUP_OFFSET):
         extra[f"warm-up {decay:g}, (1+n)/({offset}+n)"] = WarmupEMA(trainer.model, decay, offset)
     for avg in extra.values():  # start where the trainer's own EMA starts: at the ActNorm-initialized weights
         avg.model.load_state_dict(trainer.model.state_dict())
     update, evaluate_both = trainer.ema.update, trainer.evaluate_both
     scores: dict[str, dict[int, float]] = {name: {} for name in extra}
-    scores[f"warm-up {decay:g}, (1+n)/(10+n) (default)"], scores["raw"] = {}, {}
+    trainers = f"warm-up {decay:g}, (1+n)/({WARMUP_OFFSET}+n) (the trainer's)"
+    scores[trainers], scores["raw"] = {}, {}
 
     def update_all(model) -> None:
         update(model)
@@ -260,7 +262,7 @@ def ema_study_worker(outfile: Path, overrides: list[str], budgets: list[int]) ->
         result = evaluate_both()
         step = trainer.position.step
         if step in budgets:
-            scores[f"warm-up {decay:g}, (1+n)/(10+n) (default)"][step] = result["bits_per_dim/test_ema"]
+            scores[trainers][step] = result["bits_per_dim/test_ema"]
             scores["raw"][step] = result["bits_per_dim/test_raw"]
             for name, avg in extra.items():
                 scores[name][step] = evaluate_bpd(avg.model, trainer.test_data.epoch(0), trainer.cfg.model.n_bits,

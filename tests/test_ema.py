@@ -20,23 +20,24 @@ def _model(value: float) -> nn.Module:
 
 
 def test_warmup_schedule():
-    assert warmup_decay(0.999, 0) == pytest.approx(0.1)
-    assert [warmup_decay(0.999, n) for n in (1, 2, 90)] == pytest.approx([2 / 11, 3 / 12, 91 / 100])
-    # The configured decay takes over where (1 + n) / (10 + n) reaches it: n = 8,990 for 0.999.
-    assert warmup_decay(0.999, 8989) < 0.999 and warmup_decay(0.999, 8990) == 0.999 == warmup_decay(0.999, 10 ** 6)
-    assert warmup_decay(0.9, 80) == 0.9 and warmup_decay(0.0, 5) == 0.0
+    assert warmup_decay(0.999, 0) == pytest.approx(0.05)
+    assert [warmup_decay(0.999, n) for n in (1, 2, 80)] == pytest.approx([2 / 21, 3 / 22, 81 / 100])
+    # The configured decay takes over where (1 + n) / (20 + n) reaches it: n = 18,980 for 0.999.
+    assert warmup_decay(0.999, 18979) < 0.999
+    assert warmup_decay(0.999, 18981) == 0.999 == warmup_decay(0.999, 10 ** 6)
+    assert warmup_decay(0.9, 170) == 0.9 and warmup_decay(0.0, 5) == 0.0
 
 
 def test_update_counts_and_uses_the_warmed_up_decay():
     live, ema = _model(0.0), None
     ema = EMA(live, decay=0.999)
-    assert ema.updates == 0 and ema.current_decay == pytest.approx(0.1)
+    assert ema.updates == 0 and ema.current_decay == pytest.approx(0.05)
     for n in range(3):
         before = ema.model.weight.clone()
         with torch.no_grad():
             live.weight.fill_(float(n + 1))
         ema.update(live)
-        d = (1 + n) / (10 + n)
+        d = (1 + n) / (20 + n)
         torch.testing.assert_close(ema.model.weight, d * before + (1 - d) * live.weight)
         assert ema.updates == n + 1
     ema.reset(live)
@@ -95,7 +96,7 @@ def test_old_state_without_count_loads_with_the_given_count():
         ema.load_state_dict(old_state)
     ema.load_state_dict(old_state, default_updates=800)
     assert ema.updates == 800 and torch.equal(ema.model.weight, live.weight)
-    assert ema.current_decay == pytest.approx(801 / 810)
+    assert ema.current_decay == pytest.approx(801 / 820)
 
 
 def test_evaluate_states_the_weights():
@@ -103,7 +104,7 @@ def test_evaluate_states_the_weights():
     state = {"config": cfg, "ema": {"w": torch.zeros(1), UPDATES_KEY: torch.tensor(800)}}
     assert describe_weights(state, raw=True).startswith("raw")
     text = describe_weights(state, raw=False)
-    assert text.startswith("EMA") and "800 updates" in text and f"{801 / 810:.4f}" in text
+    assert text.startswith("EMA") and "800 updates" in text and f"{801 / 820:.4f}" in text and "(1+n)/(20+n)" in text
     old = {"config": cfg, "ema": {"w": torch.zeros(1)}}
     assert "before the EMA warm-up" in describe_weights(old, raw=False)
     assert "raw weights" in describe_weights({"config": {"optim": {"ema_decay": 0.0}}, "ema": {}}, raw=False)

@@ -159,5 +159,5 @@ def test_checkpoint_from_before_the_ema_warmup_resumes_as_if_unbroken(tmp_path, 
     assert int(resumed["ema"][UPDATES_KEY]) == 6
     assert_identical(unbroken["ema"], resumed["ema"])
     assert_identical(unbroken["model"], resumed["model"])
-    assert "weights: EMA (decay 0.999 warmed up as min(decay, (1+n)/(10+n)); 6 updates" in evaluate(old)
+    assert "weights: EMA (decay 0.999 warmed up as min(decay, (1+n)/(20+n)); 6 updates" in evaluate(old)
     assert "weights: raw" in evaluate(old, "--raw-weights")

@@ -27,7 +27,7 @@ def describe_weights(state: dict, raw: bool) -> str:
     """What `glow-dist evaluate` scored, in words: raw, or EMA with its decay and warm-up state."""
     if raw:
         return "raw (the trained weights themselves, --raw-weights)"
-    from glow_dist.ema import UPDATES_KEY, warmup_decay
+    from glow_dist.ema import UPDATES_KEY, WARMUP_OFFSET, warmup_decay
 
     decay = state["config"]["optim"]["ema_decay"]
     if decay == 0:
@@ -36,7 +36,8 @@ def describe_weights(state: dict, raw: bool) -> str:
         return (f"EMA (decay {decay:g}, written before the EMA warm-up existed: on a short run it still holds "
                 "much of the initial weights; compare --raw-weights)")
     n = int(state["ema"][UPDATES_KEY])
-    return f"EMA (decay {decay:g} warmed up as min(decay, (1+n)/(10+n)); {n} updates, now {warmup_decay(decay, n):.4f})"
+    return (f"EMA (decay {decay:g} warmed up as min(decay, (1+n)/({WARMUP_OFFSET}+n)); {n} updates, "
+            f"now {warmup_decay(decay, n):.4f})")
 
 
 def run(args: argparse.Namespace) -> int:
