@@ -16,6 +16,7 @@ import os
 import random
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,20 @@ def _write_atomic(path: Path, write: Any) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            _drill_slow_write()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _drill_slow_write() -> None:
+    # Fault drill: GLOW_DIST_INJECT_SLOW_CHECKPOINT=SECONDS holds every write here, its temporary file complete but
+    # not yet renamed, as a multi-GB checkpoint would be; tests kill a stopping job at this point.
+    delay = float(os.environ.get("GLOW_DIST_INJECT_SLOW_CHECKPOINT", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

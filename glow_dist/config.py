@@ -84,6 +84,7 @@ class TrainConfig:
     max_eval_batches: int = 0     # 0: evaluate the whole test split
     progress: bool = True         # progress bar on rank 0
     max_consecutive_skips: int = 20   # after this many non-finite steps in a row, roll back; 0 disables rollback
+    stop_exit_code: int = 0       # exit status after a signal-initiated stop with its checkpoint (75: launch files)
 
 
 @dataclass

@@ -14,7 +14,13 @@ never stopped.
 
 Reliability: a non-finite loss or gradient on any rank makes every rank skip the step; after
 `train.max_consecutive_skips` in a row, every rank rolls back to the newest good checkpoint with the learning rate
-multiplied by `optim.rollback_lr_factor`. SIGTERM/SIGINT (preemption) saves a checkpoint and exits cleanly.
+multiplied by `optim.rollback_lr_factor`.
+
+Stopping: SIGTERM (scancel, preemption, pod deletion, `docker stop`), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's early
+warning, `#SBATCH --signal=B:USR1@LEAD`) make every rank stop after the same step: rank 0 writes a verified
+checkpoint, the MLflow run ends KILLED with a `stop.reason` tag, and the process exits with `train.stop_exit_code`
+(0 by default). Under horovodrun, launch with `glow-dist-horovodrun` (glow_dist/launcher.py) so the launcher
+waits for that checkpoint instead of killing the ranks 5 s after the signal. A second SIGINT interrupts at once.
 
 Elastic (`dist.elastic=true`, Horovod elastic over Gloo): workers may be lost and added while the job runs.
 
@@ -31,10 +37,12 @@ check the collective skip and the rollback (tests use it; so can an operator on 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,7 +50,15 @@ import torch
 import torch.nn.functional as F
 
 from glow_dist import dist
-from glow_dist.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest, rng_state
+from glow_dist.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest,
+    rng_state,
+    verify_checkpoint,
+)
 from glow_dist.config import Config, ConfigError, to_dict
 from glow_dist.data import make_loader
 from glow_dist.data.manifest import train_batches
@@ -80,10 +96,13 @@ def learning_rate(cfg: Config, step: int, world_size: int, lr_scale: float = 1.0
 
 
 class StopSignal:
-    """SIGTERM or SIGINT (a scheduler preempting the job, or Ctrl-C) sets a flag that the loop checks after every
-    step, so the job saves a checkpoint and exits cleanly. A second SIGINT interrupts at once."""
+    """SIGTERM, SIGINT or SIGUSR1 sets a flag that the loop checks after every step (every rank votes on it with the
+    step's skip decision), so the job saves a checkpoint and exits cleanly. A second SIGINT interrupts at once.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    Installed before anything starts (loaders, Horovod, MLflow): a signal that arrives during start-up is kept and
+    acted on after the first step, never the default action that would kill the process mid-way."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.requested = False
@@ -92,7 +111,8 @@ class StopSignal:
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested, self.name = True, signal.Signals(signum).name
+        if not self.requested:
+            self.requested, self.name = True, signal.Signals(signum).name
 
     def __enter__(self) -> StopSignal:
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
@@ -412,60 +432,88 @@ class Trainer:
         finally:
             model.train(was_training)
 
-    def fit(self) -> dict[str, float]:
+    def fit(self, stop: StopSignal | None = None) -> dict[str, float]:
+        """Train to train.steps, or until a stop signal (see StopSignal); the MLflow run ends FINISHED, KILLED (a
+        stop, with a `stop.reason` tag) or FAILED, never left RUNNING."""
+        if stop is None:
+            with StopSignal() as own:
+                return self.fit(own)
         status = "FAILED"
         try:
-            with StopSignal() as stop:
-                if self.cfg.dist.elastic:
-                    result = dist.elastic_run(self._elastic_run)(self.state, stop)
-                else:
-                    if self._fresh and self.position.step == 0:
-                        self._log_evaluation(0)  # fresh start only: the curves begin at the initial weights
-                    result = self._loop(stop)
-            status = "KILLED" if stop.requested else "FINISHED"
+            if self.cfg.dist.elastic:
+                result = dist.elastic_run(self._elastic_run)(self.state, stop)
+            else:
+                if self._fresh and self.position.step == 0:
+                    self._log_evaluation(0)  # fresh start only: the curves begin at the initial weights
+                result = self._loop(stop)
+            status = "KILLED" if result.get("stopped") else "FINISHED"
             return result
         except KeyboardInterrupt:
             status = "KILLED"
+            self._tag_stop("SIGINT (second: no checkpoint)", self.position.step, None)
             raise
         finally:
             self.report.finish(status)
+
+    def _tag_stop(self, reason: str, step: int, checkpoint: Path | None) -> None:
+        tracker = getattr(self.report, "tracker", None)  # rank 0 only
+        if tracker is not None:
+            tracker.set_tags({"stop.reason": reason, "stop.step": str(step),
+                              "stop.checkpoint": str(checkpoint) if checkpoint else "none"})
 
     def _loop(self, stop: StopSignal) -> dict[str, float]:
         cfg = self.cfg
         interval = {"bpd": 0.0, "grad_norm": 0.0, "n": 0, "t0": time.perf_counter()}
         while self.position.step < cfg.train.steps:
             pos = self.position
-            for images, labels in self.train_data.epoch(pos.epoch, start_batch=pos.batch_in_epoch):
-                bpd, result = self.train_step(images, labels, stop.requested)
-                skipped = result.skipped
-                pos.step += 1
-                pos.batch_in_epoch += 1
-                pos.skipped_steps += int(skipped)
-                pos.consecutive_skips = pos.consecutive_skips + 1 if skipped else 0
-                if not skipped:  # accumulated on the device: read back only when logging
-                    interval["bpd"] = interval["bpd"] + bpd
-                    interval["grad_norm"] = interval["grad_norm"] + result.grad_norm
-                    interval["n"] += 1
-                self.report.step(pos.step)
-                self._periodic(interval)
-                if result.stop:  # voted with the skip decision, so every rank stops after the same step
-                    return self._stop(stop.name or "a signal on another rank")
-                if 0 < cfg.train.max_consecutive_skips <= pos.consecutive_skips:
-                    self._rollback()
-                    break
-                if cfg.dist.elastic and pos.step % cfg.dist.commit_every == 0:
-                    self._commit()
-                if pos.step >= cfg.train.steps:
-                    break
+            # closing(): on a stop or rollback the loader's workers are shut down here, before the checkpoint.
+            with contextlib.closing(self.train_data.epoch(pos.epoch, start_batch=pos.batch_in_epoch)) as batches:
+                stopped_by = self._epoch(batches, stop, interval)
+            if stopped_by is not None:
+                return self._stop(stopped_by)
             if self.position.batch_in_epoch >= self.train_data.batches_per_epoch:
                 self.position.epoch, self.position.batch_in_epoch = self.position.epoch + 1, 0
         return self._finish()
 
+    def _epoch(self, batches: Iterator, stop: StopSignal, interval: dict) -> str | None:
+        """Steps over one epoch's batches; returns the stop reason when a stop was voted, else None."""
+        cfg, pos = self.cfg, self.position
+        for images, labels in batches:
+            bpd, result = self.train_step(images, labels, stop.requested)
+            skipped = result.skipped
+            pos.step += 1
+            pos.batch_in_epoch += 1
+            pos.skipped_steps += int(skipped)
+            pos.consecutive_skips = pos.consecutive_skips + 1 if skipped else 0
+            if not skipped:  # accumulated on the device: read back only when logging
+                interval["bpd"] = interval["bpd"] + bpd
+                interval["grad_norm"] = interval["grad_norm"] + result.grad_norm
+                interval["n"] += 1
+            self.report.step(pos.step)
+            self._periodic(interval)
+            if result.stop:  # voted with the skip decision, so every rank stops after the same step
+                return stop.name or "peer-signal"  # the signal reached another rank only
+            if 0 < cfg.train.max_consecutive_skips <= pos.consecutive_skips:
+                self._rollback()
+                return None
+            if cfg.dist.elastic and pos.step % cfg.dist.commit_every == 0:
+                self._commit()
+            if pos.step >= cfg.train.steps:
+                return None
+        return None
+
     def _stop(self, reason: str) -> dict[str, float]:
         step = self.position.step
-        self.report.checkpoint(self.checkpoint_state, step)
-        self.report.message(f"stopped by {reason} at step {step}; checkpoint saved. Run the same command again to "
-                            "resume (train.resume=auto)")
+        t0 = time.perf_counter()
+        self.report.checkpoint(self.checkpoint_state, step, upload=False)  # within the grace period
+        path = None
+        if dist.is_main():  # read back against its sha256: the stop is reported only once the file is known good
+            path = checkpoint_dir(self.cfg.train.run_dir) / f"ckpt-{step:08d}.pt"
+            verify_checkpoint(path)
+        self._tag_stop(reason, step, path)
+        self.report.message(f"stopped by {reason} at step {step}; checkpoint {path} saved and verified in "
+                            f"{time.perf_counter() - t0:.1f} s. Run the same command again to resume "
+                            "(train.resume=auto)")
         return {"step": float(step), "skipped_steps": float(self.position.skipped_steps), "stopped": 1.0}
 
     def _periodic(self, interval: dict) -> None:
@@ -508,4 +556,6 @@ class Trainer:
 
 
 def train(cfg: Config) -> dict[str, float]:
-    return Trainer(cfg).fit()
+    """Build the trainer and train; a stop signal counts from the first line, start-up included."""
+    with StopSignal() as stop:
+        return Trainer(cfg).fit(stop)

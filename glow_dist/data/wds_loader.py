@@ -4,12 +4,21 @@ Workers seek straight to the first sample they need (the DALI index gives the by
 with webdataset. Training: worker k owns a contiguous slice of the rank's part, shuffles it with a seeded buffer
 and yields its batches; the DataLoader interleaves workers round-robin, so the batch order is a function of
 (seed, epoch, rank, num_workers). Test: batch j is samples [jB, (j+1)B) of the part, read by worker j % workers.
+
+Stopping: a scheduler signals every process of a job (Slurm, `timeout`, a process group), workers included. PyTorch's
+worker dies of a SIGTERM that its parent did not send, and the parent then raises "DataLoader worker ... is killed by
+signal: Terminated" in the middle of the stop. Workers therefore ignore the stop signals (the trainer decides when to
+stop and shuts them down itself) and are killed when their parent dies; the signals stay blocked while they start, so
+none arrives before they ignore it.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import io
 import random
+import signal
 import tarfile
 from collections.abc import Iterator
 from itertools import islice
@@ -126,17 +135,44 @@ def _buffer_shuffle(stream: Iterator[Any], size: int, rng: random.Random) -> Ite
     return _shuffle(stream, bufsize=size, initial=size, rng=rng)
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+_PR_SET_PDEATHSIG = 1
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: ignore the stop signals (the parent stops the workers), die with the parent."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # replaces PyTorch's SIGTERM handler, which re-raises it
+    with contextlib.suppress(OSError, AttributeError):  # Linux only; elsewhere PyTorch's parent watchdog remains
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent around the fork
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Block the stop signals in this thread while workers are forked: they inherit the mask and unblock only
+    after ignoring them. One that arrives meanwhile is delivered to the parent when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class WdsLoader(Loader):
     def _read(self, epoch: int, part: int, start_batch: int) -> Iterator[Batch]:
         workers = max(1, min(self.num_workers, self.batches_per_epoch))
         data = torch.utils.data.DataLoader(
             _EpochStream(self, epoch, part, start_batch, workers), batch_size=None,
             num_workers=workers if self.num_workers > 0 else 0, pin_memory=self.device.type == "cuda",
+            worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None,
         )
         pending: dict[int, tuple] = {}
         expected = start_batch
+        with _stop_signals_blocked():
+            batches = iter(data)  # forks the workers
         try:
-            for j, images, labels in data:
+            for j, images, labels in batches:
                 if images is None:
                     continue
                 pending[j] = (images, labels)
@@ -148,3 +184,5 @@ class WdsLoader(Loader):
             # A worker's error arrives wrapped in its traceback text; its last line is the message for the user.
             raise DataError(str(e).strip().splitlines()[-1].removeprefix("glow_dist.data.manifest.DataError: ")) \
                 from None
+        finally:
+            del batches  # a stop closes this generator: the workers are shut down now, not at garbage collection

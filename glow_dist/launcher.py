@@ -1,0 +1,138 @@
+"""`glow-dist-horovodrun`: horovodrun, with stop signals that end in a checkpoint rather than a kill.
+
+    glow-dist-horovodrun -np 2 -H localhost:2 --gloo glow-dist train --config configs/digits.yaml
+
+It takes horovodrun's arguments and runs horovodrun (Gloo) in this process. Three things differ, all about stopping
+(horovod 0.28.1, horovod/runner/gloo_run.py and common/util/safe_shell_exec.py):
+
+1. horovodrun answers SIGTERM or SIGINT by sending SIGTERM to each rank and SIGKILL 5 s later
+   (GRACEFUL_TERMINATION_TIME_S, not an option): rank 0, busy writing the stop checkpoint, is killed and horovodrun
+   exits 1 with a traceback. Here SIGTERM, SIGINT and SIGUSR1 are forwarded to the ranks on this host instead; the
+   ranks vote to stop after the same step, rank 0 checkpoints, every rank exits and horovodrun ends by itself.
+   The scheduler's own SIGKILL (Slurm's KillWait, Kubernetes' grace period) stays the deadline. A second SIGINT, or
+   GLOW_DIST_STOP_TIMEOUT seconds after the first signal (if set), hands over to horovodrun's termination.
+2. Slurm signals every process of the job, horovodrun's helpers too: the per-rank middleman, its `sh -c` and the
+   `ssh` to a remote host. horovodrun reads their death as a failed rank and kills the rest. Here they ignore the
+   stop signals (the setting is inherited, and sh and ssh keep a signal that was ignored when they started).
+3. A rank's non-zero exit status becomes the launcher's (horovodrun prints a traceback and exits 1), so
+   `train.stop_exit_code` reaches the scheduler.
+
+Ranks on other hosts (over ssh) do not see a signal sent to this launcher: the scheduler must signal them (Slurm
+does, every process of the job; on Kubernetes each worker's PID 1 forwards it, launch/forward-stop.sh). One rank
+that sees it is enough, since the stop is voted.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import threading
+from typing import Any
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def _middleman(*args: Any) -> None:
+    """horovodrun's per-rank middleman process, ignoring the stop signals (inherited by `sh -c` and ssh)."""
+    from horovod.runner.common.util import safe_shell_exec
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    safe_shell_exec._exec_middleman(*args)
+
+
+def local_ranks() -> list[Any]:
+    """This launcher's descendants that are training ranks: HOROVOD_RANK in their environment and not in their
+    parent's (so not their data-loader workers)."""
+    import psutil
+
+    def is_rank(proc: psutil.Process) -> bool:
+        try:
+            return "HOROVOD_RANK" in proc.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            parent = proc.parent()
+        except psutil.NoSuchProcess:
+            continue
+        if is_rank(proc) and not (parent is not None and is_rank(parent)):
+            found.append(proc)
+    return found
+
+
+class _Forwarder:
+    """Signal handlers of the launcher: forward a stop signal to the local ranks; escalate on a second SIGINT."""
+
+    def __init__(self, shutdown: threading.Event) -> None:
+        self.shutdown = shutdown  # setting it starts horovodrun's own termination (SIGTERM, 5 s, SIGKILL)
+        self.stopping = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.stopping and signum == signal.SIGINT:
+            _say(f"second {name}: terminating the ranks now (no checkpoint)")
+            self.shutdown.set()
+            return
+        ranks = local_ranks()
+        for proc in ranks:
+            try:
+                proc.send_signal(signum)
+            except Exception:  # noqa: BLE001 - a rank that already exited needs no signal
+                pass
+        if not self.stopping:
+            pids = ", ".join(str(p.pid) for p in ranks) or "none on this host"
+            _say(f"{name}: forwarded to the ranks ({pids}); waiting for them to checkpoint and exit")
+            timeout = float(os.environ.get("GLOW_DIST_STOP_TIMEOUT", "0") or 0)
+            if timeout > 0:
+                timer = threading.Timer(timeout, self._timeout, args=(timeout,))
+                timer.daemon = True
+                timer.start()
+        self.stopping = True
+
+    def _timeout(self, timeout: float) -> None:
+        _say(f"the ranks did not exit within GLOW_DIST_STOP_TIMEOUT={timeout:g} s: terminating them")
+        self.shutdown.set()
+
+
+def _say(text: str) -> None:
+    print(f"glow-dist-horovodrun: {text}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from horovod.runner import gloo_run, launch
+    from horovod.runner.common.util import safe_shell_exec
+
+    shutdown = threading.Event()
+    forward = _Forwarder(shutdown)
+
+    def register_shutdown_event() -> threading.Event:
+        # Replaces horovodrun's: our handlers instead of its terminate-on-signal (called in the main thread).
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, forward)
+        return shutdown
+
+    gloo_run.register_shutdown_event = register_shutdown_event
+    safe_shell_exec._exec_middleman = _middleman  # spawned by reference: the child imports this module
+    for sig in STOP_SIGNALS:  # from here on, before horovodrun has started anything
+        signal.signal(sig, forward)
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    try:
+        launch.run_commandline()
+    except RuntimeError as e:
+        code = re.search(r"Exit code: (-?\d+)", str(e))
+        if code is None:
+            raise
+        status = int(code.group(1))
+        status = 128 - status if status < 0 else status  # killed by a signal: the shell's convention
+        _say(f"a rank exited with status {status}; exiting with it")
+        return status or 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

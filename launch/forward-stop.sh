@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# PID 1 of a container whose training ranks are started by someone else: a Kubernetes MPIJob worker runs sshd and
+# the launcher's horovodrun starts the ranks over ssh. Kubernetes (pod deletion, eviction, preemption) and
+# `docker stop` send SIGTERM to PID 1 alone and SIGKILL every process of the container when the grace period ends;
+# sshd would simply exit and take the ranks with it, no checkpoint. This script runs COMMAND, and on SIGTERM,
+# SIGINT or SIGUSR1 forwards that signal to the ranks in the container (the processes with HOROVOD_RANK in their
+# environment), waits until they have exited (every rank stops after the same step; rank 0 checkpoints first), and
+# only then stops COMMAND.
+#
+#   command: ["bash", "launch/forward-stop.sh", "/usr/sbin/sshd", "-De"]
+set -uo pipefail
+
+ranks() {  # pids of this container's training processes (their data-loader workers ignore the stop signals)
+    local environ pid
+    for environ in /proc/[0-9]*/environ; do
+        pid=${environ#/proc/}; pid=${pid%/environ}
+        [[ $pid == "$$" ]] && continue
+        tr '\0' '\n' <"$environ" 2>/dev/null | grep -q '^HOROVOD_RANK=' && echo "$pid"
+    done
+}
+
+stop() {
+    local sig=$1 pids
+    pids=$(ranks | tr '\n' ' ')
+    echo "forward-stop: SIG$sig -> training processes: ${pids:-none}" >&2
+    [[ -n $pids ]] && kill -s "$sig" $pids 2>/dev/null
+    while [[ -n $(ranks) ]]; do sleep 1; done
+    echo "forward-stop: the training processes have exited; stopping the command" >&2
+    kill -TERM "$child" 2>/dev/null
+}
+
+"$@" &
+child=$!
+trap 'stop TERM' TERM
+trap 'stop INT' INT
+trap 'stop USR1' USR1
+status=0
+while kill -0 "$child" 2>/dev/null; do
+    wait "$child" && status=0 || status=$?  # >128 when a trapped signal interrupts wait
+done
+exit "$status"
