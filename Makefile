@@ -61,7 +61,7 @@ prepare-digits: $(STAMP)
 	else $(BIN)/glow-dist prepare digits --out $(DATA); fi
 
 train: $(STAMP) $(HVD_STAMP) prepare-digits
-	PATH=$(BIN):$$PATH $(BIN)/horovodrun -np $(NP) -H localhost:$(NP) --gloo \
+	PATH=$(BIN):$$PATH $(BIN)/glow-dist-horovodrun -np $(NP) -H localhost:$(NP) --gloo \
 		$(BIN)/glow-dist train --config configs/digits.yaml data.root=$(DATA) train.run_dir=$(RUN_DIR) $(TRAIN_ARGS)
 	$(BIN)/glow-dist evaluate --checkpoint $(RUN_DIR) --baseline
 	@echo "Review the run in MLflow: make mlflow-ui, then open http://127.0.0.1:$(MLFLOW_PORT) (experiment glow-dist-digits)"
@@ -86,6 +86,8 @@ IMAGE ?= glow-dist:latest
 CONFIG ?= configs/digits.yaml
 GPUS ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
 TRACKING_URI ?= $(MLFLOW_TRACKING_URI)
+# `docker stop` waits this long before SIGKILL (docker's default, 10 s, is less than a checkpoint takes; README)
+STOP_GRACE ?= 180
 
 docker-build:
 	docker build -f docker/Dockerfile -t $(IMAGE) .
@@ -95,10 +97,10 @@ docker-build:
 docker-train:
 	@[ "$(GPUS)" -ge 1 ] 2>/dev/null || { echo "docker-train: no GPU found; set GPUS=N" >&2; exit 2; }
 	mkdir -p $(RUN_DIR)
-	docker run --rm --gpus all --network host --ipc host --ulimit memlock=-1 \
+	docker run --rm --gpus all --network host --ipc host --ulimit memlock=-1 --stop-timeout $(STOP_GRACE) \
 		--user $$(id -u):$$(id -g) -e HOME=/tmp \
 		-v $(abspath $(DATA)):/data:ro -v $(abspath $(RUN_DIR)):/runs -v $(CURDIR)/configs:/workspace/glow-dist/configs:ro \
-		$(IMAGE) horovodrun -np $(GPUS) -H localhost:$(GPUS) --gloo \
+		$(IMAGE) glow-dist-horovodrun -np $(GPUS) -H localhost:$(GPUS) --gloo \
 		glow-dist train --config $(CONFIG) data.root=/data train.run_dir=/runs \
 		tracking.uri=$(TRACKING_URI) tracking.local_dir=/runs/mlflow $(TRAIN_ARGS)
 

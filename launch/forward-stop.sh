@@ -3,19 +3,27 @@
 # the launcher's horovodrun starts the ranks over ssh. Kubernetes (pod deletion, eviction, preemption) and
 # `docker stop` send SIGTERM to PID 1 alone and SIGKILL every process of the container when the grace period ends;
 # sshd would simply exit and take the ranks with it, no checkpoint. This script runs COMMAND, and on SIGTERM,
-# SIGINT or SIGUSR1 forwards that signal to the ranks in the container (the processes with HOROVOD_RANK in their
+# SIGINT or SIGUSR1 forwards that signal to the ranks below it (its descendants with HOROVOD_RANK in their
 # environment), waits until they have exited (every rank stops after the same step; rank 0 checkpoints first), and
 # only then stops COMMAND.
 #
 #   command: ["bash", "launch/forward-stop.sh", "/usr/sbin/sshd", "-De"]
 set -uo pipefail
 
-ranks() {  # pids of this container's training processes (their data-loader workers ignore the stop signals)
-    local environ pid
-    for environ in /proc/[0-9]*/environ; do
-        pid=${environ#/proc/}; pid=${pid%/environ}
-        [[ $pid == "$$" ]] && continue
-        tr '\0' '\n' <"$environ" 2>/dev/null | grep -q '^HOROVOD_RANK=' && echo "$pid"
+ranks() {  # this script's descendants with HOROVOD_RANK in their environment: the training processes
+    local -A parent=()
+    local stat pid rest p
+    local -a fields
+    for stat in /proc/[0-9]*/stat; do
+        read -r pid rest <"$stat" 2>/dev/null || continue
+        read -r -a fields <<<"${rest##*) }"   # after "(command name)": state, ppid, ...
+        parent[$pid]=${fields[1]}
+    done
+    for pid in "${!parent[@]}"; do
+        p=$pid
+        while [[ $p != "$$" && $p != 1 && -n ${parent[$p]:-} ]]; do p=${parent[$p]}; done
+        [[ $p == "$$" && $pid != "$$" ]] || continue
+        tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -q '^HOROVOD_RANK=' && echo "$pid"
     done
 }
 

@@ -72,7 +72,8 @@ def test_make_docker_train_expands_to_horovodrun_in_the_container(tmp_path):
     assert "--gpus" in options and options[options.index("--gpus") + 1] == "all"
     mounts = [options[j + 1] for j, o in enumerate(options) if o == "-v"]
     assert "/data/celeba_hq_256:/data:ro" in mounts and f"{tmp_path / 'run'}:/runs" in mounts
-    assert inside[:7] == ["horovodrun", "-np", "8", "-H", "localhost:8", "--gloo", "glow-dist"]
+    assert inside[:7] == ["glow-dist-horovodrun", "-np", "8", "-H", "localhost:8", "--gloo", "glow-dist"]
+    assert options[options.index("--stop-timeout") + 1] == "180"  # docker stop's grace (README, stopping)
     assert inside[7:10] == ["train", "--config", "configs/celeba_hq_256.yaml"]
     assert {"data.root=/data", "train.run_dir=/runs", "tracking.uri=http://mlflow-host:5000",
             "train.steps=10"} <= set(inside)
@@ -97,7 +98,7 @@ def test_launch_script_runs_40_ranks_from_the_hostfile():
     env = {"DRY_RUN": "1", "MLFLOW_TRACKING_URI": "http://mlflow-host:5000", "NIC": "ib0",
            "HOSTFILE": "launch/hostfile.example", "START_TIMEOUT": "600"}
     cmd = shlex.split(sh("bash", "launch/celeba_hq_256.sh", "train.steps=5", env=env).stdout)
-    assert cmd[:9] == ["horovodrun", "-np", "40", "--hostfile", "launch/hostfile.example", "--gloo",
+    assert cmd[:9] == ["glow-dist-horovodrun", "-np", "40", "--hostfile", "launch/hostfile.example", "--gloo",
                        "--network-interfaces", "ib0", "--start-timeout"]
     assert cmd[cmd.index("glow-dist"):][:4] == ["glow-dist", "train", "--config", "configs/celeba_hq_256.yaml"]
     assert "tracking.uri=http://mlflow-host:5000" in cmd and cmd[-1] == "train.steps=5"
@@ -115,10 +116,12 @@ def test_sbatch_writes_the_hostfile_from_the_allocation(tmp_path):
            "SLURM_JOB_NODELIST": "gpu[1-5]", "SLURM_SUBMIT_DIR": str(REPO), "MLFLOW_TRACKING_URI": "http://m:5000"}
     cmd = shlex.split(sh("bash", "launch/slurm/celeba_hq_256.sbatch", env=env).stdout)
     assert hostfile.read_text().splitlines() == [f"gpu{i} slots=8" for i in range(1, 6)]
-    assert cmd[:5] == ["horovodrun", "-np", "40", "--hostfile", str(hostfile)]
+    assert cmd[:5] == ["glow-dist-horovodrun", "-np", "40", "--hostfile", str(hostfile)]
+    assert "train.stop_exit_code=75" in cmd  # the batch script requeues on 75
     directives = [line for line in (REPO / "launch/slurm/celeba_hq_256.sbatch").read_text().splitlines()
                   if line.startswith("#SBATCH")]
     assert "#SBATCH --nodes=5" in directives and "#SBATCH --gpus-per-node=8" in directives
+    assert {"#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "#SBATCH --open-mode=append"} <= set(directives)
 
 
 def test_k8s_manifests_parse_and_agree_on_40_ranks():
@@ -132,6 +135,12 @@ def test_k8s_manifests_parse_and_agree_on_40_ranks():
     assert worker["replicas"] == 5 and gpus == spec["slotsPerWorker"] == 8
     launcher = spec["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["command"]
     assert launcher[launcher.index("-np") + 1] == "40" and "/etc/mpi/hostfile" in launcher
+    assert launcher[0] == "glow-dist-horovodrun" and "train.stop_exit_code=75" in launcher
+    # Grace periods from bench/bench_stop.py (README, stopping); the launcher outlives the workers' ranks.
+    worker_grace = worker["template"]["spec"]["terminationGracePeriodSeconds"]
+    launcher_grace = spec["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert worker_grace == 180 and launcher_grace > worker_grace
+    assert worker["template"]["spec"]["containers"][0]["command"][:2] == ["bash", "launch/forward-stop.sh"]
     config = launcher[launcher.index("--config") + 1]
     load_config(REPO / config)
     claims = {d["metadata"]["name"] for ds in docs.values() for d in ds if d["kind"] == "PersistentVolumeClaim"}
@@ -182,3 +191,33 @@ def test_mlflow_server_script_serves_runs_and_artifacts(tmp_path):
                 os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+def test_forward_stop_passes_sigterm_to_the_ranks_and_waits_for_them(tmp_path):
+    """launch/forward-stop.sh as a worker container's PID 1: SIGTERM goes to the rank below it, which takes 2 s to
+    checkpoint; only then is the command (sshd's stand-in) stopped. Processes outside its tree are never signalled."""
+    done = tmp_path / "checkpointed"
+    rank = ("import pathlib, signal, sys, time\n"
+            "got = []\n"
+            "signal.signal(signal.SIGTERM, lambda s, f: got.append(s))\n"
+            "pathlib.Path(sys.argv[1] + '.ready').touch()\n"
+            "while not got: time.sleep(0.05)\n"
+            "time.sleep(2)\n"
+            "pathlib.Path(sys.argv[1]).write_text('checkpointed')\n")
+    # The stand-in for sshd: a shell with one training rank below it (HOROVOD_RANK in its environment).
+    command = f"HOROVOD_RANK=0 {shlex.quote(sys.executable)} -c {shlex.quote(rank)} {done} & wait"
+    proc = subprocess.Popen(["bash", "launch/forward-stop.sh", "bash", "-c", command], cwd=REPO,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not Path(f"{done}.ready").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the rank did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert done.read_text() == "checkpointed", err  # the rank finished before the command was stopped
+    assert "forward-stop: SIGTERM -> training processes:" in err and "none" not in err.splitlines()[0], err
+    assert "have exited; stopping the command" in err, err
