@@ -55,7 +55,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def training(run_dir: Path) -> bool:
     metrics = run_dir / "metrics.jsonl"
-    return metrics.exists() and metrics.read_text().count("train/bpd") >= 2
+    return metrics.exists() and metrics.read_text().count("bits_per_dim/train") >= 2
 
 
 def descendants(pid: int) -> list[int]:
@@ -223,10 +223,10 @@ def test_sigkill_during_the_stop_checkpoint_keeps_the_previous_one(tmp_path, dig
                            timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     previous = list_checkpoints(run_dir)[-1]
-    logged = (run_dir / "metrics.jsonl").read_text().count("train/bpd")
+    logged = (run_dir / "metrics.jsonl").read_text().count("bits_per_dim/train")
     job = start(cmd, env={"GLOW_DIST_INJECT_SLOW_CHECKPOINT": "600"})
     try:
-        wait_for(lambda: (run_dir / "metrics.jsonl").read_text().count("train/bpd") >= logged + 2, 240,
+        wait_for(lambda: (run_dir / "metrics.jsonl").read_text().count("bits_per_dim/train") >= logged + 2, 240,
                  "the resumed run's metrics")
         os.killpg(job.pid, signal.SIGTERM)
         wait_for(lambda: any(p.name.startswith(".tmp-ckpt-") for p in (run_dir / "checkpoints").iterdir()), 120,
