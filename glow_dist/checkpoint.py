@@ -153,7 +153,12 @@ def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu") -
 
 
 def open_checkpoint(path_or_run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict]:
-    """A checkpoint file, or the newest valid checkpoint of a run directory; CheckpointError names what is missing."""
+    """A checkpoint file, the newest valid checkpoint of a run directory, or a logged MLflow model (`models:/NAME/V`,
+    `runs:/RUN_ID/model`: its weights file is downloaded); CheckpointError names what is missing."""
+    if re.match(r"^(models|runs):/", str(path_or_run_dir)):
+        from glow_dist.mlflow_model import download_weights  # imports MLflow: only for a model URI
+
+        path_or_run_dir = download_weights(str(path_or_run_dir))
     path = Path(path_or_run_dir)
     if path.is_dir():
         found = load_latest(path, map_location)

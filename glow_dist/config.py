@@ -100,11 +100,15 @@ class TrackingConfig:
     uri: str = ""                 # "" : $MLFLOW_TRACKING_URI, else a local sqlite store under tracking.local_dir
     local_dir: str = "mlflow"     # sqlite db and artifacts for the default local store
     experiment: str = "glow-dist"
-    run_name: str = ""
+    run_name: str = ""            # "" : <config>-<N>ranks-<UTC time>, e.g. digits-2ranks-20260101-120000
     sample_temperatures: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 1.0])
     sample_count: int = 16        # images per temperature in each grid
-    log_checkpoints: bool = True  # upload checkpoints as artifacts
+    log_checkpoints: str = "last"  # none | last | all | every_n: which checkpoints MLflow keeps (see tracking.py)
+    log_checkpoints_every: int = 0   # every_n: also keep the checkpoints of steps that are multiples of this
+    log_model: bool = True        # the final EMA weights as an MLflow model (`models:/` or `runs:/RUN/model`)
+    register_as: str = ""         # also register that model under this name in the model registry
     sample_weights: str = "best"  # grids from: best (the weights that scored better at the last evaluation) | ema | raw
+    system_metrics: bool = True   # MLflow's CPU/memory/GPU sampling for the run (needs psutil; GPUs need pynvml)
 
 
 @dataclass
@@ -129,6 +133,14 @@ _CHOICES = {
     "optim.lr_scaling": ("none", "linear", "sqrt"),
     "dist.background_priority": BACKGROUND_PRIORITIES,
     "tracking.sample_weights": ("best", "ema", "raw"),
+    "tracking.log_checkpoints": ("none", "last", "all", "every_n"),
+}
+
+# Keys whose type changed: the old spelling still loads (configs and checkpoints written before the change).
+# tracking.log_checkpoints was a bool: true uploaded every checkpoint (now "all"), false none.
+_OLD_SPELLINGS = {
+    "tracking.log_checkpoints": {True: "all", False: "none", "true": "all", "false": "none", "yes": "all",
+                                 "no": "none"},
 }
 
 
@@ -203,6 +215,9 @@ def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
         raise ConfigError(
             f"{source}: unknown key '{dotted}'; '{parts[0]}' has {', '.join(sorted(types))}"
         )
+    old = _OLD_SPELLINGS.get(dotted, {})
+    if isinstance(value, (bool, str)) and (value.lower() if isinstance(value, str) else value) in old:
+        value = old[value.lower() if isinstance(value, str) else value]
     coerced = _coerce(value, types[parts[1]], dotted, source)
     choices = _CHOICES.get(dotted)
     if choices and coerced not in choices:
@@ -275,6 +290,9 @@ def validate(cfg: Config) -> None:
     for key in ("eval_every", "sample_every", "checkpoint_every"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0 (0: only at the end), got {getattr(t, key)}")
+    if cfg.tracking.log_checkpoints == "every_n" and cfg.tracking.log_checkpoints_every < 1:
+        raise ConfigError("tracking.log_checkpoints=every_n needs tracking.log_checkpoints_every >= 1 (the step "
+                          "interval of the checkpoints MLflow keeps)")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}")
 

@@ -2,19 +2,31 @@
 
 The training loop calls the same methods on every rank; `NullReporter` makes them no-ops off the main rank, so the
 loop never tests its rank.
+
+What the MLflow run page gets from here: params that matter (run_info.run_params), the data set as inputs, a
+markdown description with the final bits/dim and the commands to resume and sample, one time-stepped image per
+sampling temperature (`samples/T0.7`: the UI's step slider), checkpoints per `tracking.log_checkpoints`, and at the
+end of a completed run the final EMA weights as an MLflow model (glow_dist/mlflow_model.py).
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from glow_dist import run_info
 from glow_dist.checkpoint import save_checkpoint
-from glow_dist.config import Config, flatten, save_config
+from glow_dist.config import Config, save_config
 from glow_dist.model import Glow
-from glow_dist.sampling import save_png, temperature_grid
+from glow_dist.sampling import image_grid, sample_images, save_png
 from glow_dist.tracking import NullTracker, Tracker
+
+NOTE_TAG = "mlflow.note.content"   # the run's description in the MLflow UI
 
 
 class NullReporter:
@@ -27,6 +39,23 @@ class NullReporter:
     def checkpoint(self, make_state: Callable[[], dict], step: int, upload: bool = True) -> None: ...
     def message(self, text: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
+
+
+def _is_test_metric(name: str) -> bool:
+    return name.startswith("bits_per_dim/test") or name == "test/bpd"
+
+
+def temperature_images(samples: list[tuple[float, torch.Tensor]], y_condition: bool,
+                       scale: int) -> list[tuple[float, np.ndarray]]:
+    """One square grid (uint8 HxWxC, enlarged `scale` times) per temperature from its samples. At T=0 every draw is
+    the prior's mode, so an unconditional model gets one image there instead of n copies of it."""
+    grids = []
+    for t, images in samples:
+        if t == 0 and not y_condition:
+            images = images[:1]
+        grid = image_grid(images, ncols=math.ceil(math.sqrt(len(images))))
+        grids.append((t, grid.repeat(scale, axis=0).repeat(scale, axis=1)))
+    return grids
 
 
 class Reporter(NullReporter):
@@ -46,17 +75,27 @@ class Reporter(NullReporter):
             self._bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", unit="step",
                              dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
         self._last_line = 0.0
+        self._note = ""
+        self._last_test: dict[str, tuple[int, float]] = {}     # test metric -> (step, value), for the description
+        self._final_state: dict | None = None                  # the newest checkpoint's EMA weights and config
 
     def start(self, cfg: Config, world_size: int, tags: dict[str, str], resumed_from: str | None) -> None:
         save_config(cfg, self.run_dir / "config.yaml")
-        params = flatten(cfg)
-        params.update({"world_size": world_size, "global_batch_size": world_size * cfg.train.batch_size})
-        self.tracker.log_params(params)
-        self.tracker.set_tags(tags)
+        hosts = int(tags["hosts"]) if tags.get("hosts", "").isdigit() else None
+        self.tracker.log_params(run_info.run_params(cfg, world_size, hosts))
+        manifest = run_info.read_manifest_or_none(cfg.data.root)
+        self._note = run_info.description(cfg, world_size, run_info.parameter_count(cfg), manifest, self.run_id,
+                                          run_info.command_line())
+        self.tracker.set_tags({**tags, NOTE_TAG: self._note})
         self.tracker.log_config(cfg)
+        if manifest is not None:
+            for split, context in (("train", "training"), ("test", "evaluation")):
+                self.tracker.log_dataset(run_info.shards_dataset(cfg.data.root, split, manifest), context)
         resumed = f" | resumed from {resumed_from}" if resumed_from else ""
         self.message(f"run dir {self.run_dir} | world size {world_size} | "
                      f"global batch {world_size * cfg.train.batch_size}{resumed}")
+        if isinstance(self.tracker, Tracker):
+            self.message(f"MLflow run: {self.tracker.url()}")
 
     def step(self, step: int) -> None:
         if self._bar is not None:
@@ -64,6 +103,7 @@ class Reporter(NullReporter):
 
     def metrics(self, metrics: dict[str, float], step: int) -> None:
         self.tracker.log_metrics(metrics, step)
+        self._last_test.update({k: (step, v) for k, v in metrics.items() if _is_test_metric(k)})
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         if self._bar is not None:
             self._bar.set_postfix_str(shown, refresh=False)
@@ -75,22 +115,31 @@ class Reporter(NullReporter):
                                     prefix="train", unit="step", ascii=True)
             self.message(f"{bar} step {step} | {shown}")
         # With a live bar, a permanent line for test results and at least once a minute; else one per interval.
-        elif self._bar is None or "bits_per_dim/test_ema" in metrics or time.monotonic() - self._last_line > 60:
+        elif self._bar is None or any(map(_is_test_metric, metrics)) or time.monotonic() - self._last_line > 60:
             self.message(f"step {step}: {shown}")
             self._last_line = time.monotonic()
 
     def samples(self, model: Glow, step: int) -> None:
-        temps = self.cfg.tracking.sample_temperatures
-        grid = temperature_grid(model, temps, self.cfg.tracking.sample_count, seed=self.cfg.train.seed)
+        """One MLflow image per temperature, key `samples/T<t>`, at this step; locally one PNG per step with a row
+        per temperature (what `glow-dist sample` writes). The prior draws are the same at every step."""
+        t = self.cfg.tracking
         scale = max(1, 64 // self.cfg.model.image_size)
-        path = save_png(grid, self.run_dir / "samples" / f"step-{step:08d}.png", scale=scale)
-        self.tracker.log_image(path, f"samples/step-{step:08d}_T{'-'.join(f'{t:g}' for t in temps)}.png")
+        samples = [(temp, sample_images(model, t.sample_count, temp, seed=self.cfg.train.seed))
+                   for temp in t.sample_temperatures]
+        rows = image_grid(torch.cat([images for _, images in samples]), ncols=t.sample_count)
+        save_png(rows, self.run_dir / "samples" / f"step-{step:08d}.png", scale=scale)
+        for temperature, grid in temperature_images(samples, model.cfg.y_condition, scale):
+            self.tracker.log_image(grid, key=f"samples/T{temperature:g}", step=step)
 
     def checkpoint(self, make_state: Callable[[], dict], step: int, upload: bool = True) -> None:
         """upload=False: the stop checkpoint, local only; an upload of GBs would outlast the scheduler's grace."""
-        path = save_checkpoint(make_state(), self.run_dir, step, self.cfg.train.keep_checkpoints)
+        state = make_state()
+        path = save_checkpoint(state, self.run_dir, step, self.cfg.train.keep_checkpoints)
         if upload:
-            self.tracker.log_checkpoint(path)
+            self.tracker.log_checkpoint(path, step)
+        # Kept for the model logged at the end (references, not copies: the final checkpoint is the last call).
+        self._final_state = {k: state[k] for k in ("ema", "config", "position", "world_size") if k in state}
+        self._final_state.update(mlflow_run_id=self.run_id, source_checkpoint=path.name)
 
     def message(self, text: str) -> None:
         if self._bar is not None:
@@ -98,8 +147,29 @@ class Reporter(NullReporter):
         else:
             print(text, file=sys.stderr, flush=True)
 
+    def _log_model(self) -> list[str]:
+        """The final EMA weights as an MLflow model, when training completed; lines for the description."""
+        state = self._final_state
+        if not (self.cfg.tracking.log_model and isinstance(self.tracker, Tracker) and state is not None
+                and state["position"]["step"] >= self.cfg.train.steps):
+            return []
+        from glow_dist.mlflow_model import log_glow_model
+
+        uri = log_glow_model(self.tracker, state, self.run_dir / "tracking" / "model",
+                             register_as=self.cfg.tracking.register_as)
+        lines = [f"- model: `{uri}` (final EMA weights, step {state['position']['step']:,})"]
+        if self.cfg.tracking.register_as:
+            lines.append(f"- registered as `{self.cfg.tracking.register_as}` (see the run's `registered_model` tag)")
+        return lines
+
     def finish(self, status: str = "FINISHED") -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        lines = [f"- `{name}` **{value:.4f}** at step {step:,}"
+                 for name, (step, value) in sorted(self._last_test.items())]
+        if status == "FINISHED":
+            lines += self._log_model()
+        if lines and self._note:
+            self.tracker.set_tags({NOTE_TAG: run_info.with_results(self._note, lines)})
         self.tracker.finish(status)

@@ -1,8 +1,10 @@
 """Experiment tracking: every MLflow call of the trainer goes through one object, a no-op on non-main ranks.
 
-    tracker = make_tracker(cfg, is_main=dist.is_main(), run_id=state.get("mlflow_run_id"))
-    tracker.log_params(flatten(cfg)); tracker.log_config(cfg)
+    tracker = make_tracker(cfg, is_main=dist.is_main(), run_id=state.get("mlflow_run_id"), run_name="digits-...")
+    tracker.log_params(run_params(cfg, world_size)); tracker.log_config(cfg)
     tracker.log_metrics({"bits_per_dim/train": 3.4}, step=100)
+    tracker.log_image(grid, key="samples/T0.7", step=100)      # the UI's image slider over steps
+    tracker.log_checkpoint(path, step=100)                     # uploaded and rotated per tracking.log_checkpoints
     print(tracker.describe())
     tracker.finish("FINISHED")
 
@@ -10,22 +12,38 @@ Where runs go: `tracking.uri`, else $MLFLOW_TRACKING_URI, else a local sqlite st
 (`make mlflow-ui` shows it). Tracking never stops training: when the server cannot be reached, one warning is
 printed, metrics are buffered in memory (bounded) and retried with backoff, and every metric is also appended to
 `<run_dir>/metrics.jsonl`, which is the complete record whatever happens to the server.
+
+A run is created with MLflow's standard tags (mlflow.user, mlflow.source.*, git commit and a git_dirty flag; see
+run_info.py), and MLflow's own system metrics (`system/...`: CPU, memory, disk, network, and GPU utilisation and
+memory where NVML is present) are sampled while it runs, when psutil is installed and `tracking.system_metrics` is on.
+
+Checkpoints in MLflow (`tracking.log_checkpoints`), after every upload the older ones are deleted from the run:
+  none     nothing is uploaded
+  last     each checkpoint is uploaded and replaces the previous one: MLflow holds the newest (the default)
+  all      each checkpoint is uploaded; MLflow keeps the last `train.keep_checkpoints`, like the local folder
+           (`true`, the old boolean spelling, means this; `false` means none)
+  every_n  each is uploaded; MLflow keeps those of steps that are multiples of `tracking.log_checkpoints_every`
+           (milestones) plus the newest
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from glow_dist.config import Config, dump_yaml
+from glow_dist.run_info import source_tags
 
 MAX_BUFFERED_METRICS = 100_000       # values held while the server is away (metrics.jsonl keeps everything)
 MAX_BUFFERED_ARTIFACTS = 1_000
@@ -33,6 +51,22 @@ FIRST_RETRY_S, MAX_RETRY_S = 30.0, 600.0
 _PARAM_BATCH, _METRIC_BATCH, _PARAM_VALUE_LEN = 100, 1000, 6000   # MLflow's limits (mlflow/utils/validation.py)
 # Errors that mean "not reachable right now": keep the data and retry. Anything else MLflow raises is a rejection.
 _TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+_CHECKPOINT_ARTIFACT = re.compile(r"^checkpoints/ckpt-(\d{8})\.pt$")
+RUN_VIEW = "?workflowType=machine_learning"   # MLflow 3's UI opens runs in its GenAI view unless told otherwise
+
+
+def checkpoints_to_keep(steps: list[int], policy: str, every: int = 0, keep: int = 0) -> set[int]:
+    """Of the checkpoint steps uploaded to a run, those `tracking.log_checkpoints` keeps (see the module doc)."""
+    if not steps or policy == "none":
+        return set()
+    newest = max(steps)
+    if policy == "last":
+        return {newest}
+    if policy == "all":
+        return set(sorted(steps)[-keep:]) if keep > 0 else set(steps)
+    if policy == "every_n":
+        return {s for s in steps if every > 0 and s % every == 0} | {newest}
+    raise ValueError(f"tracking.log_checkpoints={policy!r}: expected none, last, all or every_n")
 
 
 def git_commit() -> str:
@@ -59,6 +93,46 @@ def run_tags(host_count: int, gpu_type: str, git_commit: str) -> dict[str, str]:
             "mlflow.source.git.commit": git_commit}
 
 
+def resolve_tracking_uri(cfg: Any) -> tuple[str, str | None]:
+    """(tracking URI, artifact location for a new experiment or None) for a TrackingConfig."""
+    uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri, None
+    local = Path(cfg.local_dir).resolve()
+    local.mkdir(parents=True, exist_ok=True)
+    # MLflow 3 has no default file store; sqlite plus an explicit artifact folder keeps everything in local_dir.
+    return f"sqlite:///{local / 'mlflow.db'}", (local / "artifacts").as_uri()
+
+
+def log_evaluation(cfg: Config, run_id: str | None, step: int, metrics: dict[str, float],
+                   tags: dict[str, str], summary: str) -> str:
+    """Add a `glow-dist evaluate` result to the run that trained the checkpoint: metrics at the checkpoint's step,
+    tags, and `summary` in the description's results. The run's status is left as it is. Returns a line for the
+    user; never raises for tracking trouble (the result is printed anyway)."""
+    if not run_id:
+        return "MLflow: the checkpoint names no run; result not logged"
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from glow_dist.run_info import with_evaluation
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    uri, _ = resolve_tracking_uri(cfg.tracking)
+    client = MlflowClient(uri)
+    try:
+        run = client.get_run(run_id)
+        now = int(time.time() * 1000)
+        note = with_evaluation(run.data.tags.get("mlflow.note.content", ""), summary)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
+                         tags=[RunTag(k, str(v)) for k, v in {**tags, "mlflow.note.content": note}.items()])
+    except Exception as e:
+        return f"MLflow: result not logged to run {run_id} at {uri} ({str(e).splitlines()[0][:200]})"
+    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
+    return (f"MLflow: logged to run {run_id}: "
+            f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}{RUN_VIEW}")
+
+
 class NullTracker:
     """What non-main ranks get: same methods, no side effects."""
 
@@ -67,10 +141,13 @@ class NullTracker:
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-    def log_image(self, image: str | Path | np.ndarray, artifact_file: str) -> None: ...
-    def log_checkpoint(self, path: str | Path) -> None: ...
+    def log_image(self, image: str | Path | np.ndarray, artifact_file: str | None = None, key: str | None = None,
+                  step: int | None = None) -> None: ...
+    def log_checkpoint(self, path: str | Path, step: int | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_config(self, cfg: Config) -> None: ...
+    def log_dataset(self, dataset: Any, context: str) -> None: ...
+    def call(self, what: str, fn: Callable[[], Any]) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
     def describe(self) -> str:
@@ -98,14 +175,19 @@ def _is_transient(error: Exception) -> bool:
 class Tracker(NullTracker):
     """An MLflow run plus a local metrics.jsonl; survives an unreachable or vanished tracking server."""
 
-    def __init__(self, cfg: Config, run_id: str | None = None) -> None:
+    def __init__(self, cfg: Config, run_id: str | None = None, run_name: str | None = None,
+                 tags: dict[str, str] | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
         # A dead server must cost seconds, not MLflow's default of 7 retries with backoff and 120 s timeouts;
         # setdefault keeps values the user chose. (Names from mlflow/environment_variables.py, MLflow 3.x.)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # garbage in launcher logs
         self._cfg = cfg.tracking
+        self._keep_checkpoints = cfg.train.keep_checkpoints
+        self._run_name = cfg.tracking.run_name or run_name
+        self._create_tags = {**source_tags(), **(tags or {})}   # set when this run is created, not on resume
         self._run_dir = Path(cfg.train.run_dir)
         self._staging = self._run_dir / "tracking"   # files handed to MLflow live here until uploaded
         self._staging.mkdir(parents=True, exist_ok=True)
@@ -123,18 +205,14 @@ class Tracker(NullTracker):
         self._params: dict[str, str] = {}
         self._tags: dict[str, str] = {}
         self._metrics: deque = deque(maxlen=MAX_BUFFERED_METRICS)
-        self._artifacts: deque[tuple[Path, str | None]] = deque(maxlen=MAX_BUFFERED_ARTIFACTS)
+        # Uploads, images, deletions and other calls, in order: (what, call, file that must still exist or None).
+        self._calls: deque[tuple[str, Callable[[], Any], Path | None]] = deque(maxlen=MAX_BUFFERED_ARTIFACTS)
         self._dropped_warned = False
+        self._system_metrics: Any = None
         self._flush(force=True)
 
     def _resolve_uri(self) -> tuple[str, str | None]:
-        uri = self._cfg.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-        if uri:
-            return uri, None
-        local = Path(self._cfg.local_dir).resolve()
-        local.mkdir(parents=True, exist_ok=True)
-        # MLflow 3 has no default file store; sqlite plus an explicit artifact folder keeps everything in local_dir.
-        return f"sqlite:///{local / 'mlflow.db'}", (local / "artifacts").as_uri()
+        return resolve_tracking_uri(self._cfg)
 
     # ---- connection and buffering -------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -151,21 +229,40 @@ class Tracker(NullTracker):
                 self.experiment_id = self._client.get_experiment_by_name(self._cfg.experiment).experiment_id
         else:
             self.experiment_id = exp.experiment_id
+        if exp is None or "mlflow.experimentKind" not in exp.tags:
+            # The experiment page then opens on training runs, not MLflow 3's GenAI default.
+            self._client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
         if self.run_id is not None:
             try:
                 run = self._client.get_run(self.run_id)
                 self._existing_params = dict(run.data.params)
                 self._client.update_run(self.run_id, status="RUNNING")
                 self._run_ready = True
+                self._start_system_metrics(resume=True)
                 return
             except MlflowException as e:
                 if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
                 _warn(f"run {self.run_id} is not in {self.uri}; starting a new run (tag resumed_from)")
                 self._tags["resumed_from"] = self.run_id
-        run = self._client.create_run(self.experiment_id, run_name=self._cfg.run_name or None)
+        run = self._client.create_run(self.experiment_id, run_name=self._run_name or None, tags=self._create_tags)
         self.run_id = run.info.run_id
         self._run_ready = True
+        self._start_system_metrics(resume=False)
+
+    def _start_system_metrics(self, resume: bool) -> None:
+        """MLflow's own sampler (`system/...` metrics every 10 s), when asked for and psutil is there."""
+        if not self._cfg.system_metrics or self._system_metrics is not None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError as e:  # psutil missing: say it once, train anyway
+            print(f"[tracking] no system metrics ({e}); `pip install psutil nvidia-ml-py` to get them", flush=True)
+            return
+        # MLflow logs at INFO that it skips GPU metrics without NVML; that is expected on CPU ranks.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        self._system_metrics = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
+        self._system_metrics.start()
 
     def _attempt(self, what: str, call: Any, *args: Any, **kwargs: Any) -> bool:
         """Run call(*args, **kwargs); on failure warn (once per outage) and schedule a retry. True on success."""
@@ -221,12 +318,11 @@ class Tracker(NullTracker):
                 return
             for _ in batch:
                 self._metrics.popleft()
-        while self._artifacts:
-            path, artifact_path = self._artifacts[0]
-            upload = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
-            if path.exists() and not self._attempt(f"artifact {path}", upload, self.run_id, str(path), artifact_path):
+        while self._calls:
+            what, call, needs = self._calls[0]
+            if (needs is None or needs.exists()) and not self._attempt(what, call):
                 return
-            self._artifacts.popleft()   # a file deleted meanwhile (rotated checkpoint) is simply skipped
+            self._calls.popleft()   # a file deleted meanwhile (rotated checkpoint) is simply skipped
 
     def _drop_changed_params(self) -> None:
         # MLflow params are write-once: a resumed run with a changed value would be rejected. Keep the original.
@@ -258,29 +354,74 @@ class Tracker(NullTracker):
         self._metrics.extend(Metric(k, v, now_ms, step) for k, v in values.items())
         self._flush()
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._artifacts.append((Path(path).resolve(), artifact_path))
+    def call(self, what: str, fn: Callable[[], Any]) -> None:
+        """Run fn() against the server now, or later in order with everything else when it is away."""
+        self._calls.append((what, fn, None))
         self._flush()
 
-    def log_image(self, image: str | Path | np.ndarray, artifact_file: str) -> None:
-        """An image file or an HxWxC (or HxW) uint8 array, stored in the run as `artifact_file` (samples/t0.7.png)."""
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path).resolve()
+
+        def upload() -> None:
+            log = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
+            log(self.run_id, str(path), artifact_path)
+
+        self._calls.append((f"artifact {path}", upload, path))
+        self._flush()
+
+    def log_image(self, image: str | Path | np.ndarray, artifact_file: str | None = None, key: str | None = None,
+                  step: int | None = None) -> None:
+        """An image file or an HxWxC (or HxW) uint8 array. With `key` (and `step`): MLflow's time-stepped image
+        (the run page's image grid with a step slider, comparable across runs); else a plain artifact file."""
         from PIL import Image
 
-        staged = self._staging / artifact_file
+        name = artifact_file or f"images/{key.replace('/', '_')}_step{step or 0:08d}.png"
+        staged = self._staging / name
         staged.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(image, np.ndarray):
             Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image).save(staged)
         else:
             shutil.copyfile(image, staged)
-        self.log_artifact(staged, str(Path(artifact_file).parent) if Path(artifact_file).parent.name else None)
+        if key is None:
+            self.log_artifact(staged, str(Path(name).parent) if Path(name).parent.name else None)
+            return
+        timestamp = int(time.time() * 1000)   # when it was made, even if the server sees it later
 
-    def log_checkpoint(self, path: str | Path) -> None:
-        """Upload a checkpoint and its checksum under `checkpoints/` when tracking.log_checkpoints is on."""
-        if self._cfg.log_checkpoints:
-            self.log_artifact(path, "checkpoints")
-            sidecar = Path(str(path) + ".sha256")
-            if sidecar.exists():
-                self.log_artifact(sidecar, "checkpoints")
+        def upload() -> None:
+            with Image.open(staged) as img:
+                self._client.log_image(self.run_id, img.copy(), key=key, step=step or 0, timestamp=timestamp)
+            staged.unlink(missing_ok=True)
+
+        self._calls.append((f"image {key} step {step}", upload, staged))
+        self._flush()
+
+    def log_checkpoint(self, path: str | Path, step: int | None = None) -> None:
+        """Upload a checkpoint and its checksum under `checkpoints/`, then delete the uploaded checkpoints that
+        `tracking.log_checkpoints` no longer keeps."""
+        if self._cfg.log_checkpoints == "none":
+            return
+        self.log_artifact(path, "checkpoints")
+        sidecar = Path(str(path) + ".sha256")
+        if sidecar.exists():
+            self.log_artifact(sidecar, "checkpoints")
+        self.call("checkpoint rotation", self._rotate_checkpoints)
+
+    def _rotate_checkpoints(self) -> None:
+        # Read the run's checkpoint list from MLflow itself, so checkpoints uploaded before a resume rotate too.
+        names = [a.path for a in self._client.list_artifacts(self.run_id, "checkpoints")]
+        steps = {int(m.group(1)): p for p in names if (m := _CHECKPOINT_ARTIFACT.match(p))}
+        keep = checkpoints_to_keep(list(steps), self._cfg.log_checkpoints, self._cfg.log_checkpoints_every,
+                                   self._keep_checkpoints)
+        stale = [p for s, p in steps.items() if s not in keep]
+        if not stale:
+            return
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        repo = get_artifact_repository(self._client.get_run(self.run_id).info.artifact_uri, tracking_uri=self.uri)
+        for path in stale:
+            for name in (path + ".sha256", path):   # sidecar first, as the local rotation does
+                if name == path or name in names:
+                    repo.delete_artifacts(name)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._tags.update({k: str(v) for k, v in tags.items()})
@@ -292,24 +433,35 @@ class Tracker(NullTracker):
         staged.write_text(dump_yaml(cfg))
         self.log_artifact(staged)
 
+    def log_dataset(self, dataset: Any, context: str) -> None:
+        """An `mlflow.data` Dataset as an input of the run (the run page's Datasets), tagged with its use."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+        self.call(f"dataset {dataset.name}", lambda: self._client.log_inputs(self.run_id, datasets=[entity]))
+
     def finish(self, status: str = "FINISHED") -> None:
         """Send what is left (one last try) and close the run with FINISHED, FAILED or KILLED."""
         if self._finished:
             return
+        if self._system_metrics is not None:
+            self._system_metrics.finish()   # its last samples go in before the run is closed
+            self._system_metrics = None
         self._flush(force=True)
         if self._run_ready and self._online:
             self._attempt("run status", self._client.set_terminated, self.run_id, status=status)
-        pending = len(self._metrics) + len(self._params) + len(self._tags) + len(self._artifacts)
+        pending = len(self._metrics) + len(self._params) + len(self._tags) + len(self._calls)
         if pending:
             _warn(f"{pending} tracking items never reached {self.uri}; metrics are all in {self.metrics_file}")
         self._finished = True
 
     def url(self) -> str:
-        """Address of the run in the MLflow UI (for the local store, once `make mlflow-ui` is running)."""
+        """Address of the run in the MLflow UI's model-training view (for the local store, once `make mlflow-ui`
+        is running)."""
         base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
         if not self._run_ready:
             return base
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}{RUN_VIEW}"
 
     def describe(self) -> str:
         """One line telling the user where to look."""
@@ -322,6 +474,14 @@ class Tracker(NullTracker):
         return f"{where}; every metric also in {self.metrics_file}"
 
 
-def make_tracker(cfg: Config, is_main: bool, run_id: str | None = None) -> Tracker | NullTracker:
-    """An MLflow tracker on the main rank, a NullTracker elsewhere. `run_id` resumes that run."""
-    return Tracker(cfg, run_id) if is_main else NullTracker()
+def make_tracker(cfg: Config, is_main: bool, run_id: str | None = None, world_size: int = 1,
+                 tags: dict[str, str] | None = None) -> Tracker | NullTracker:
+    """An MLflow tracker on the main rank, a NullTracker elsewhere. `run_id` resumes that run; a new run is named
+    by tracking.run_name or <config>-<world_size>ranks|gpu-<UTC time>, and created with `tags`."""
+    if not is_main:
+        return NullTracker()
+    import torch
+
+    from glow_dist.run_info import default_run_name
+
+    return Tracker(cfg, run_id, default_run_name(cfg, world_size, torch.cuda.is_available()), tags)

@@ -189,7 +189,7 @@ class Trainer:
             self._init_actnorm()
         self._sync_from_rank0()
 
-        tracker = make_tracker(cfg, dist.is_main(), run_id=self._run_id)
+        tracker = make_tracker(cfg, dist.is_main(), run_id=self._run_id, world_size=self.world)
         self.report = Reporter(cfg, tracker, self.position.step) if dist.is_main() else NullReporter()
         tags = {"hosts": str(dist.host_count()), "gpu_type": gpu_type(), "git_commit": git_commit(),
                 "world_size": str(self.world)}
@@ -239,7 +239,7 @@ class Trainer:
         self.ema.updates = state.ema_updates  # the EMA weights were restored and synced by Horovod; the count here
         hosts = dist.host_count()  # collective: every rank calls it
         if dist.is_main() and not isinstance(self.report, Reporter):
-            tracker = make_tracker(self.cfg, True, run_id=state.run_id)
+            tracker = make_tracker(self.cfg, True, run_id=state.run_id, world_size=self.world)
             self.report = Reporter(self.cfg, tracker, self.position.step)
             tags = {"hosts": str(hosts), "gpu_type": gpu_type(), "git_commit": git_commit(),
                     "world_size": str(self.world), "elastic": "true"}

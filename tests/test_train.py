@@ -59,9 +59,9 @@ def test_two_ranks_train_in_lockstep_and_log_to_mlflow(tmp_path, digits_shards, 
     assert params["model.levels"] == "2" and params["train.steps"] == "6"
     assert run.data.tags["hosts"] == "1" and run.data.tags["gpu_type"] == "cpu" and run.data.tags["git_commit"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"samples", "checkpoints", "config.yaml"} <= artifacts
-    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
-    assert len(samples) == 2 and all(p.endswith(".png") for p in samples)
+    assert {"images", "checkpoints", "config.yaml"} <= artifacts
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]
+    assert len(images) == 2 * 3, "one image per temperature (0, 0.7, 1) at steps 3 and 6"
     checkpoints = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
     assert any(p.endswith("ckpt-00000006.pt") for p in checkpoints)
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["ckpt-00000003.pt", "ckpt-00000006.pt"]

@@ -8,6 +8,12 @@ uniform bound (n_bits) and a per-pixel independent histogram model fitted on the
 The output names the weights it scored: `weights: EMA (...)` with the decay and warm-up state, or `weights: raw`.
 The EMA's decay is warmed up (glow_dist/ema.py), so from a few hundred steps on it scores as well as the raw weights
 or better (BENCHMARKS.md, "Model quality"); a checkpoint written before the warm-up existed says so.
+
+--checkpoint (alias --model) also takes a logged MLflow model: models:/NAME/VERSION or runs:/RUN_ID/model.
+
+The result goes to the MLflow run that trained the checkpoint (unless --no-tracking), at the checkpoint's step:
+`bits_per_dim/evaluate` with the weights it scored in the tag `evaluate.weights`, and with --baseline
+`bits_per_dim/baseline_uniform` and `bits_per_dim/baseline_per_pixel`; the run's description gets a results line.
 """
 from __future__ import annotations
 
@@ -15,12 +21,15 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run dir (newest checkpoint)")
+    parser.add_argument("--checkpoint", "--model", required=True,
+                        help="checkpoint file, a run dir (newest checkpoint), or an MLflow model URI "
+                             "(models:/NAME/VERSION, runs:/RUN_ID/model)")
     parser.add_argument("--data", help="shard folder (default: the checkpoint config's data.root)")
     parser.add_argument("--batch-size", type=int, default=64, help="per-rank batch size")
     parser.add_argument("--backend", choices=("auto", "dali", "webdataset"), help="data backend override")
     parser.add_argument("--baseline", action="store_true", help="also print the uniform and per-pixel baselines")
     parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log the result to the checkpoint's run")
 
 
 def describe_weights(state: dict, raw: bool) -> str:
@@ -61,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     test = make_loader(cfg.data, cfg.model, "test", **common)
     bpd = evaluate_bpd(model, test.epoch(0), cfg.model.n_bits, reduce_fn=dist.allreduce_sum,
                        y_condition=cfg.model.y_condition, seed=cfg.train.seed)
+    metrics = {"bits_per_dim/evaluate": bpd}
     lines = [f"checkpoint {path} (step {step})",
              f"test bits/dim: {bpd:.4f}  ({'raw' if args.raw_weights else 'EMA'} weights, data {cfg.data.root})",
              f"weights: {weights}"]
@@ -70,6 +80,17 @@ def run(args: argparse.Namespace) -> int:
         baseline = independent_pixel_bpd(counts, test.epoch(0), cfg.model.n_bits, reduce_fn=dist.allreduce_sum)
         lines += [f"uniform {cfg.model.n_bits}-bit bound: {uniform_bound(cfg.model.n_bits):.4f} bits/dim",
                   f"per-pixel independent baseline: {baseline:.4f} bits/dim"]
+        metrics.update({"bits_per_dim/baseline_uniform": uniform_bound(cfg.model.n_bits),
+                        "bits_per_dim/baseline_per_pixel": baseline})
+    if dist.is_main() and not args.no_tracking:
+        from glow_dist.tracking import log_evaluation
+
+        weights = "raw" if args.raw_weights else "ema"
+        summary = (f"- `glow-dist evaluate` ({weights} weights, step {step:,}, {dist.size()} rank(s)): "
+                   + ", ".join(f"`{k}` **{v:.4f}**" for k, v in metrics.items()))
+        lines.append(log_evaluation(cfg, state.get("mlflow_run_id"), step, metrics,
+                                    {"evaluate.weights": weights, "evaluate.checkpoint": str(path),
+                                     "evaluate.data": cfg.data.root}, summary))
     if dist.is_main():
         print("\n".join(lines), flush=True)
     return 0

@@ -12,7 +12,9 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run dir (newest checkpoint)")
+    parser.add_argument("--checkpoint", "--model", required=True,
+                        help="checkpoint file, a run dir (newest checkpoint), or an MLflow model URI "
+                             "(models:/NAME/VERSION, runs:/RUN_ID/model)")
     parser.add_argument("--n", type=int, default=64, help="images per temperature")
     parser.add_argument("--temperature", default="0.7", help="one temperature, or several comma-separated: a row each")
     parser.add_argument("--label", type=int, help="class to sample (class-conditional models only)")

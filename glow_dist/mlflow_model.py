@@ -1,0 +1,159 @@
+"""The trained Glow as an MLflow model: the final EMA weights, loadable by glow_dist and by `mlflow.pyfunc`.
+
+    glow-dist sample --model runs:/<run_id>/model --n 16 --temperature 0.7 --out grid.png
+    glow-dist evaluate --model models:/glow-digits/1 --baseline
+    mlflow.pyfunc.load_model("models:/glow-digits/1").predict(pd.DataFrame({"temperature": [0.7], "n": [16]}))
+
+Why pyfunc with the weights as an artifact, not `mlflow.pytorch`: mlflow.pytorch pickles the module object, so
+loading needs the exact classes of the training code, and the weights are not a file any other tool of this project
+reads. Here the model's artifact `weights.pt` is a slim checkpoint (EMA weights, the resolved config, step, source
+run; a sha256 sidecar beside it) that every glow-dist command opens like any `ckpt-*.pt`, and the pyfunc wrapper
+(GlowSampler: predict = samples at given temperatures) ships the glow_dist package as the model's code, so
+`mlflow.pyfunc.load_model` works where glow-dist is not installed (torch, numpy, pyyaml and pillow suffice).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    from mlflow.pyfunc import PythonModel
+except ImportError:  # pragma: no cover - mlflow is a dependency; this keeps the error at use, not import
+    PythonModel = object  # type: ignore[assignment,misc]
+
+MODEL_NAME = "model"                  # runs:/<run_id>/model
+WEIGHTS = "weights.pt"
+_MODEL_URI = re.compile(r"^(models|runs):/")
+
+
+def is_model_uri(text: str) -> bool:
+    return bool(_MODEL_URI.match(text))
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else the local sqlite store that training writes by default (tracking.local_dir)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri
+    local = Path("mlflow") / "mlflow.db"
+    if local.is_file():
+        return f"sqlite:///{local.resolve()}"
+    from glow_dist.checkpoint import CheckpointError
+
+    raise CheckpointError("a models:/ or runs:/ URI needs a tracking server: set MLFLOW_TRACKING_URI (or run from "
+                          "the folder whose mlflow/mlflow.db training wrote)")
+
+
+def download_weights(uri: str, dst: str | Path | None = None) -> Path:
+    """The `weights.pt` (with its sha256 sidecar) of a logged Glow model, downloaded; a path open_checkpoint takes."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from glow_dist.checkpoint import CheckpointError
+
+    tracking_uri = default_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)   # models:/ resolves through the registry, which defaults to it
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None,
+                                                         tracking_uri=tracking_uri))
+    except (MlflowException, OSError) as e:
+        raise CheckpointError(f"{uri} could not be downloaded from {tracking_uri}: {str(e).splitlines()[0]}") \
+            from None
+    found = sorted(local.rglob(WEIGHTS))
+    if not found:
+        raise CheckpointError(f"{uri} has no {WEIGHTS}: it is not a Glow model logged by glow-dist")
+    return found[0]
+
+
+def _write_weights(state: dict, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / WEIGHTS
+    torch.save(state, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    path.with_name(WEIGHTS + ".sha256").write_text(f"{digest}  {WEIGHTS}\n")
+    return path
+
+
+# MLflow warns at class creation that predict has no type hints; the signature logged with the model replaces them.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+
+    class GlowSampler(PythonModel):
+        """pyfunc wrapper: `predict` takes rows of (temperature, n, seed) and returns the samples as uint8 arrays
+        (N, H, W, C), all rows concatenated in order."""
+
+        def load_context(self, context: Any) -> None:
+            from glow_dist.latent import load_model
+
+            self.loaded = load_model(context.artifacts["weights"], torch.device("cpu"))
+
+        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 (MLflow reads type hints)
+            import numpy as np
+
+            from glow_dist.sampling import sample_images
+
+            rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+            out = [sample_images(self.loaded.model, int(r.get("n", 1)), float(r.get("temperature", 0.7)),
+                                 seed=int(r.get("seed", 0))) for r in rows]
+            return np.concatenate([o.permute(0, 2, 3, 1).numpy() for o in out]) if out else np.zeros((0,))
+
+
+def _signature(model_cfg: dict) -> Any:
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    size, channels = model_cfg["image_size"], model_cfg["channels"]
+    inputs = Schema([ColSpec("double", "temperature"), ColSpec("long", "n", required=False),
+                     ColSpec("long", "seed", required=False)])
+    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, channels))]))
+
+
+def log_glow_model(tracker: Any, state: dict, staging: Path, register_as: str = "") -> str:
+    """Log `state` (EMA weights, config, position, run id) as the run's MLflow model `model`; register it when
+    `register_as` is set. Runs through the tracker's queue (so an unreachable server delays it, never fails
+    training). Returns the model's runs:/ URI."""
+    import mlflow
+    from mlflow.models import Model
+
+    import glow_dist
+
+    weights = _write_weights(state, staging)
+    step = int(state["position"]["step"])
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pyyaml", "pillow"]
+    uri = f"runs:/{tracker.run_id}/{MODEL_NAME}"
+
+    logged: dict[str, str] = {}
+
+    def log() -> None:
+        # Model.log resolves the store and the logged model's experiment globally (else: experiment 0).
+        mlflow.set_tracking_uri(tracker.uri)
+        mlflow.set_experiment(experiment_id=tracker.experiment_id)
+        with warnings.catch_warnings():   # no input example: the signature below says what predict takes
+            warnings.simplefilter("ignore", UserWarning)
+            info = Model.log(None, flavor=mlflow.pyfunc, name=MODEL_NAME, run_id=tracker.run_id, step=step,
+                      python_model=GlowSampler(), artifacts={"weights": str(weights),
+                                                            "weights_sha256": str(weights) + ".sha256"},
+                      code_paths=[str(Path(glow_dist.__file__).parent)],
+                      signature=_signature(state["config"]["model"]), pip_requirements=requirements,
+                      tags={"glow_dist.step": str(step)})
+        logged["model_id"] = info.model_id
+
+    def register() -> None:
+        version = mlflow.register_model(f"models:/{logged['model_id']}" if logged else uri, register_as)
+        tracker._client.set_tag(tracker.run_id, "registered_model", f"{register_as}/{version.version}")
+
+    # "Passing a Python object as python_model ... CloudPickle": GlowSampler is pickled by reference to this module,
+    # which ships as the model's code.
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
+    tracker.call("model", log)
+    if register_as:
+        tracker.call(f"model registration {register_as}", register)
+    return uri
