@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -257,3 +258,112 @@ def test_env_defaults_keep_dead_servers_cheap(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")   # a user's own choice is kept
     make_tracker(_cfg(tmp_path, f"http://127.0.0.1:{_free_port()}"), is_main=True).finish()
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+
+
+# ---- checkpoint upload policy ------------------------------------------------------------------------------------
+
+def test_checkpoint_policies_keep_what_they_say() -> None:
+    steps = [100, 200, 300, 400, 500]
+    assert tracking.checkpoints_to_keep(steps, "none") == set()
+    assert tracking.checkpoints_to_keep(steps, "last") == {500}
+    assert tracking.checkpoints_to_keep(steps, "all", keep=2) == {400, 500}
+    assert tracking.checkpoints_to_keep(steps, "all", keep=0) == set(steps)
+    assert tracking.checkpoints_to_keep(steps, "every_n", every=200) == {200, 400, 500}
+    assert tracking.checkpoints_to_keep([], "last") == set()
+
+
+@pytest.mark.parametrize(("old", "new"), [(True, "all"), (False, "none"), ("true", "all"), ("no", "none")])
+def test_old_boolean_log_checkpoints_still_loads(old: object, new: str) -> None:
+    from glow_dist.config import from_dict, load_config
+
+    # A checkpoint's saved config (from_dict) and a command-line override written before the policy existed.
+    assert from_dict({"tracking": {"log_checkpoints": old}}).tracking.log_checkpoints == new
+    assert load_config(None, [f"tracking.log_checkpoints={str(old).lower()}"]).tracking.log_checkpoints == new
+
+
+def test_every_n_needs_an_interval() -> None:
+    from glow_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="log_checkpoints_every"):
+        load_config(None, ["tracking.log_checkpoints=every_n"])
+    with pytest.raises(ConfigError, match="none, last, all, every_n"):
+        load_config(None, ["tracking.log_checkpoints=some"])
+
+
+def _fake_checkpoints(run_dir: Path, steps: list[int]) -> list[Path]:
+    folder = run_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for step in steps:
+        path = folder / f"ckpt-{step:08d}.pt"
+        path.write_bytes(b"weights %d" % step)
+        (folder / f"{path.name}.sha256").write_text(f"{'0' * 64}  {path.name}\n")
+        paths.append(path)
+    return paths
+
+
+def _uploaded(uri: str, run_id: str) -> list[str]:
+    return sorted(a.path.removeprefix("checkpoints/") for a in MlflowClient(uri).list_artifacts(run_id, "checkpoints"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("policy", "extra", "kept"), [
+    ("all", [], [4, 5]),                                          # train.keep_checkpoints=2, as the local folder
+    ("every_n", ["tracking.log_checkpoints_every=2"], [2, 4, 5]),  # milestones plus the newest
+    ("none", [], []),
+])
+def test_checkpoint_rotation_in_mlflow_survives_a_resume(mlflow_server: str, tmp_path: Path, policy: str,
+                                                         extra: list[str], kept: list[int]) -> None:
+    from glow_dist.config import load_config
+
+    cfg = load_config(None, [f"tracking.uri={mlflow_server}", f"train.run_dir={tmp_path / 'run'}",
+                             f"tracking.local_dir={tmp_path / 'mlflow'}", "train.keep_checkpoints=2",
+                             f"tracking.log_checkpoints={policy}", "tracking.system_metrics=false", *extra])
+    paths = _fake_checkpoints(tmp_path / "run", [1, 2, 3, 4, 5])
+    first = make_tracker(cfg, is_main=True)
+    for step, path in zip([1, 2, 3], paths[:3], strict=True):
+        first.log_checkpoint(path, step)
+    first.finish("KILLED")
+    second = make_tracker(cfg, is_main=True, run_id=first.run_id)   # a new process: rotation reads MLflow's list
+    for step, path in zip([4, 5], paths[3:], strict=True):
+        second.log_checkpoint(path, step)
+    second.finish()
+    expected = sorted(n for s in kept for n in (f"ckpt-{s:08d}.pt", f"ckpt-{s:08d}.pt.sha256"))
+    assert _uploaded(mlflow_server, first.run_id) == expected
+
+
+# ---- run description and names ----------------------------------------------------------------------------------
+
+def test_run_name_from_config_world_size_and_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import datetime, timezone
+
+    from glow_dist.run_info import default_run_name
+
+    cfg = Config()
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    monkeypatch.setattr(sys, "argv", ["glow-dist", "train", "--config", "configs/digits.yaml"])
+    assert default_run_name(cfg, 4, cuda=False, now=when) == "digits-4ranks-20260102-030405"
+    assert default_run_name(cfg, 40, cuda=True, now=when) == "digits-40gpu-20260102-030405"
+    cfg.tracking.run_name = "mine"
+    assert default_run_name(cfg, 4, cuda=False, now=when) == "mine"
+
+
+def test_evaluation_line_replaces_an_earlier_one() -> None:
+    from glow_dist.run_info import DESCRIPTION_RESULT_MARK, with_evaluation, with_results
+
+    note = with_results(f"head\n\n{DESCRIPTION_RESULT_MARK}", ["- `bits_per_dim/test_ema` **2.1** at step 9"])
+    once = with_evaluation(note, "- `glow-dist evaluate` (ema weights, step 9): 2.2")
+    twice = with_evaluation(once, "- `glow-dist evaluate` (ema weights, step 9): 2.3")
+    assert twice.startswith("head") and "2.2" not in twice and twice.count("glow-dist evaluate") == 1
+    assert "`bits_per_dim/test_ema` **2.1**" in twice and twice.endswith("2.3")
+    assert with_evaluation("", "- `glow-dist evaluate` x").endswith("- `glow-dist evaluate` x")
+
+
+def test_t0_row_is_one_image_unless_class_conditional() -> None:
+    from glow_dist.reporter import temperature_images
+
+    samples = [(0.0, torch.zeros(4, 1, 8, 8, dtype=torch.uint8)), (0.7, torch.zeros(4, 1, 8, 8, dtype=torch.uint8))]
+    plain = dict(temperature_images(samples, y_condition=False, scale=1))
+    assert plain[0.0].shape == (10, 10, 1) and plain[0.7].shape == (19, 19, 1)
+    conditional = dict(temperature_images(samples, y_condition=True, scale=2))
+    assert conditional[0.0].shape == (38, 38, 1)   # one mode per class: all 4 shown
