@@ -16,7 +16,7 @@ NP ?= 2
 TRAIN_ARGS ?=
 MLFLOW_PORT ?= 5000
 
-.PHONY: install horovod test test-fast lint train prepare-digits mlflow-ui bench clean help docker-build docker-train
+.PHONY: install horovod test test-fast lint train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
 
 help:
 	@echo "make train      install, prepare the digits shards, train with 2 Horovod processes, log to local MLflow"
@@ -65,6 +65,10 @@ train: $(STAMP) $(HVD_STAMP) prepare-digits
 		$(BIN)/glow-dist train --config configs/digits.yaml data.root=$(DATA) train.run_dir=$(RUN_DIR) $(TRAIN_ARGS)
 	$(BIN)/glow-dist evaluate --checkpoint $(RUN_DIR) --baseline
 	@echo "Review the run in MLflow: make mlflow-ui, then open http://127.0.0.1:$(MLFLOW_PORT) (experiment glow-dist-digits)"
+
+# The README's run-page screenshot (docs/mlflow-run-page.png), from a fresh run on a throwaway server; needs chromium.
+mlflow-screenshot: $(STAMP)
+	bash launch/mlflow-screenshot.sh
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \
