@@ -136,14 +136,18 @@ def log_glow_model(tracker: Any, state: dict, staging: Path, register_as: str = 
         # Model.log resolves the store and the logged model's experiment globally (else: experiment 0).
         mlflow.set_tracking_uri(tracker.uri)
         mlflow.set_experiment(experiment_id=tracker.experiment_id)
+        # Created here, not by Model.log, which would copy every run param onto the model; the run has them.
+        model = tracker._client.create_logged_model(tracker.experiment_id, name=MODEL_NAME,
+                                                    source_run_id=tracker.run_id, model_type="glow",
+                                                    tags={"glow_dist.step": str(step)})
         with warnings.catch_warnings():   # no input example: the signature below says what predict takes
             warnings.simplefilter("ignore", UserWarning)
             info = Model.log(None, flavor=mlflow.pyfunc, name=MODEL_NAME, run_id=tracker.run_id, step=step,
-                      python_model=GlowSampler(), artifacts={"weights": str(weights),
-                                                            "weights_sha256": str(weights) + ".sha256"},
-                      code_paths=[str(Path(glow_dist.__file__).parent)],
-                      signature=_signature(state["config"]["model"]), pip_requirements=requirements,
-                      tags={"glow_dist.step": str(step)})
+                             model_id=model.model_id,
+                             python_model=GlowSampler(),
+                             artifacts={"weights": str(weights), "weights_sha256": str(weights) + ".sha256"},
+                             code_paths=[str(Path(glow_dist.__file__).parent)],
+                             signature=_signature(state["config"]["model"]), pip_requirements=requirements)
         logged["model_id"] = info.model_id
 
     def register() -> None:
