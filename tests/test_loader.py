@@ -164,3 +164,29 @@ def test_wrong_size_image_inside_a_shard(dataset: Path, tmp_path: Path, backend:
     root, shard = wrong_size_copy(dataset, tmp_path)
     with pytest.raises(DataError, match=rf"^sample '\d+' in shard .*{shard} is 16x16, the manifest says 8x8$"):
         collect(loader(root, backend, "test", batch=4))
+
+
+def test_process_with_an_abandoned_webdataset_loader_exits(dataset: Path) -> None:
+    """Workers ignore SIGTERM (see wds_loader), which multiprocessing uses to end them at exit: a process that leaves
+    a loader open (an exception mid-epoch keeps its iterator alive) must still exit, not wait on them for ever."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from glow_dist.config import DataConfig, ModelConfig\n"
+        "from glow_dist.data import make_loader\n"
+        f"cfg = DataConfig(root={str(dataset)!r}, backend='webdataset', num_workers=2)\n"
+        "ld = make_loader(cfg, ModelConfig(image_size=8, channels=3), split='train', rank=0, world_size=1,\n"
+        "                 batch_size=2, device=torch.device('cpu'), seed=0)\n"
+        "it = iter(ld.epoch(0))\n"
+        "next(it)\n"
+        "sys.stdout.write('read one batch\\n'); sys.stdout.flush()\n"
+        "raise SystemExit(3)  # `it` is still referenced: its workers are alive at exit\n"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError("the process hung at exit waiting for its loader workers") from e
+    assert "read one batch" in out.stdout, out.stderr[-2000:]
+    assert out.returncode == 3 and "Exception ignored" not in out.stderr, out.stderr[-2000:]

@@ -13,10 +13,13 @@ none arrives before they ignore it.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import functools
 import io
+import multiprocessing
+import multiprocessing.util  # its exit hook must be registered before ours (atexit runs last-in, first-out)
 import random
 import signal
 import tarfile
@@ -148,6 +151,24 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent around the fork
 
 
+def _kill_leftover_workers() -> None:
+    """At interpreter exit, multiprocessing ends daemonic children (DataLoader workers) with SIGTERM and waits for
+    them. Our workers ignore SIGTERM, so a loader left open by an exception (its iterator kept alive by the
+    traceback) would hang the exit for ever; this hook runs first and ends them with SIGKILL instead."""
+    # PyTorch's SIGCHLD handler raises when a worker dies of a signal; at exit that is expected.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in workers:
+        child.kill()
+    for child in workers:
+        child.join(timeout=5)
+
+
+@functools.cache
+def _register_exit_hook() -> None:
+    atexit.register(_kill_leftover_workers)
+
+
 @contextlib.contextmanager
 def _stop_signals_blocked() -> Iterator[None]:
     """Block the stop signals in this thread while workers are forked: they inherit the mask and unblock only
@@ -169,6 +190,8 @@ class WdsLoader(Loader):
         )
         pending: dict[int, tuple] = {}
         expected = start_batch
+        if self.num_workers > 0:
+            _register_exit_hook()
         with _stop_signals_blocked():
             batches = iter(data)  # forks the workers
         try:
