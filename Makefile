@@ -16,26 +16,40 @@ NP ?= 2
 TRAIN_ARGS ?=
 MLFLOW_PORT ?= 5000
 
-.PHONY: install horovod test test-fast lint train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
+.PHONY: install horovod horovod-gpu-check wheelhouse doctor test test-fast lint train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
 
 help:
 	@echo "make train      install, prepare the digits shards, train with 2 Horovod processes, log to local MLflow"
 	@echo "make test       install, then run the whole test suite"
 	@echo "make install    project venv ($(VENV)) with torch==$(TORCH_VERSION) (CPU), the package and its deps"
 	@echo "make horovod    build (once, cached) and install Horovod with PyTorch + Gloo"
+	@echo "make doctor     check this machine: torch/CUDA, GPUs, Horovod build, DALI decode, MLflow, data"
+	@echo "make horovod-gpu-check  CUDA torch + toolkit wheels in $(GPU_VENV), build Horovod with NCCL, check it"
+	@echo "make wheelhouse CUDA=cu12|cu13|cpu [PYTHON=python3.12]: every wheel for an offline install"
+	@echo "make install WHEELHOUSE=dir  install from a wheelhouse with no network"
 	@echo "make lint       ruff over the package, tests and benchmarks"
 	@echo "make mlflow-ui  MLflow UI on the local store (http://127.0.0.1:$(MLFLOW_PORT))"
 	@echo "make bench      benchmark suite; prints tables (see BENCHMARKS.md)"
 	@echo "make bench-quality  test bits/dim (EMA and raw) on natural-image patches at 200/400/800 steps"
 
+# WHEELHOUSE=dir (from `make wheelhouse`): install everything from that folder, with no network at all.
+WHEELHOUSE ?=
+OFFLINE := $(if $(WHEELHOUSE),--no-index --find-links $(abspath $(WHEELHOUSE)))
+
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q $(OFFLINE) --upgrade pip wheel setuptools
 
-# torch is pinned to the local CPU build first, so no dependency pulls a CUDA build.
+# torch is pinned to the local CPU build first, so no dependency pulls a CUDA build. From a wheelhouse, its
+# requirements.txt names the flavour's torch, DALI and Horovod instead.
 $(STAMP): pyproject.toml | $(PY)
+ifeq ($(WHEELHOUSE),)
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q -e ".[dali,test]"
+else
+	$(PY) -m pip install -q $(OFFLINE) -r $(WHEELHOUSE)/requirements.txt
+	$(PY) -m pip install -q $(OFFLINE) -e ".[test]"
+endif
 	@touch $@
 
 install: $(STAMP)
@@ -46,6 +60,34 @@ $(HVD_STAMP): $(STAMP) launch/install-horovod.sh
 	@touch $@
 
 horovod: $(HVD_STAMP)
+
+doctor: $(STAMP)
+	PATH=$(BIN):$$PATH $(BIN)/glow-dist doctor $(DOCTOR_ARGS)
+
+# The GPU build of Horovod, proven without a GPU: a separate venv with a CUDA build of torch (several GB, never in
+# the default install) and NVIDIA's toolkit wheels, Horovod built with NCCL (CUDA_FROM=pypi: nvcc, cudart and CCCL
+# from PyPI; system: a local toolkit of torch's CUDA major; auto: system when it matches), then --check-build must
+# list NCCL. Not part of `make test`.
+GPU_VENV ?= .venv-gpu
+GPU_TORCH_VERSION ?= 2.14.1
+CUDA_FROM ?= pypi
+
+horovod-gpu-check:
+	[ -x $(GPU_VENV)/bin/python ] || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q "torch==$(GPU_TORCH_VERSION)" numpy
+	$(GPU_VENV)/bin/python -c 'import sys, torch; sys.exit(None if torch.version.cuda else \
+		f"torch {torch.__version__} is not a CUDA build; set GPU_TORCH_VERSION to one")'
+	GLOW_DIST_HOROVOD_GPU=nccl GLOW_DIST_CUDA_FROM=$(CUDA_FROM) bash launch/install-horovod.sh $(GPU_VENV)/bin/python
+	PATH=$(GPU_VENV)/bin:$$PATH $(GPU_VENV)/bin/horovodrun --check-build | tee $(GPU_VENV)/check-build.txt
+	@grep -q '\[X\] NCCL' $(GPU_VENV)/check-build.txt && echo "horovod-gpu-check: NCCL is built in" || \
+		{ echo "horovod-gpu-check: NCCL missing from the build" >&2; exit 1; }
+
+# Every wheel for an air-gapped install, for one CUDA flavour (cu12 | cu13 | cpu) and the Python of $(PYTHON):
+# torch, Horovod built for that torch (NCCL for CUDA), DALI, this project and all dependencies, in $(WHEELHOUSE)
+# (default wheelhouse/$(CUDA)). Then on the cluster: make install WHEELHOUSE=wheelhouse/$(CUDA).
+CUDA ?= cu13
+wheelhouse:
+	bash launch/wheelhouse.sh $(or $(WHEELHOUSE),wheelhouse/$(CUDA)) $(CUDA) $(PYTHON) $(TORCH_VERSION)
 
 test: $(STAMP) $(HVD_STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q $(PYTEST_ARGS)

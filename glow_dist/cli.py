@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("glow_dist.commands.train_cmd", "train on shards (one process, or many under horovodrun)"),
     "evaluate": ("glow_dist.commands.evaluate_cmd", "test-set bits/dim of a checkpoint (and baselines)"),
     "prepare": ("glow_dist.data.prepare", "write a data set (digits, image folder, CIFAR-10) as WebDataset shards"),
+    "doctor": ("glow_dist.commands.doctor_cmd", "check this node (or every rank) before training: GPUs, Horovod, "
+                                                "DALI, MLflow, data"),
     "plan": ("glow_dist.commands.plan_cmd", "parameters, FLOPs, memory and steps per epoch of a config, on no GPU"),
     "sample": ("glow_dist.commands.sample_cmd", "grid of samples from a checkpoint, one row per temperature"),
     "encode": ("glow_dist.commands.encode_cmd", "images -> latents (.npz), exactly invertible"),

@@ -47,6 +47,7 @@ class ModelConfig:
 class DataConfig:
     root: str = "data/digits"     # folder with train-*.tar / test-*.tar and manifest.json
     backend: str = "auto"         # auto | dali | webdataset (auto: dali when importable)
+    decode: str = "auto"          # auto | cpu | gpu: where images are decoded (auto: gpu with dali on a CUDA device)
     num_workers: int = 1          # decoder threads (dali) or DataLoader workers (webdataset)
     flip: bool = False            # random horizontal flip of training images
     shuffle_buffer: int = 256     # samples held for shuffling the training stream
@@ -129,6 +130,7 @@ _CHOICES = {
     "model.memory": ("plain", "checkpoint", "invertible"),
     "model.autocast": ("none", "bf16"),
     "data.backend": ("auto", "dali", "webdataset"),
+    "data.decode": ("auto", "cpu", "gpu"),
     "optim.name": ("adamax", "adam"),
     "optim.lr_scaling": ("none", "linear", "sqrt"),
     "dist.background_priority": BACKGROUND_PRIORITIES,

@@ -192,8 +192,10 @@ class Trainer:
         tracker = make_tracker(cfg, dist.is_main(), run_id=self._run_id, world_size=self.world)
         self.report = Reporter(cfg, tracker, self.position.step) if dist.is_main() else NullReporter()
         tags = {"hosts": str(dist.host_count()), "gpu_type": gpu_type(), "git_commit": git_commit(),
-                "world_size": str(self.world)}
+                "world_size": str(self.world), "data.backend": self.train_data.backend,
+                "data.decode": self.train_data.decode}
         self.report.start(cfg, self.world, tags, resumed)
+        self.report.message(self.train_data.describe())  # which backend and decoder actually run
 
     def _build_loaders(self) -> None:
         loader_args = dict(rank=self.rank, world_size=self.world, device=self.device, seed=self.cfg.train.seed)

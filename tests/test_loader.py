@@ -190,3 +190,54 @@ def test_process_with_an_abandoned_webdataset_loader_exits(dataset: Path) -> Non
         raise AssertionError("the process hung at exit waiting for its loader workers") from e
     assert "read one batch" in out.stdout, out.stderr[-2000:]
     assert out.returncode == 3 and "Exception ignored" not in out.stderr, out.stderr[-2000:]
+
+
+# ---- the shared types module, the decode choice and the n-bit quantization (issue 14) ----------------------------
+
+def test_backends_depend_on_the_shared_types_only() -> None:
+    """Importing a backend loads glow_dist.data.base, never the factory: no import cycle."""
+    import subprocess
+    import sys
+
+    code = ("import sys, glow_dist.data.dali_loader, glow_dist.data.wds_loader; "
+            "print('glow_dist.data.loader' in sys.modules, 'glow_dist.data.base' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
+
+
+def test_decode_choice(dataset: Path) -> None:
+    from glow_dist.data.loader import resolve_decode
+
+    cuda = torch.device("cuda", 0)
+    assert resolve_decode("auto", "dali", CPU) == "cpu" and resolve_decode("auto", "dali", cuda) == "gpu"
+    assert resolve_decode("auto", "webdataset", cuda) == "cpu" and resolve_decode("cpu", "dali", cuda) == "cpu"
+    assert resolve_decode("gpu", "dali", cuda) == "gpu"
+    with pytest.raises(DataError, match="needs the DALI backend"):
+        resolve_decode("gpu", "webdataset", cuda)
+    with pytest.raises(DataError, match="must be one of"):
+        resolve_decode("nvjpeg", "dali", cuda)
+    # On this CPU rank: asking for GPU decoding is an error naming the device, auto decodes on the CPU.
+    with pytest.raises(DataError, match=r"data.decode=gpu but this rank's device is cpu"):
+        loader(dataset, "dali", "test", decode="gpu")
+    for backend in BACKENDS:
+        ld = loader(dataset, backend, "test")
+        assert ld.backend == backend and ld.decode == "cpu"
+        assert ld.describe() == f"data: {backend} backend, decoding on the CPU (device cpu)"
+
+
+@pytest.mark.parametrize("n_bits", [3, 5])
+def test_loaders_quantize_to_n_bits(dataset: Path, n_bits: int) -> None:
+    """Both backends hand out the top n_bits of each value (DALI in its pipeline, on the GPU when it decodes there)."""
+    from glow_dist.model import preprocess
+
+    mask = (0xFF << (8 - n_bits)) & 0xFF
+    full = torch.cat([b[0] for b in loader(dataset, "webdataset", "test").epoch(0)])
+    assert (full & ~mask & 0xFF).any()  # the data set has low bits to drop
+    for backend in BACKENDS:
+        model = ModelConfig(image_size=8, channels=3, n_bits=n_bits)
+        ld = make_loader(DataConfig(root=str(dataset), backend=backend), model, split="test", rank=0, world_size=1,
+                         batch_size=4, device=CPU, seed=3)
+        got = torch.cat([b[0] for b in ld.epoch(0)])
+        assert torch.equal(got, full & mask), backend
+        # The model's own quantization gives the same bins from the loader's images as from the full ones.
+        assert torch.equal(preprocess(got, n_bits, noise=False), preprocess(full, n_bits, noise=False))

@@ -17,69 +17,21 @@ import atexit
 import contextlib
 import ctypes
 import functools
-import io
 import multiprocessing
 import multiprocessing.util  # its exit hook must be registered before ours (atexit runs last-in, first-out)
 import random
 import signal
-import tarfile
 from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from glow_dist.data.loader import Batch, Loader, epoch_seed
-from glow_dist.data.manifest import DataError, partition, read_index
+from glow_dist.data.base import Batch, Loader, decode_sample, epoch_seed, read_range
+from glow_dist.data.manifest import DataError, partition
 
-
-def read_range(shards: list[dict[str, Any]], lo: int, hi: int, exts: list[str]) -> Iterator[dict[str, Any]]:
-    """Samples [lo, hi) of the concatenated shards as webdataset dicts (`__key__`, `__url__`, one entry per ext)."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    start = 0
-    for shard in shards:
-        end = start + shard["num_samples"]
-        if end > lo and start < hi:
-            first, count = max(lo - start, 0), min(hi, end) - max(lo, start)
-            # A member's header starts at the 512-byte boundary after the previous sample's last data block.
-            offset = _header_offsets(shard["index_path"])[first]
-            try:
-                with open(shard["path"], "rb") as f:
-                    f.seek(offset)
-                    wanted = tar_file_iterator(f, select_files=lambda name: name.split(".", 1)[-1] in exts)
-                    files = ({**entry, "__url__": shard["path"]} for entry in wanted)
-                    yield from islice(group_by_keys(files), count)
-            except (OSError, ValueError, EOFError, tarfile.TarError) as e:
-                raise DataError(f"cannot read shard {shard['path']}: {e}; re-run `glow-dist prepare --overwrite`") \
-                    from e
-        start = end
-
-
-@functools.lru_cache(maxsize=64)
-def _header_offsets(index_path: str) -> list[int]:
-    """Byte offset of each sample's first tar header: the 512-byte boundary after the previous sample's data."""
-    ends = [max(off + size for off, size in sample.values()) for sample in read_index(index_path)]
-    return [0] + [-(-end // 512) * 512 for end in ends[:-1]]
-
-
-def decode_sample(sample: dict[str, Any], ext: str, size: int, channels: int) -> tuple[np.ndarray, int]:
-    """(uint8 (H, W, C) image, label) of one sample; DataError naming shard and key when it cannot be decoded."""
-    where = f"sample {sample.get('__key__')!r} in shard {sample.get('__url__')}"
-    if ext not in sample or "cls" not in sample:
-        raise DataError(f"{where} lacks its .{ext} or .cls file; re-run `glow-dist prepare --overwrite`")
-    try:
-        with Image.open(io.BytesIO(sample[ext])) as image:
-            array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
-        label = int(sample["cls"])
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot decode {where}: {e}; re-run `glow-dist prepare --overwrite` "
-                        "or replace the shard") from None
-    if array.shape[:2] != (size, size):
-        raise DataError(f"{where} is {array.shape[1]}x{array.shape[0]}, the manifest says {size}x{size}")
-    return array.reshape(size, size, channels), label
+__all__ = ["WdsLoader", "decode_sample", "read_range"]
 
 
 class _EpochStream(torch.utils.data.IterableDataset):
@@ -128,6 +80,8 @@ class _EpochStream(torch.utils.data.IterableDataset):
             image, label = decode_sample(sample, ld.image_ext, ld.image_size, ld.channels)
             pixels[i] = image[:, ::-1] if flip is not None and flip[i] else image
             labels.append(label)
+        if ld.mask != 0xFF:
+            np.bitwise_and(pixels, ld.mask, out=pixels)  # the n-bit quantization, in place
         return j, images, torch.tensor(labels, dtype=torch.int64)
 
 
@@ -181,6 +135,8 @@ def _stop_signals_blocked() -> Iterator[None]:
 
 
 class WdsLoader(Loader):
+    backend = "webdataset"
+
     def _read(self, epoch: int, part: int, start_batch: int) -> Iterator[Batch]:
         workers = max(1, min(self.num_workers, self.batches_per_epoch))
         data = torch.utils.data.DataLoader(

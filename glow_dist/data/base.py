@@ -1,0 +1,168 @@
+"""What both loader backends share: the `Loader` base class, the batch type, seeding, and reading and decoding
+samples straight from the shards (used by the webdataset backend, by DALI's error reports and by `iter_samples`).
+
+Each backend (`dali_loader`, `wds_loader`) depends on this module alone; `loader.make_loader` chooses between them.
+
+Who reads what (both backends, so that they agree):
+- A split is the concatenation of its shards, N samples. Rank r reads the contiguous part
+  [N*p//W, N*(p+1)//W) with p = r for the test split and p = (r + epoch) % W for training, so parts rotate
+  between ranks from epoch to epoch while the ranks of one epoch stay disjoint. This is exactly how DALI's reader
+  splits `shard_id`/`num_shards`. `prepare` shuffled the training set once, so the parts are alike.
+- Training: every rank yields floor(floor(N/W)/B) full batches (set by the smallest part) so that every rank makes
+  the same number of all-reduce calls; the order inside a part is a seeded shuffle of (seed, epoch, rank), so
+  `epoch(e, start_batch=k)` on a resumed run gives exactly batches k.. of that epoch again.
+- Test: in order, every sample exactly once across ranks; the last batch may be partial.
+- Pixels: uint8 with the low 8 - n_bits bits cleared (the n-bit quantization, done by the loader: on the GPU when
+  DALI decodes there). `model.quantize` of such an image gives the same bins as of the full 8-bit image.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import tarfile
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from glow_dist.data.manifest import DataError, partition, read_index, split_shards, test_batches, train_batches
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+DECODES = ("auto", "cpu", "gpu")
+
+
+def epoch_seed(*parts: int) -> int:
+    """A 31-bit seed from (seed, epoch, rank, ...): independent streams without hand-made arithmetic."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def quantize_mask(n_bits: int) -> int:
+    """The uint8 mask that keeps the top n_bits of a value: x & mask == (x >> (8 - n)) << (8 - n)."""
+    if not 1 <= n_bits <= 8:
+        raise DataError(f"n_bits must be in 1..8, got {n_bits}")
+    return (0xFF << (8 - n_bits)) & 0xFF
+
+
+def read_range(shards: list[dict[str, Any]], lo: int, hi: int, exts: list[str]) -> Iterator[dict[str, Any]]:
+    """Samples [lo, hi) of the concatenated shards as webdataset dicts (`__key__`, `__url__`, one entry per ext)."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    start = 0
+    for shard in shards:
+        end = start + shard["num_samples"]
+        if end > lo and start < hi:
+            first, count = max(lo - start, 0), min(hi, end) - max(lo, start)
+            # A member's header starts at the 512-byte boundary after the previous sample's last data block.
+            offset = _header_offsets(shard["index_path"])[first]
+            try:
+                with open(shard["path"], "rb") as f:
+                    f.seek(offset)
+                    wanted = tar_file_iterator(f, select_files=lambda name: name.split(".", 1)[-1] in exts)
+                    files = ({**entry, "__url__": shard["path"]} for entry in wanted)
+                    yield from islice(group_by_keys(files), count)
+            except (OSError, ValueError, EOFError, tarfile.TarError) as e:
+                raise DataError(f"cannot read shard {shard['path']}: {e}; re-run `glow-dist prepare --overwrite`") \
+                    from e
+        start = end
+
+
+@functools.lru_cache(maxsize=64)
+def _header_offsets(index_path: str) -> list[int]:
+    """Byte offset of each sample's first tar header: the 512-byte boundary after the previous sample's data."""
+    ends = [max(off + size for off, size in sample.values()) for sample in read_index(index_path)]
+    return [0] + [-(-end // 512) * 512 for end in ends[:-1]]
+
+
+def decode_sample(sample: dict[str, Any], ext: str, size: int, channels: int) -> tuple[np.ndarray, int]:
+    """(uint8 (H, W, C) image, label) of one sample; DataError naming shard and key when it cannot be decoded."""
+    from PIL import Image
+
+    where = f"sample {sample.get('__key__')!r} in shard {sample.get('__url__')}"
+    if ext not in sample or "cls" not in sample:
+        raise DataError(f"{where} lacks its .{ext} or .cls file; re-run `glow-dist prepare --overwrite`")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as image:
+            array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+        label = int(sample["cls"])
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot decode {where}: {e}; re-run `glow-dist prepare --overwrite` "
+                        "or replace the shard") from None
+    if array.shape[:2] != (size, size):
+        raise DataError(f"{where} is {array.shape[1]}x{array.shape[0]}, the manifest says {size}x{size}")
+    return array.reshape(size, size, channels), label
+
+
+class Loader:
+    """Batches of one split for one rank. Subclasses implement `_read(epoch, part, start_batch)`.
+
+    `backend` and `decode` ("cpu" or "gpu") name what runs, for the trainer's log.
+    """
+
+    backend = "none"
+
+    def __init__(self, root: str | Path, manifest: dict[str, Any], split: str, rank: int, world_size: int,
+                 batch_size: int, device: torch.device, seed: int, flip: bool, num_workers: int,
+                 shuffle_buffer: int, n_bits: int = 8, decode: str = "cpu") -> None:
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world size {world_size}")
+        self.root, self.manifest, self.split = Path(root), manifest, split
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.device, self.seed = device, seed
+        self.train = split == "train"
+        self.flip = flip and self.train  # evaluation always sees the images as stored
+        self.num_workers, self.shuffle_buffer = num_workers, max(1, shuffle_buffer)
+        self.n_bits, self.mask, self.decode = n_bits, quantize_mask(n_bits), decode
+        self.shards = split_shards(manifest, root, split)
+        self.total = sum(s["num_samples"] for s in self.shards)
+        self.image_size, self.channels, self.image_ext = manifest["image_size"], manifest["channels"], \
+            manifest["image_ext"]
+        if self.train:
+            self.batches_per_epoch = train_batches(self.total, world_size, batch_size)
+            self.num_samples = self.batches_per_epoch * batch_size
+            if self.batches_per_epoch == 0:
+                raise DataError(
+                    f"{root}: the train split has {self.total} samples, fewer than world size {world_size} x "
+                    f"batch size {batch_size}; lower train.batch_size or prepare more data"
+                )
+        else:
+            lo, hi = partition(self.total, world_size, rank)
+            self.num_samples = hi - lo
+            self.batches_per_epoch = test_batches(hi - lo, batch_size)
+
+    def part(self, epoch: int) -> int:
+        return (self.rank + epoch) % self.world_size if self.train else self.rank
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches `start_batch`.. of epoch `epoch`: (uint8 (B, C, H, W), int64 (B,)) on the loader's device."""
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise DataError(f"start_batch {start_batch} is outside 0..{self.batches_per_epoch}")
+        if self.batches_per_epoch == start_batch:
+            return
+        yield from self._read(epoch, self.part(epoch), start_batch)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def describe(self) -> str:
+        return f"data: {self.backend} backend, decoding on the {self.decode.upper()} (device {self.device})"
+
+    def _read(self, epoch: int, part: int, start_batch: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
+        """(B, H, W, C) -> (B, C, H, W) on the device; one copy, non-blocking from pinned memory."""
+        images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+        return images, labels.to(self.device, dtype=torch.int64, non_blocking=True)
+
+    def find_bad_sample(self, part: int) -> DataError | None:
+        """Decode the part with PIL to name the shard and key that a backend (DALI) could not decode."""
+        lo, hi = partition(self.total, self.world_size, part)
+        for sample in read_range(self.shards, lo, hi, [self.image_ext, "cls"]):
+            try:
+                decode_sample(sample, self.image_ext, self.image_size, self.channels)
+            except DataError as e:
+                return e
+        return None

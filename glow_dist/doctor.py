@@ -1,0 +1,278 @@
+"""`glow-dist doctor`: what a node can run, checked for real, one PASS/FAIL/SKIP line per check.
+
+Checks: torch and its CUDA build, the GPUs and their memory, cuDNN/TF32 state, Horovod's build (frameworks,
+controllers, GPU operations) and, under horovodrun, an all-reduce across every rank on the rank's device, DALI with
+a real decode of a tiny in-memory JPEG batch ("mixed", i.e. on the GPU, when there is one; CPU otherwise) against
+PIL's decode, webdataset, the MLflow tracking URI the config would use, and with `--data` the manifest and one
+sample of every split. FAIL means something this config needs is missing or broken; SKIP means not needed here.
+"""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from glow_dist.config import Config
+
+PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+JPEG_MEAN_ABS_BOUND = 2.0  # mean |DALI - PIL| per pixel for the probe JPEGs (IDCT rounding differs, by design)
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+
+    def line(self, prefix: str = "") -> str:
+        return f"{prefix}{self.status}  {self.name:<11} {self.detail}"
+
+
+def _launched() -> bool:
+    return "HOROVOD_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+
+
+def check_torch() -> Check:
+    import torch
+
+    cuda = torch.version.cuda or "none (CPU build)"
+    return Check("torch", PASS, f"{torch.__version__}, CUDA build {cuda}, CUDA available: "
+                                f"{torch.cuda.is_available()}")
+
+
+def check_gpus(need_gpu: bool) -> Check:
+    import torch
+
+    if not torch.cuda.is_available():
+        status = FAIL if need_gpu else SKIP
+        why = "the config decodes on the GPU (data.decode=gpu)" if need_gpu else "CPU run"
+        return Check("gpus", status, f"no CUDA device ({why})")
+    parts = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        free, total = torch.cuda.mem_get_info(i)
+        parts.append(f"cuda:{i} {p.name} sm_{p.major}{p.minor} {total / 2**30:.1f} GiB ({free / 2**30:.1f} free)")
+    return Check("gpus", PASS, f"{len(parts)}: " + "; ".join(parts))
+
+
+def check_cudnn() -> Check:
+    import torch
+
+    if not torch.cuda.is_available():
+        return Check("cudnn/tf32", SKIP, "no CUDA device")
+    b = torch.backends
+    version = b.cudnn.version() if b.cudnn.is_available() else None
+    return Check("cudnn/tf32", PASS if version else FAIL,
+                 f"cuDNN {version or 'missing'} enabled={b.cudnn.enabled} benchmark={b.cudnn.benchmark}; "
+                 f"TF32 matmul={b.cuda.matmul.allow_tf32} conv={b.cudnn.allow_tf32}; "
+                 f"float32 matmul precision {torch.get_float32_matmul_precision()}")
+
+
+def check_horovod() -> Check:
+    import torch
+
+    try:
+        import horovod
+        import horovod.torch as hvd
+    except ImportError as e:
+        status = FAIL if _launched() else SKIP
+        return Check("horovod", status, f"not importable ({e}); single-process only; `make horovod` builds it")
+    built = {name: getattr(hvd, f"{name.lower()}_built")() for name in ("Gloo", "MPI", "NCCL", "CUDA")}
+    have = ", ".join(f"{k}{'+' if v else '-'}" for k, v in built.items())
+    detail = f"{horovod.__version__}: PyTorch; controllers and ops: {have}"
+    if torch.cuda.is_available() and not built["NCCL"]:
+        return Check("horovod", FAIL, detail + "; this node has GPUs but Horovod has no NCCL: rebuild with "
+                                               "launch/install-horovod.sh against the CUDA torch")
+    if not built["Gloo"] and not built["MPI"]:
+        return Check("horovod", FAIL, detail + "; no controller (Gloo or MPI)")
+    return Check("horovod", PASS, detail)
+
+
+def check_allreduce() -> Check:
+    """Under a launcher: every rank adds rank+1 on its own device; the sum must be n(n+1)/2 everywhere."""
+    import torch
+
+    from glow_dist import dist
+
+    if not _launched():
+        return Check("allreduce", SKIP, "not under horovodrun (run `horovodrun -np N glow-dist doctor`)")
+    dist.init()
+    device = dist.pin_device()
+    n, r = dist.size(), dist.rank()
+    got = dist.allreduce_sum(torch.full((1024,), float(r + 1), device=device), name="doctor.allreduce")
+    want = n * (n + 1) / 2
+    ok = bool(torch.all(got == want).item())
+    via = "NCCL" if device.type == "cuda" else "Gloo"
+    return Check("allreduce", PASS if ok else FAIL,
+                 f"rank {r}/{n} on {device} ({via}): sum {got[0].item():g}, expected {want:g}")
+
+
+def _probe_jpegs(count: int = 4, size: int = 32) -> list[bytes]:
+    """Smooth colour images (gradients and a disc): JPEG-friendly, so the decoders' differences stay small."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
+    blobs = []
+    for k in range(count):
+        disc = ((x - 0.5) ** 2 + (y - 0.3 - 0.1 * k) ** 2 < 0.08).astype(np.float32)
+        rgb = np.stack([x, y, 0.5 * disc + 0.25 * k / count], axis=-1) * 255
+        buf = io.BytesIO()
+        Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
+        blobs.append(buf.getvalue())
+    return blobs
+
+
+def dali_decode(blobs: list[bytes], device: str, device_id: int | None) -> np.ndarray:
+    """Decode JPEG/PNG bytes with DALI (device "mixed" or "cpu"): uint8 (N, H, W, 3) on the host."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=len(blobs), num_threads=1, device_id=device_id)
+    def pipeline() -> object:
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+        return fn.decoders.image(encoded, device=device, output_type=types.RGB)
+
+    pipe = pipeline()
+    pipe.build()
+    pipe.feed_input("encoded", [np.frombuffer(b, dtype=np.uint8) for b in blobs])
+    (out,) = pipe.run()
+    if device == "mixed":
+        out = out.as_cpu()
+    return np.stack([np.array(out[i]) for i in range(len(blobs))])
+
+
+def pil_decode(blobs: list[bytes]) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
+
+
+def check_dali(cfg: Config) -> Check:
+    import torch
+
+    needed = cfg.data.backend == "dali" or cfg.data.decode == "gpu"
+    try:
+        import nvidia.dali as dali
+    except ImportError:
+        return Check("dali", FAIL if needed else SKIP,
+                     f"not installed ({'data.backend=dali' if needed else 'the webdataset backend is used'})")
+    gpu = torch.cuda.is_available() and cfg.data.decode != "cpu"
+    device, device_id = ("mixed", torch.cuda.current_device()) if gpu else ("cpu", None)
+    blobs = _probe_jpegs()
+    try:
+        got = dali_decode(blobs, device, device_id)
+    except Exception as e:  # any DALI failure is the finding
+        return Check("dali", FAIL, f"{dali.__version__}: {device} decode failed: {str(e).splitlines()[0]}")
+    want = pil_decode(blobs)
+    if got.shape != want.shape:
+        return Check("dali", FAIL, f"{dali.__version__}: {device} decode gave {got.shape}, PIL {want.shape}")
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    ok = diff.mean() <= JPEG_MEAN_ABS_BOUND
+    where = f"on cuda:{device_id}" if gpu else "on the CPU"
+    return Check("dali", PASS if ok else FAIL,
+                 f"{dali.__version__}: decoded {len(blobs)} JPEGs {where} ({device}); vs PIL mean |diff| "
+                 f"{diff.mean():.3f}, max {diff.max()} (bound {JPEG_MEAN_ABS_BOUND})")
+
+
+def check_webdataset() -> Check:
+    try:
+        import webdataset
+    except ImportError as e:
+        return Check("webdataset", FAIL, f"not importable: {e}")
+    return Check("webdataset", PASS, getattr(webdataset, "__version__", "installed"))
+
+
+def tracking_uri(cfg: Config) -> str:
+    """The URI the trainer's tracker would use (tracking.uri, else $MLFLOW_TRACKING_URI, else the local store)."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri or f"sqlite:///{Path(cfg.tracking.local_dir).resolve() / 'mlflow.db'}"
+
+
+def check_mlflow(cfg: Config, timeout: float) -> Check:
+    uri = tracking_uri(cfg)
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        import requests
+
+        start = time.monotonic()
+        try:
+            # /health answers without touching the backend store; the experiments call proves the REST API.
+            requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).raise_for_status()
+            r = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+                             params={"max_results": 1}, timeout=timeout)
+            r.raise_for_status()
+        except requests.RequestException as e:
+            reason = type(e).__name__ if not str(e) else str(e).split(": ")[-1][:160]
+            return Check("mlflow", FAIL, f"{uri} unreachable after {time.monotonic() - start:.1f} s: {reason}")
+        return Check("mlflow", PASS, f"{uri} answers ({(time.monotonic() - start) * 1000:.0f} ms)")
+    if parsed.scheme in ("sqlite", "file", ""):
+        path = Path(parsed.path if parsed.scheme else uri)
+        folder = path.parent if parsed.scheme == "sqlite" else path
+        probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("/"))
+        if not os.access(probe, os.W_OK):
+            return Check("mlflow", FAIL, f"{uri}: {probe} is not writable")
+        return Check("mlflow", PASS, f"{uri} (local store, writable)")
+    return Check("mlflow", SKIP, f"{uri}: scheme {parsed.scheme!r} not probed")
+
+
+def check_data(cfg: Config, root: str, check_shape: bool) -> list[Check]:
+    from glow_dist.data.base import decode_sample, read_range
+    from glow_dist.data.manifest import SPLITS, DataError, check_model_shape, read_manifest, split_shards
+
+    try:
+        manifest = read_manifest(root)
+        if check_shape:
+            check_model_shape(manifest, cfg.model.image_size, cfg.model.channels, root)
+    except DataError as e:
+        return [Check("data", FAIL, str(e))]
+    size, ch, ext = manifest["image_size"], manifest["channels"], manifest["image_ext"]
+    checks = [Check("data", PASS, f"{root}: manifest {size}x{size}x{ch} .{ext}")]
+    for split in SPLITS:
+        if not manifest["splits"].get(split, {}).get("shards"):
+            checks.append(Check(f"data:{split}", SKIP, "no shards"))
+            continue
+        try:
+            shards = split_shards(manifest, root, split)
+            sample = next(read_range(shards[:1], 0, 1, [ext, "cls"]), None)
+            if sample is None:
+                raise DataError(f"{shards[0]['path']} holds no sample")
+            image, label = decode_sample(sample, ext, size, ch)
+        except DataError as e:
+            checks.append(Check(f"data:{split}", FAIL, str(e)))
+            continue
+        total = sum(s["num_samples"] for s in shards)
+        checks.append(Check(f"data:{split}", PASS, f"{len(shards)} shard(s), {total} samples; read "
+                                                   f"{sample['__key__']} ({image.shape}, label {label})"))
+    return checks
+
+
+def run_checks(cfg: Config, data: str | None, check_shape: bool, timeout: float,
+               report: Callable[[Check], None]) -> list[Check]:
+    """Every check in order, each reported as soon as it is done (a hang then shows where)."""
+    checks: list[Check] = []
+
+    def add(*found: Check) -> None:
+        for c in found:
+            checks.append(c)
+            report(c)
+
+    add(check_torch(), check_gpus(cfg.data.decode == "gpu"), check_cudnn(), check_horovod())
+    add(check_allreduce())
+    add(check_dali(cfg), check_webdataset(), check_mlflow(cfg, timeout))
+    if data is not None:
+        add(*check_data(cfg, data, check_shape))
+    return checks
+
+
+def rank_prefix() -> str:
+    if not _launched():
+        return ""
+    rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
+    size = os.environ.get("HOROVOD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "?"))
+    return f"[rank {rank}/{size} {socket.gethostname()}] "
