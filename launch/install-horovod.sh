@@ -23,7 +23,8 @@
 # (e.g. 80,90).
 #
 # Patches to the 0.28.1 sdist (each checked, so a changed sdist fails loudly instead of building something else):
-#   - C++17 instead of C++14 for the library and the torch extension: torch >= 2.1 headers need C++17
+#   - C++17 instead of C++14 for the library, and for the torch extension the standard torch's own extension
+#     builder uses: C++17 for torch 2.1-2.13, C++20 from torch 2.14 (its headers use std::strong_ordering)
 #   - C++17 instead of C++11 for the CUDA kernels: CUDA 13's CCCL headers reject anything older
 set -euo pipefail
 
@@ -31,8 +32,11 @@ PY=${1:-python3}
 HVD_VERSION=0.28.1
 CACHE=${GLOW_DIST_WHEEL_CACHE:-$HOME/.cache/glow-dist/wheels}
 
-read -r TORCH_VERSION TORCH_CUDA PYTAG SITE TORCH_ARCHS < <("$PY" - <<'EOF'
-import sys, sysconfig, torch
+read -r TORCH_VERSION TORCH_CUDA PYTAG SITE TORCH_ARCHS TORCH_STD < <("$PY" - <<'EOF'
+import re, sys, sysconfig, torch
+import torch.utils.cpp_extension as ext
+# The C++ standard torch's headers need: the newest -std= its own extension builder passes (17 up to 2.13, 20 after).
+std = max([17] + [int(v) for v in re.findall(r"-std=c\+\+(\d\d)", open(ext.__file__).read())])
 archs = ""
 if torch.version.cuda:
     try:  # the architectures torch itself was compiled for; needs no GPU
@@ -41,7 +45,7 @@ if torch.version.cuda:
     except Exception:
         pass
 print(torch.__version__.replace("+", "_"), torch.version.cuda or "none", f"cp{sys.version_info[0]}{sys.version_info[1]}",
-      sysconfig.get_paths()["purelib"], archs or "-")
+      sysconfig.get_paths()["purelib"], archs or "-", std)
 EOF
 )
 [ -n "${PYTAG:-}" ] || { echo "horovod: cannot import torch with $PY; install torch first" >&2; exit 1; }
@@ -111,13 +115,15 @@ pypi_cuda() {
 if [ -z "$(wheel)" ]; then
     echo "horovod: building $HVD_VERSION ($VARIANT) against torch $TORCH_VERSION for $PYTAG (about 3 minutes on 2 cores for CPU; cached after)"
     work=$(mktemp -d)
-    trap 'rm -rf "$work"' EXIT
+    [ -n "${GLOW_DIST_KEEP_BUILD:-}" ] && echo "horovod: keeping the build in $work" || trap 'rm -rf "$work"' EXIT
     "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HVD_VERSION" -d "$work"
     tar -xzf "$work"/horovod-$HVD_VERSION.tar.gz -C "$work"
     src="$work/horovod-$HVD_VERSION"
-    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
-    grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" || {
-        echo "horovod: the C++17 patch did not apply; the sdist layout changed" >&2; exit 1; }
+    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$src/CMakeLists.txt"
+    sed -i "s/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD $TORCH_STD)/" "$src/horovod/torch/CMakeLists.txt"
+    grep -q 'CMAKE_CXX_STANDARD 17' "$src/CMakeLists.txt" &&
+        grep -q "CMAKE_CXX_STANDARD $TORCH_STD" "$src/horovod/torch/CMakeLists.txt" || {
+        echo "horovod: the C++$TORCH_STD patch did not apply; the sdist layout changed" >&2; exit 1; }
     # Build requirements, since --no-build-isolation uses this environment's packages.
     "$PY" -m pip install -q cmake packaging psutil cloudpickle pyyaml wheel setuptools
     env=(HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_TENSORFLOW=1
@@ -174,5 +180,5 @@ fi
 
 if [ -n "${GLOW_DIST_HOROVOD_COPY_TO:-}" ]; then cp "$(wheel)" "$GLOW_DIST_HOROVOD_COPY_TO"/; fi
 "$PY" -m pip install -q --no-deps "$(wheel)"
-"$PY" -m pip install -q cloudpickle psutil pyyaml packaging
+"$PY" -m pip install -q cloudpickle psutil pyyaml packaging cffi
 echo "horovod: installed $(basename "$(wheel)") from $WHEEL_DIR"

@@ -53,7 +53,7 @@ printf 'torch==%s\nhorovod==0.28.1\n%s\n' "$torch_pin" "$dali" > "$OUT/requireme
 # This project as a wheel, then everything it needs (torch pinned to the flavour's build by requirements.txt).
 "$py" -m pip wheel -q --no-deps -w "$OUT" "$HERE"
 "$py" -m pip download -q -d "$OUT" --find-links "$OUT" "${index[@]}" \
-    -r <(grep -v '^horovod' "$OUT/requirements.txt") "glow-dist[test]" cmake packaging psutil cloudpickle pyyaml
+    -r <(grep -v '^horovod' "$OUT/requirements.txt") "glow-dist[test]" cmake packaging psutil cloudpickle pyyaml cffi
 
 # Horovod, built (or taken from the cache) against exactly this torch, with NCCL for CUDA flavours.
 "$py" -m pip install -q --no-index --find-links "$OUT" "torch==$torch_pin"
