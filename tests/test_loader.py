@@ -241,3 +241,20 @@ def test_loaders_quantize_to_n_bits(dataset: Path, n_bits: int) -> None:
         assert torch.equal(got, full & mask), backend
         # The model's own quantization gives the same bins from the loader's images as from the full ones.
         assert torch.equal(preprocess(got, n_bits, noise=False), preprocess(full, n_bits, noise=False))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trainer_says_which_backend_and_decoder_ran(digits_shards: Path, tmp_path: Path, backend: str) -> None:
+    import subprocess
+    import sys
+
+    from helpers import REPO, env_with_venv
+
+    cmd = [sys.executable, "-m", "glow_dist", "train", "--config", "configs/debug.yaml", "train.steps=2",
+           "train.progress=false", "train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=0",
+           "train.max_eval_batches=1", "train.threads=1", f"data.root={digits_shards}", f"data.backend={backend}",
+           f"train.run_dir={tmp_path / 'run'}", f"tracking.local_dir={tmp_path / 'mlflow'}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
+                         env=env_with_venv({"MLFLOW_TRACKING_URI": ""}))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"data: {backend} backend, decoding on the CPU (device cpu)" in out.stderr
