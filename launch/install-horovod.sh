@@ -75,9 +75,11 @@ find_system_cuda() {
     local c
     for c in "${HOROVOD_CUDA_HOME:-}" "${CUDA_HOME:-}" "$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x)")")" \
              /usr/local/cuda; do
-        if [ -n "$c" ] && [ -x "$c/bin/nvcc" ] && [ "$(cuda_major "$c")" = "${TORCH_CUDA%%.*}" ]; then
-            # /usr/local/bin/nvcc is often a link into the toolkit: use the toolkit itself
-            readlink -f "$c/bin/nvcc" | sed 's|/bin/nvcc$||'; return 0
+        # A toolkit home has the runtime headers next to nvcc (/usr/local/bin/nvcc is often a wrapper script
+        # whose folder is no toolkit: skipped, and /usr/local/cuda found after it).
+        if [ -n "$c" ] && [ -x "$c/bin/nvcc" ] && [ "$(cuda_major "$c")" = "${TORCH_CUDA%%.*}" ] &&
+           { [ -f "$c/include/cuda_runtime.h" ] || compgen -G "$c/targets/*/include/cuda_runtime.h" >/dev/null; }; then
+            echo "$c"; return 0
         fi
     done
     return 1
