@@ -55,10 +55,13 @@ def check_gpus(need_gpu: bool) -> Check:
         why = "the config decodes on the GPU (data.decode=gpu)" if need_gpu else "CPU run"
         return Check("gpus", status, f"no CUDA device ({why})")
     parts = []
+    mine = int(os.environ.get("HOROVOD_LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        free, total = torch.cuda.mem_get_info(i)
-        parts.append(f"cuda:{i} {p.name} sm_{p.major}{p.minor} {total / 2**30:.1f} GiB ({free / 2**30:.1f} free)")
+        text = f"cuda:{i} {p.name} sm_{p.major}{p.minor} {p.total_memory / 2**30:.1f} GiB"
+        if i == mine:  # free memory needs a CUDA context: only on this rank's own GPU, not on its neighbours'
+            text += f" ({torch.cuda.mem_get_info(i)[0] / 2**30:.1f} free)"
+        parts.append(text)
     return Check("gpus", PASS, f"{len(parts)}: " + "; ".join(parts))
 
 
