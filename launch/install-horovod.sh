@@ -115,7 +115,7 @@ pypi_cuda() {
 }
 
 if [ -z "$(wheel)" ]; then
-    echo "horovod: building $HVD_VERSION ($VARIANT) against torch $TORCH_VERSION for $PYTAG (about 3 minutes on 2 cores for CPU; cached after)"
+    echo "horovod: building $HVD_VERSION ($VARIANT) against torch $TORCH_VERSION for $PYTAG (CPU: about 3 min on 2 cores, NCCL: 20-30 min; cached after)"
     work=$(mktemp -d)
     [ -n "${GLOW_DIST_KEEP_BUILD:-}" ] && echo "horovod: keeping the build in $work" || trap 'rm -rf "$work"' EXIT
     "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HVD_VERSION" -d "$work"
