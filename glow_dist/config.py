@@ -37,9 +37,13 @@ class ModelConfig:
     weight_y: float = 0.01        # weight of the classifier loss (nats per image, added to the objective)
     memory: str = "plain"         # plain | checkpoint (per flow step) | invertible (rebuild inputs with reverse)
     invertible_segment: int = 8   # memory=invertible: steps rebuilt from one stored output (0: a whole level)
-    channels_last: bool = True    # NHWC activations inside the flow (faster oneDNN/cuDNN convs; weights stay NCHW)
+    # Speed-only choices (weights and checkpoints are the same whatever they are); `auto` is resolved per device,
+    # each default from a measurement on that device kind (README "GPU notes", BENCHMARKS.md):
+    channels_last: str = "auto"   # auto | true | false: NHWC activations in the flow (weights stay NCHW);
+    #                               auto: NHWC on CPU (oneDNN, +13%), NCHW on CUDA (NHWC cost 20% on an H100)
     channels_last_min_size: int = 8  # ... only in levels whose feature maps are at least this size (H after squeeze)
-    autocast: str = "none"        # none | bf16: coupling networks in bfloat16; logdet, 1x1 convs, priors in fp32
+    autocast: str = "auto"        # auto | none | bf16: coupling networks in bfloat16; logdet, 1x1 convs, priors in
+    #                               fp32. auto: fp32 on every device (bf16 was slower on an H100; CPU stays exact)
     compile: bool = False         # torch.compile every flow step (needs a C++ compiler on CPU; slow first step)
 
 
@@ -86,6 +90,10 @@ class TrainConfig:
     progress: bool = True         # progress bar on rank 0
     max_consecutive_skips: int = 20   # after this many non-finite steps in a row, roll back; 0 disables rollback
     stop_exit_code: int = 0       # exit status after a signal-initiated stop with its checkpoint (75: launch files)
+    step_mode: str = "auto"       # auto | eager | compiled | graphed (glow_dist/step.py); auto: graphed on CUDA, eager
+    #                               on CPU. A mode that cannot run here falls back to eager with one log line
+    tf32: str = "auto"            # auto | true | false: TF32 on CUDA; auto: torch's defaults (cuDNN convs TF32,
+    #                               matmuls fp32), what the H100 measurements used; no effect on CPU
 
 
 @dataclass
@@ -128,7 +136,10 @@ _CHOICES = {
     "model.coupling": ("additive", "affine"),
     "model.invconv": ("lu", "plain"),
     "model.memory": ("plain", "checkpoint", "invertible"),
-    "model.autocast": ("none", "bf16"),
+    "model.autocast": ("auto", "none", "bf16"),
+    "model.channels_last": ("auto", "true", "false"),
+    "train.step_mode": ("auto", "eager", "compiled", "graphed"),
+    "train.tf32": ("auto", "true", "false"),
     "data.backend": ("auto", "dali", "webdataset"),
     "data.decode": ("auto", "cpu", "gpu"),
     "optim.name": ("adamax", "adam"),
@@ -144,6 +155,18 @@ _OLD_SPELLINGS = {
     "tracking.log_checkpoints": {True: "all", False: "none", "true": "all", "false": "none", "yes": "all",
                                  "no": "none"},
 }
+
+
+# Keys that were booleans and now also take `auto`: true/false (YAML booleans or strings) keep working.
+_BOOL_OR_AUTO = {"model.channels_last", "train.tf32"}
+
+
+def _bool_or_auto(value: bool | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    lowered = value.strip().lower()
+    return {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false"}.get(lowered,
+                                                                                                        lowered)
 
 
 def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
@@ -220,6 +243,8 @@ def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
     old = _OLD_SPELLINGS.get(dotted, {})
     if isinstance(value, (bool, str)) and (value.lower() if isinstance(value, str) else value) in old:
         value = old[value.lower() if isinstance(value, str) else value]
+    if dotted in _BOOL_OR_AUTO and isinstance(value, bool | str):  # old configs spell these true/false
+        value = _bool_or_auto(value)
     coerced = _coerce(value, types[parts[1]], dotted, source)
     choices = _CHOICES.get(dotted)
     if choices and coerced not in choices:

@@ -22,8 +22,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -385,3 +385,21 @@ def reset_gradient_hooks(optimizer: torch.optim.Optimizer) -> None:
     for group in getattr(optimizer, "_group_counts", None) or {}:
         optimizer._group_counts[group] = 0
     optimizer._synchronized = False
+
+
+@contextmanager
+def gradient_hooks_suspended(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """While active, backward() starts no all-reduce: Horovod's per-parameter hooks only count down (a CUDA graph
+    capture cannot contain a collective). On exit the hooks are reset, and the next `clip_and_step` reduces every
+    gradient itself: Horovod's synchronize() all-reduces each gradient whose hook did not fire, which after a CUDA
+    graph replay (no hooks run) is all of them. A plain optimizer (no Horovod) is left alone."""
+    delays = getattr(optimizer, "_allreduce_delay", None)
+    if delays is None:
+        yield
+        return
+    for p in delays:
+        delays[p] = 1 << 30  # never reaches 0, so no hook starts an all-reduce
+    try:
+        yield
+    finally:
+        reset_gradient_hooks(optimizer)

@@ -47,7 +47,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from glow_dist import dist
 from glow_dist.checkpoint import (
@@ -64,8 +63,9 @@ from glow_dist.data import make_loader
 from glow_dist.data.manifest import train_batches
 from glow_dist.ema import EMA
 from glow_dist.evaluate import evaluate_bpd
-from glow_dist.model import Glow, bits_per_dim_from_log_prob, build_model, preprocess
+from glow_dist.model import Glow, build_model, preprocess
 from glow_dist.reporter import NullReporter, Reporter
+from glow_dist.step import apply_tf32, build_train_step, noise_generator
 from glow_dist.tracking import git_commit, gpu_type, make_tracker
 
 
@@ -129,11 +129,6 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
                 weight_decay=cfg.optim.weight_decay)
 
 
-def _noise_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
-    # Noise as a function of (seed, step, rank) alone, so a resumed run draws what an unbroken one would have.
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 4099 + rank)
-
-
 def find_resume_checkpoint(cfg: Config) -> tuple[Path, dict] | None:
     """The checkpoint `train.resume` asks for (read on rank 0 only), or None for a fresh start."""
     mode = cfg.train.resume
@@ -150,9 +145,15 @@ def find_resume_checkpoint(cfg: Config) -> tuple[Path, dict] | None:
     return path, load_checkpoint(path)
 
 
+# Model keys that change speed or memory, not the weights: a checkpoint resumes under any value of them.
+SPEED_ONLY_MODEL_KEYS = ("memory", "channels_last", "channels_last_min_size", "autocast", "compile",
+                         "invertible_segment")
+
+
 def check_same_architecture(cfg: Config, saved_config: dict, source: str) -> None:
     saved, current = saved_config["model"], to_dict(cfg)["model"]
-    changed = {k: (saved.get(k), v) for k, v in current.items() if k != "memory" and saved.get(k) != v}
+    changed = {k: (saved.get(k), v) for k, v in current.items()
+               if k not in SPEED_ONLY_MODEL_KEYS and saved.get(k) != v}
     if changed:
         detail = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in changed.items())
         raise ConfigError(f"{source} was trained with a different model ({detail}); use its config or a new run_dir")
@@ -168,6 +169,7 @@ class Trainer:
         torch.set_num_threads(threads)  # N ranks on one host share its cores
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
+        apply_tf32(cfg.train.tf32, self.device)
         torch.manual_seed(cfg.train.seed)  # same initial weights everywhere; rank 0's are broadcast anyway
 
         self.model: Glow = build_model(cfg.model).to(self.device)
@@ -178,6 +180,8 @@ class Trainer:
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.position = Position()
         self.faults = _injected_faults()
+        self.step_fn = build_train_step(cfg, self.model, self.optimizer, self.ema, device=self.device,
+                                        rank=self.rank, faults=self.faults, log=self._log_rank0)
         self._build_loaders()
         if cfg.dist.elastic:
             self._init_elastic()
@@ -227,6 +231,7 @@ class Trainer:
         """After Horovod restarted with a new world, before rank 0's state is broadcast."""
         dist.reset_gradient_hooks(self.optimizer)  # a step broken by the lost worker left handles behind
         self.rank, self.world = dist.rank(), dist.size()
+        self.step_fn.rank = self.rank  # the noise and injected faults are per rank
         self._build_loaders()  # sharding for the new rank and world size
 
     def _adopt_world(self) -> None:
@@ -340,7 +345,7 @@ class Trainer:
         init_data = make_loader(self.cfg.data, self.cfg.model, "train", batch_size=self.cfg.train.init_batch_size,
                                 rank=self.rank, world_size=self.world, device=self.device, seed=self.cfg.train.seed)
         images, labels = next(iter(init_data.epoch(0)))
-        gen = _noise_generator(self.device, self.cfg.train.seed, -1, self.rank)
+        gen = noise_generator(self.device, self.cfg.train.seed, -1, self.rank)
         return preprocess(images, self.cfg.model.n_bits, generator=gen), labels if self._uses_labels else None
 
     def _init_actnorm(self) -> None:
@@ -366,30 +371,16 @@ class Trainer:
             "world_size": self.world,
         }
 
+    def _log_rank0(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor,
                    stop_requested: bool = False) -> tuple[torch.Tensor, dist.StepResult]:
-        """One optimizer step; returns this rank's bits/dim and the collective result (skipped, stop)."""
-        cfg = self.cfg
-        lr = learning_rate(cfg, self.position.step, self.world, self.position.lr_scale)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        gen = _noise_generator(self.device, cfg.train.seed, self.position.step, self.rank)
-        x = preprocess(images, cfg.model.n_bits, generator=gen)
-        out = self.model(x, labels if self._uses_labels else None)
-        bpd = bits_per_dim_from_log_prob(out.log_prob, self.model.num_dims, cfg.model.n_bits).mean()
-        loss = bpd
-        if out.y_logits is not None:  # the reference objective: bits/dim + weight_y * class cross-entropy in bits
-            loss = loss + cfg.model.weight_y * F.cross_entropy(out.y_logits, labels) / math.log(2)
-        if (self.position.step, self.rank) in self.faults:
-            self.faults.discard((self.position.step, self.rank))  # one-shot, like a real transient fault
-            loss = loss * float("nan")
-        self.optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none; torch defaults to True
-        loss.backward()
-        result = dist.clip_and_step(self.optimizer, self.model.parameters(), cfg.optim.grad_clip, loss=loss,
-                                    stop_requested=stop_requested)
-        if not result.skipped:
-            self.ema.update(self.model)
-        return bpd.detach(), result
+        """One optimizer step (glow_dist/step.py, `train.step_mode`); returns this rank's bits/dim and the
+        collective result (skipped, stop)."""
+        lr = learning_rate(self.cfg, self.position.step, self.world, self.position.lr_scale)
+        return self.step_fn(images, labels, lr, self.position.step, stop_requested)
 
     def evaluate(self, weights: str = "ema") -> float:
         """Test bits/dim of the EMA (`weights="ema"`) or raw (`"raw"`) weights; collective: every rank calls it."""

@@ -11,6 +11,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run only where CUDA is present (pytest -m gpu on a GPU machine runs just them)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marker gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The scikit-learn digits as 8x8 grey WebDataset shards with DALI index files (prepared once per session)."""

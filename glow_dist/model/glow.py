@@ -54,15 +54,22 @@ class Level(nn.Module):
         self.prior = ZeroConv2d(channels // 2, channels) if split else None
         self.memory = cfg.memory
         self.invertible_segment = cfg.invertible_segment
-        # NHWC where it helps: measured on oneDNN, NHWC convolutions win at 16x16 and 8x8 and lose at 4x4.
-        nhwc = cfg.channels_last and size // 2 >= cfg.channels_last_min_size  # size: the input's, before squeeze
-        self.memory_format = torch.channels_last if nhwc else torch.contiguous_format
+        # NHWC where it helps: measured on oneDNN, NHWC convolutions win at 16x16 and 8x8 and lose at 4x4; on an
+        # H100 (cuDNN) NHWC cost 20%, so `auto` is NCHW on CUDA. Chosen per call from the input's device.
+        large = size // 2 >= cfg.channels_last_min_size  # size: the input's, before squeeze
+        self._formats = {device: torch.channels_last if large and channels_last_on(cfg.channels_last, device)
+                         else torch.contiguous_format for device in ("cpu", "cuda")}
+        self.memory_format = self._formats["cpu"]
         self.out_channels = channels // 2 if split else channels
+
+    def format_for(self, x: torch.Tensor) -> torch.memory_format:
+        """The activation layout on x's device (accelerators other than CUDA follow CUDA's choice)."""
+        return self._formats["cpu" if x.device.type == "cpu" else "cuda"]
 
     def flow(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The K flow steps: (B, C, H, W) -> same shape, logdet (B,). `memory` decides what backward keeps:
         plain stores every step's activations, checkpoint each step's input, invertible only the chain's output."""
-        x = x.contiguous(memory_format=self.memory_format)
+        x = x.contiguous(memory_format=self.format_for(x))
         if self.memory == "invertible":
             return invertible_flow(self.steps, x, self.invertible_segment)
         checkpointing = self.memory == "checkpoint"
@@ -76,7 +83,7 @@ class Level(nn.Module):
         return x, logdet
 
     def reverse_flow(self, y: torch.Tensor) -> torch.Tensor:
-        y = y.contiguous(memory_format=self.memory_format)
+        y = y.contiguous(memory_format=self.format_for(y))
         for step in reversed(self.steps):
             y = step.reverse(y)
         return y
@@ -84,6 +91,15 @@ class Level(nn.Module):
     def split_prior(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, logs = self.prior(h).chunk(2, dim=1)
         return mean, logs
+
+
+def channels_last_on(setting: bool | str, device_type: str) -> bool:
+    """`model.channels_last` (true, false or auto) on a device: auto is NHWC on CPU only (see ModelConfig)."""
+    if isinstance(setting, bool):
+        return setting
+    if setting not in ("auto", "true", "false"):
+        raise ValueError(f"channels_last must be auto, true or false, got {setting!r}")
+    return setting == "true" or (setting == "auto" and device_type == "cpu")
 
 
 class Glow(nn.Module):
@@ -126,12 +142,16 @@ class Glow(nn.Module):
         if self.cfg.y_condition:
             if y is None:
                 raise ValueError("this model is class-conditional (model.y_condition=true): pass labels y")
-            if y.min() < 0 or y.max() >= self.cfg.num_classes:
-                raise ValueError(f"labels must be in 0..{self.cfg.num_classes - 1}, got {y.min()}..{y.max()}")
+            if not _capturing():  # the check reads values on the host; a CUDA-graph step checks before replay
+                self.check_labels(y)
             onehot = F.one_hot(y.long(), self.cfg.num_classes).to(params.dtype)
             params = params + self.y_embed(onehot).view(batch, 2 * c, 1, 1)
         mean, logs = params.chunk(2, dim=1)
         return mean, logs
+
+    def check_labels(self, y: torch.Tensor) -> None:
+        if y.min() < 0 or y.max() >= self.cfg.num_classes:
+            raise ValueError(f"labels must be in 0..{self.cfg.num_classes - 1}, got {y.min()}..{y.max()}")
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> GlowOutput:
         """Encode x: latents, the flow's logdet and the priors' log density, all per sample."""
@@ -207,6 +227,10 @@ class Glow(nn.Module):
     @property
     def is_initialized(self) -> bool:
         return all(bool(a.initialized) for a in self.actnorms())
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @contextlib.contextmanager

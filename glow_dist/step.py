@@ -1,0 +1,280 @@
+"""The training step: one interface, three ways to run it (`train.step_mode`).
+
+    step = build_train_step(cfg, model, optimizer, ema, device=device, rank=rank, faults=faults)
+    bpd, result = step(images, labels, lr=lr, step=position.step, stop_requested=stop.requested)
+
+Every mode does the same thing: dequantize the uint8 batch with noise fixed by (seed, step, rank), forward, bits/dim
+(+ the class loss with `model.y_condition`), backward, then `dist.clip_and_step` (Horovod's gradient all-reduce,
+clipping, the collective skip/stop vote, the optimizer step) and the EMA update unless the step was skipped.
+
+- `eager`: plain PyTorch, one ATen operator (one or more kernel launches on a GPU) at a time.
+- `compiled`: the objective (forward + likelihood) through `torch.compile`, so Inductor fuses the elementwise chains
+  of forward and backward; convolutions stay cuDNN/oneDNN calls. The optimizer uses its multi-tensor (foreach) path.
+- `graphed` (CUDA): forward + backward captured once into a CUDA graph over static input buffers and replayed
+  every step: the whole pass costs one launch. Horovod's all-reduce cannot be captured, so the graph ends with the
+  gradients; `clip_and_step` then all-reduces them (Horovod's `synchronize` reduces every gradient whose hook did
+  not fire, which during a replay is all of them), clips, votes and steps (foreach), and the EMA update runs after
+  it, outside the graph, so a decay that changes from step to step (EMA warm-up) is read fresh every step.
+- `auto`: `graphed` on CUDA, `eager` on CPU (measured there: compiling gave 0.94x, BENCHMARKS.md).
+
+A configuration that a mode cannot run (graphed on CPU, with memory=checkpoint/invertible, elastic training, ...)
+falls back to eager with one log line saying why; after capture, the graph's first replay is compared with the
+eager pass it was captured from, and a mismatch also falls back to eager (never silently wrong).
+
+GLOW_DIST_INJECT_NONFINITE faults ("STEP:RANK,...") make that rank's loss NaN once at that step in every mode
+(in the graph, through a static loss factor that is 1 except at an injected step).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from glow_dist import dist
+from glow_dist.config import Config
+from glow_dist.ema import EMA
+from glow_dist.model import Glow, bits_per_dim_from_log_prob, preprocess
+
+STEP_MODES = ("auto", "eager", "compiled", "graphed")
+
+
+class TrainStep(Protocol):
+    mode: str   # the mode that actually runs (after auto and any fallback)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None, lr: float, step: int,
+                 stop_requested: bool = False) -> tuple[torch.Tensor, dist.StepResult]: ...
+
+
+def noise_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
+    # Noise as a function of (seed, step, rank) alone, so a resumed run draws what an unbroken one would have.
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+
+
+def objective(model: Glow, x: torch.Tensor, labels: torch.Tensor | None, n_bits: int,
+              weight_y: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, mean bits/dim) of a dequantized batch: what every mode differentiates."""
+    out = model(x, labels)
+    bpd = bits_per_dim_from_log_prob(out.log_prob, model.num_dims, n_bits).mean()
+    loss = bpd
+    if out.y_logits is not None:  # the reference objective: bits/dim + weight_y * class cross-entropy in bits
+        loss = loss + weight_y * F.cross_entropy(out.y_logits, labels) / math.log(2)
+    return loss, bpd
+
+
+def resolve_step_mode(cfg: Config, device: torch.device) -> tuple[str, str]:
+    """(mode, reason): the mode `train.step_mode` asks for on this device and configuration, and why, when it is
+    not the one asked for ("" otherwise)."""
+    asked = cfg.train.step_mode
+    if asked == "auto":
+        asked = "graphed" if device.type == "cuda" else "eager"
+        if asked == "eager":
+            return "eager", ""
+    if asked != "graphed":
+        return asked, ""
+    blockers = []
+    if device.type != "cuda":
+        blockers.append(f"CUDA graphs need a CUDA device (this rank runs on {device.type})")
+    if cfg.model.memory != "plain":
+        blockers.append(f"model.memory={cfg.model.memory} recomputes activations inside backward")
+    if cfg.dist.elastic:
+        blockers.append("dist.elastic=true may rebuild the world between steps")
+    if blockers:
+        return "eager", "; ".join(blockers)
+    return "graphed", ""
+
+
+def apply_tf32(setting: str, device: torch.device) -> None:
+    """`train.tf32` on a CUDA device: auto keeps torch's defaults (cuDNN convolutions in TF32, matmuls in fp32: the
+    H100 measurements of issue 13), true allows TF32 for both, false for neither. Nothing to do on a CPU."""
+    if device.type != "cuda" or setting == "auto":
+        return
+    on = setting == "true"
+    torch.backends.cudnn.allow_tf32 = on
+    torch.backends.cuda.matmul.allow_tf32 = on
+
+
+def build_train_step(cfg: Config, model: Glow, optimizer: torch.optim.Optimizer, ema: EMA, *,
+                     device: torch.device, rank: int = 0, faults: set[tuple[int, int]] | None = None,
+                     log: Callable[[str], None] = print) -> TrainStep:
+    """The training step `train.step_mode` asks for; one log line when it falls back to eager."""
+    mode, reason = resolve_step_mode(cfg, device)
+    if reason:
+        log(f"[step] train.step_mode={cfg.train.step_mode}: running eager, because {reason}")
+    kind = {"eager": EagerStep, "compiled": CompiledStep, "graphed": GraphedStep}[mode]
+    return kind(cfg, model, optimizer, ema, device=device, rank=rank, faults=faults, log=log)
+
+
+class EagerStep:
+    """The reference implementation; the other modes differ only in how loss and gradients are produced."""
+
+    mode = "eager"
+    foreach: bool | None = None   # the optimizer's multi-tensor path: None keeps torch's per-device default
+
+    def __init__(self, cfg: Config, model: Glow, optimizer: torch.optim.Optimizer, ema: EMA, *,
+                 device: torch.device, rank: int = 0, faults: set[tuple[int, int]] | None = None,
+                 log: Callable[[str], None] = print):
+        self.cfg, self.model, self.optimizer, self.ema = cfg, model, optimizer, ema
+        self.device, self.rank, self.log = device, rank, log
+        self.faults = faults if faults is not None else set()
+        self.uses_labels = cfg.model.y_condition
+
+    def _prepare(self, images: torch.Tensor, labels: torch.Tensor | None, lr: float,
+                 step: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Set the learning rate, dequantize; (x, labels or None, whether a fault is injected at this step)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            group["foreach"] = self.foreach  # per mode, whatever a loaded optimizer state said
+        gen = noise_generator(self.device, self.cfg.train.seed, step, self.rank)
+        x = preprocess(images, self.cfg.model.n_bits, generator=gen)
+        fault = (step, self.rank) in self.faults
+        if fault:
+            self.faults.discard((step, self.rank))  # one-shot, like a real transient fault
+        return x, labels if self.uses_labels else None, fault
+
+    def _loss(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return objective(self.model, x, labels, self.cfg.model.n_bits, self.cfg.model.weight_y)
+
+    def _finish(self, loss: torch.Tensor, stop_requested: bool) -> dist.StepResult:
+        result = dist.clip_and_step(self.optimizer, self.model.parameters(), self.cfg.optim.grad_clip, loss=loss,
+                                    stop_requested=stop_requested)
+        if not result.skipped:
+            self.ema.update(self.model)
+        return result
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None, lr: float, step: int,
+                 stop_requested: bool = False) -> tuple[torch.Tensor, dist.StepResult]:
+        x, y, fault = self._prepare(images, labels, lr, step)
+        loss, bpd = self._loss(x, y)
+        if fault:
+            loss = loss * float("nan")
+        self.optimizer.zero_grad()  # Horovod 0.28 takes no set_to_none; torch defaults to True
+        loss.backward()
+        return bpd.detach(), self._finish(loss, stop_requested)
+
+
+class CompiledStep(EagerStep):
+    """The objective through torch.compile (forward and, by AOTAutograd, backward); gradients still reach the
+    parameters' AccumulateGrad nodes, so Horovod's all-reduce hooks fire as in eager."""
+
+    mode = "compiled"
+    foreach = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._compiled = torch.compile(objective, dynamic=False)
+
+    def _loss(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._compiled(self.model, x, labels, self.cfg.model.n_bits, self.cfg.model.weight_y)
+
+
+class GraphedStep(EagerStep):
+    """Forward + backward as one CUDA graph over static buffers (input, labels, loss factor), captured at the first
+    call; the optimizer, all-reduce, vote and EMA run eagerly after each replay. A batch of another shape runs
+    eagerly (one log line the first time)."""
+
+    mode = "graphed"
+    foreach = True
+    warmup_passes = 3   # eager passes on a side stream before capture (cuDNN autotuning, lazy inits)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._eager_only = False
+        self._logged_shape = False
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None, lr: float, step: int,
+                 stop_requested: bool = False) -> tuple[torch.Tensor, dist.StepResult]:
+        if self._eager_only:
+            return super().__call__(images, labels, lr, step, stop_requested)
+        x, y, fault = self._prepare(images, labels, lr, step)
+        if self.graph is None and not self._capture(x, y):
+            self._eager_only = True
+            self.mode = "eager"
+            return self._eager_from(x, y, fault, stop_requested)
+        if x.shape != self.static_x.shape or (y is not None and y.shape != self.static_y.shape):
+            if not self._logged_shape:
+                self.log(f"[step] graphed: batch of shape {tuple(x.shape)} differs from the captured "
+                         f"{tuple(self.static_x.shape)}; such batches run eagerly")
+                self._logged_shape = True
+            return self._eager_from(x, y, fault, stop_requested)
+        self.static_x.copy_(x)
+        if y is not None:
+            self.model.check_labels(y)  # the check forward skips while capturing (it reads values on the host)
+            self.static_y.copy_(y)
+        if fault:
+            self.static_factor.fill_(float("nan"))
+        self.graph.replay()
+        if fault:
+            self.static_factor.fill_(1.0)
+        for p, g in zip(self.params, self.static_grads, strict=True):
+            p.grad = g  # the graph's buffers: an eager step, or a decompressing all-reduce, may have replaced them
+        return self.static_bpd.detach().clone(), self._finish(self.static_loss, stop_requested)
+
+    def _eager_from(self, x: torch.Tensor, y: torch.Tensor | None, fault: bool,
+                    stop_requested: bool) -> tuple[torch.Tensor, dist.StepResult]:
+        loss, bpd = self._loss(x, y)
+        if fault:
+            loss = loss * float("nan")
+        self.optimizer.zero_grad()
+        loss.backward()
+        return bpd.detach(), self._finish(loss, stop_requested)
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor | None) -> bool:
+        """Capture forward + backward on static copies of this batch; False (logged) if it cannot be done or the
+        replay does not reproduce the eager pass."""
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.static_x = x.clone()
+        self.static_y = y.clone() if y is not None else None
+        self.static_factor = torch.ones((), device=x.device)
+        try:
+            # Distributed: no all-reduce may start inside the capture; clip_and_step reduces after each replay.
+            with dist.gradient_hooks_suspended(self.optimizer):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmup_passes):
+                        for p in self.params:
+                            p.grad = None
+                        loss, _ = self._loss(self.static_x, self.static_y)
+                        (loss * self.static_factor).backward()
+                torch.cuda.current_stream().wait_stream(side)
+                eager_loss = loss.detach().clone()
+                eager_grads = [p.grad.detach().clone() for p in self.params]
+                for p in self.params:
+                    p.grad = None
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    loss, bpd = self._loss(self.static_x, self.static_y)
+                    self.static_loss = loss * self.static_factor
+                    self.static_loss.backward()
+                self.static_bpd = bpd
+                self.static_grads = [p.grad.detach() for p in self.params]  # aliases that a p.grad.set_ leaves
+                graph.replay()
+                torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly, and say why
+            self.log(f"[step] train.step_mode=graphed: running eager, because capture failed: {e}")
+            for p in self.params:
+                p.grad = None
+            return False
+        mismatch = _first_mismatch(eager_loss, eager_grads, self.static_loss.detach(), self.static_grads)
+        if mismatch:
+            self.log(f"[step] train.step_mode=graphed: running eager, because the graph's replay differs from the "
+                     f"eager pass it was captured from ({mismatch})")
+            return False
+        self.graph = graph
+        self.log(f"[step] graphed: forward + backward captured for batch {tuple(x.shape)}")
+        return True
+
+
+def _first_mismatch(loss: torch.Tensor, grads: list[torch.Tensor], loss2: torch.Tensor,
+                    grads2: list[torch.Tensor], rtol: float = 1e-3, atol: float = 1e-5) -> str:
+    """'' when (loss2, grads2) equal (loss, grads) within fp32/TF32 tolerance, else a description."""
+    if not torch.allclose(loss, loss2, rtol=rtol, atol=atol):
+        return f"loss {loss.item():.6g} vs {loss2.item():.6g}"
+    for i, (a, b) in enumerate(zip(grads, grads2, strict=True)):
+        if not torch.allclose(a, b, rtol=rtol, atol=atol * max(1.0, a.abs().max().item())):
+            return f"gradient {i}: max difference {(a - b).abs().max().item():.3g}"
+    return ""

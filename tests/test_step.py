@@ -1,0 +1,232 @@
+"""The training-step component (glow_dist/step.py): every mode takes the eager step's step, fewer operators.
+
+CPU tests use the tiny debug model; `gpu` tests run only where CUDA is present (conftest skips them elsewhere).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from glow_dist import dist
+from glow_dist.config import Config, load_config
+from glow_dist.ema import EMA
+from glow_dist.model import build_model, preprocess
+from glow_dist.opcount import OpCounter
+from glow_dist.step import build_train_step, noise_generator, resolve_step_mode
+from glow_dist.train import check_same_architecture, make_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def debug_cfg(*overrides: str) -> Config:
+    return load_config(REPO / "configs/debug.yaml", ["optim.warmup_steps=0", *overrides])
+
+
+def batch(cfg: Config, n: int = 8, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    m = cfg.model
+    images = torch.randint(0, 256, (n, m.channels, m.image_size, m.image_size), generator=g, dtype=torch.uint8)
+    return images.to(device), torch.zeros(n, dtype=torch.long, device=device)
+
+
+class Setup:
+    """Model (ActNorm initialized, weights off the identity), optimizer, EMA and the step of one mode."""
+
+    def __init__(self, cfg: Config, device: str = "cpu", seed: int = 0):
+        self.logs: list[str] = []
+        torch.manual_seed(seed)
+        self.model = build_model(cfg.model).to(device)
+        images, _ = batch(cfg, 16, seed=99, device=device)
+        self.model.initialize(preprocess(images, cfg.model.n_bits, generator=noise_generator(
+            torch.device(device), 0, -1, 0)))
+        with torch.no_grad():  # off the zero init, so coupling and prior gradients are not trivially zero
+            g = torch.Generator().manual_seed(seed + 1)
+            for p in self.model.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g).to(device))
+        self.optimizer = make_optimizer(cfg, self.model)
+        self.ema = EMA(self.model, cfg.optim.ema_decay)
+        self.faults: set[tuple[int, int]] = set()
+        self.step = build_train_step(cfg, self.model, self.optimizer, self.ema, device=torch.device(device),
+                                     faults=self.faults, log=self.logs.append)
+        self.cfg = cfg
+
+    def run(self, steps: int, device: str = "cpu") -> list[tuple[float, bool]]:
+        out = []
+        for i in range(steps):
+            images, labels = batch(self.cfg, seed=i, device=device)
+            bpd, result = self.step(images, labels, lr=1e-3, step=i)
+            out.append((float(bpd), result.skipped))
+        return out
+
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad.detach().clone() for p in self.model.parameters()]
+
+
+def assert_same_training(a: Setup, b: Setup, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+    for pa, pb in zip(a.ema.model.parameters(), b.ema.model.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def compiled_and_eager() -> tuple[Setup, Setup, list, list]:
+    """One compiled and one eager setup trained 3 steps from the same weights (compiling once for the module)."""
+    eager, compiled = Setup(debug_cfg("train.step_mode=eager")), Setup(debug_cfg("train.step_mode=compiled"))
+    assert compiled.step.mode == "compiled" and eager.step.mode == "eager"
+    return eager, compiled, eager.run(3), compiled.run(3)
+
+
+def test_compiled_step_equals_eager(compiled_and_eager):
+    eager, compiled, bpd_eager, bpd_compiled = compiled_and_eager
+    for (a, skipped_a), (b, skipped_b) in zip(bpd_eager, bpd_compiled, strict=True):
+        assert not skipped_a and not skipped_b
+        assert a == pytest.approx(b, rel=1e-5)
+    for ga, gb in zip(eager.grads(), compiled.grads(), strict=True):  # the last step's (clipped) gradients
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+    assert_same_training(eager, compiled)
+
+
+def test_compiled_step_dispatches_fewer_operators(compiled_and_eager):
+    eager, compiled, _, _ = compiled_and_eager
+    images, labels = batch(eager.cfg, seed=5)
+    counts = {}
+    for setup in (eager, compiled):
+        with OpCounter() as ops:
+            setup.step(images, labels, lr=1e-3, step=5)
+        counts[setup.step.mode] = ops.total + ops.views
+    # A count, not a timing: the fused forward/backward and the multi-tensor optimizer leave a fraction of eager's.
+    assert counts["compiled"] < 0.5 * counts["eager"], counts
+
+
+def test_injected_fault_skips_the_step_and_the_ema(compiled_and_eager):
+    for setup in compiled_and_eager[:2]:
+        before = copy.deepcopy(setup.model.state_dict())
+        ema_before = [p.clone() for p in setup.ema.model.parameters()]
+        setup.faults.add((7, 0))
+        images, labels = batch(setup.cfg, seed=7)
+        bpd, result = setup.step(images, labels, lr=1e-3, step=7)
+        assert result.skipped and torch.isfinite(bpd), setup.step.mode  # the loss, not the reported bpd, is NaN
+        assert (7, 0) not in setup.faults  # one-shot
+        for name, value in setup.model.state_dict().items():
+            assert torch.equal(value, before[name]), (setup.step.mode, name)
+        assert all(torch.equal(a, b) for a, b in zip(ema_before, setup.ema.model.parameters(), strict=True))
+        _, result = setup.step(images, labels, lr=1e-3, step=8)
+        assert not result.skipped
+
+
+def test_graphed_mode_falls_back_to_eager_on_cpu_with_one_log_line():
+    setup = Setup(debug_cfg("train.step_mode=graphed"))
+    assert setup.step.mode == "eager"
+    assert len(setup.logs) == 1 and "CUDA" in setup.logs[0] and "eager" in setup.logs[0], setup.logs
+    setup.run(2)
+    assert len(setup.logs) == 1
+
+
+def test_step_mode_resolution():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_step_mode(debug_cfg(), cpu) == ("eager", "")
+    assert resolve_step_mode(debug_cfg(), cuda) == ("graphed", "")
+    for override, words in [("model.memory=checkpoint", "model.memory=checkpoint"),
+                            ("model.memory=invertible", "model.memory=invertible"),
+                            ("dist.elastic=true", "elastic")]:
+        mode, reason = resolve_step_mode(debug_cfg(override), cuda)
+        assert mode == "eager" and words in reason
+    assert resolve_step_mode(debug_cfg("train.step_mode=compiled"), cpu) == ("compiled", "")
+
+
+def test_old_boolean_spellings_and_checkpoints_of_either_layout_load():
+    assert load_config(None, ["model.channels_last=false"]).model.channels_last == "false"
+    assert load_config(None, ["model.channels_last=True"]).model.channels_last == "true"
+    assert load_config(None, []).model.channels_last == "auto"
+    with pytest.raises(ValueError, match="model.channels_last"):
+        load_config(None, ["model.channels_last=sometimes"])
+    old = load_config(None, [])
+    saved = {"model": {**old.model.__dict__, "channels_last": True, "autocast": "none", "compile": False}}
+    check_same_architecture(load_config(None, []), saved, "an old checkpoint")  # speed-only keys may differ
+    with pytest.raises(ValueError, match="model.width"):
+        check_same_architecture(load_config(None, ["model.width=8"]), saved, "an old checkpoint")
+
+
+def test_channels_last_auto_is_nhwc_on_cpu_and_nchw_on_cuda():
+    model = build_model(debug_cfg("model.channels_last_min_size=1").model)
+    x = torch.zeros(1, 4, 4, 4)
+    level = model.levels[0]
+    assert level.format_for(x) == torch.channels_last
+    assert level._formats["cuda"] == torch.contiguous_format
+    forced = build_model(debug_cfg("model.channels_last=true", "model.channels_last_min_size=1").model)
+    assert forced.levels[0]._formats["cuda"] == torch.channels_last
+
+
+def test_gradient_hooks_suspended_is_a_no_op_without_horovod():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with dist.gradient_hooks_suspended(opt):
+        model(torch.ones(1, 2)).sum().backward()
+    assert model.weight.grad is not None
+
+
+# ---- CUDA only ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["compiled", "graphed"])
+@pytest.mark.parametrize("overrides", [(), ("model.coupling=additive",), ("model.autocast=bf16",),
+                                       ("model.y_condition=true", "model.num_classes=10")])
+def test_fast_paths_give_the_eager_loss_gradients_and_weights_on_cuda(mode, overrides):
+    eager = Setup(debug_cfg("train.step_mode=eager", "train.tf32=false", *overrides), device="cuda")
+    fast = Setup(debug_cfg(f"train.step_mode={mode}", "train.tf32=false", *overrides), device="cuda")
+    torch.backends.cudnn.allow_tf32 = False  # fp32 tolerance needs fp32 convolutions on both sides
+    try:
+        bpd_eager, bpd_fast = eager.run(4, device="cuda"), fast.run(4, device="cuda")
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    assert fast.step.mode == mode, fast.logs
+    for (a, _), (b, _) in zip(bpd_eager, bpd_fast, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+    for ga, gb in zip(eager.grads(), fast.grads(), strict=True):
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+    assert_same_training(eager, fast)
+
+
+@pytest.mark.gpu
+def test_graphed_fault_injection_stop_vote_and_checkpoint_interchange_on_cuda(tmp_path):
+    graphed = Setup(debug_cfg("train.step_mode=graphed"), device="cuda")
+    graphed.run(2, device="cuda")
+    assert graphed.step.mode == "graphed", graphed.logs
+    before = copy.deepcopy(graphed.model.state_dict())
+    graphed.faults.add((2, 0))
+    images, labels = batch(graphed.cfg, seed=2, device="cuda")
+    _, result = graphed.step(images, labels, lr=1e-3, step=2, stop_requested=True)
+    assert result.skipped and result.stop
+    assert all(torch.equal(v, before[k]) for k, v in graphed.model.state_dict().items())
+    _, result = graphed.step(images, labels, lr=1e-3, step=3)  # the NaN factor was reset
+    assert not result.skipped
+    # A checkpoint written under graphed mode resumes under eager with the same next step.
+    path = tmp_path / "state.pt"
+    torch.save({"model": graphed.model.state_dict(), "optimizer": graphed.optimizer.state_dict(),
+                "ema": graphed.ema.state_dict()}, path)
+    eager = Setup(debug_cfg("train.step_mode=eager"), device="cuda")
+    state = torch.load(path, map_location="cuda")
+    eager.model.load_state_dict(state["model"])
+    eager.optimizer.load_state_dict(state["optimizer"])
+    eager.ema.load_state_dict(state["ema"])
+    images, labels = batch(graphed.cfg, seed=4, device="cuda")
+    bpd_g, _ = graphed.step(images, labels, lr=1e-3, step=4)
+    bpd_e, _ = eager.step(images, labels, lr=1e-3, step=4)
+    assert float(bpd_g) == pytest.approx(float(bpd_e), rel=1e-4)
+    assert_same_training(eager, graphed, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_graphed_step_runs_a_different_batch_shape_eagerly_on_cuda():
+    setup = Setup(debug_cfg("train.step_mode=graphed"), device="cuda")
+    setup.run(1, device="cuda")
+    images, labels = batch(setup.cfg, n=3, device="cuda")
+    bpd, result = setup.step(images, labels, lr=1e-3, step=1)
+    assert torch.isfinite(bpd) and not result.skipped
+    assert sum("differs from the captured" in line for line in setup.logs) == 1
+    setup.run(2, device="cuda")  # back to replays
+    assert setup.step.mode == "graphed"
