@@ -230,3 +230,25 @@ def test_graphed_step_runs_a_different_batch_shape_eagerly_on_cuda():
     assert sum("differs from the captured" in line for line in setup.logs) == 1
     setup.run(2, device="cuda")  # back to replays
     assert setup.step.mode == "graphed"
+
+
+@pytest.mark.slow
+def test_suspended_hooks_then_clip_and_step_all_reduce_and_compiled_step_under_horovodrun(tmp_path):
+    """Two real Horovod ranks: gradients left by a backward without all-reduce hooks (what a CUDA graph replay
+    leaves) are averaged by clip_and_step, and the compiled step keeps every rank's weights identical."""
+    from helpers import horovodrun
+
+    horovodrun(2, str(REPO / "tests/scripts/step_check.py"), str(tmp_path), timeout=600)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert not any(torch.equal(a, b) for a, b in zip(ranks[0]["local"], ranks[1]["local"], strict=True)
+                   if a.abs().sum() > 0), "the ranks' local gradients should differ"
+    for i, (a, b) in enumerate(zip(ranks[0]["local"], ranks[1]["local"], strict=True)):
+        mean = (a + b) / 2
+        for r in ranks:
+            torch.testing.assert_close(r["reduced"][i], mean, rtol=1e-5, atol=1e-7)
+    for r in ranks:
+        assert r["mode"] == "compiled" and not r["skipped"]
+    assert ranks[0]["bpds"] != ranks[1]["bpds"]  # different data per rank ...
+    for key in ("model", "ema"):  # ... and yet the same weights everywhere
+        for name, value in ranks[0][key].items():
+            assert torch.equal(value, ranks[1][key][name]), (key, name)
