@@ -73,13 +73,13 @@ class Level(nn.Module):
         if self.memory == "invertible":
             return invertible_flow(self.steps, x, self.invertible_segment)
         checkpointing = self.memory == "checkpoint"
-        logdet = x.new_zeros(x.shape[0])
+        logdet = None
         for step in self.steps:
             if checkpointing and torch.is_grad_enabled():
                 x, ld = checkpoint(step, x, use_reentrant=False)
             else:
                 x, ld = step(x)
-            logdet = logdet + ld
+            logdet = ld if logdet is None else logdet + ld
         return x, logdet
 
     def reverse_flow(self, y: torch.Tensor) -> torch.Tensor:

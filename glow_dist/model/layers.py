@@ -76,11 +76,15 @@ class InvConv1x1(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(_random_rotation(num_channels).float())
 
+    def matrix_and_logdet(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, log|det W|), the latter per pixel, a 0-dim tensor."""
+        # slogdet in float64: the fp32 LU of a large W loses digits that bits/dim would notice.
+        return self.weight, torch.linalg.slogdet(self.weight.double())[1].to(self.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.weight.shape[0]
-        y = F.conv2d(x, self.weight.view(c, c, 1, 1))
-        # slogdet in float64: the fp32 LU of a large W loses digits that bits/dim would notice.
-        logabsdet = torch.linalg.slogdet(self.weight.double())[1].to(x.dtype)
+        weight, logabsdet = self.matrix_and_logdet()
+        y = F.conv2d(x, weight.view(c, c, 1, 1))
         return y, (x.shape[2] * x.shape[3] * logabsdet).expand(x.shape[0])
 
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
@@ -112,6 +116,10 @@ class InvConv1x1LU(nn.Module):
         lower = self.lower * self.lower_mask + self.eye
         upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
         return self.p @ lower @ upper
+
+    def matrix_and_logdet(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, log|det W|), the latter per pixel, a 0-dim tensor: sum(log_s), no determinant."""
+        return self.weight(), self.log_s.sum()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.log_s.shape[0]
@@ -187,9 +195,15 @@ class Coupling(nn.Module):
         return shift, torch.sigmoid(raw_scale + 2.0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = x[:, : self.split], x[:, self.split :]
+        y, logdet = self.update(x)
+        return y, x.new_zeros(x.shape[0]) if logdet is None else logdet
+
+    def update(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward` with None for additive coupling's zero logdet (FlowStep skips adding it)."""
+        # One split (its backward is one cat) rather than two slices (two zero-filled full-size gradients).
+        a, b = x.split([self.split, x.shape[1] - self.split], dim=1)
         if self.kind == "additive":
-            return torch.cat([a, b + self._nn(a)], dim=1), x.new_zeros(x.shape[0])
+            return torch.cat([a, b + self._nn(a)], dim=1), None
         shift, scale = self._shift_scale(a)
         logdet = torch.log(scale).flatten(1).sum(dim=1)
         return torch.cat([a, (b + shift) * scale], dim=1), logdet
@@ -235,6 +249,22 @@ class FlowStep(nn.Module):
         self.coupling = Coupling(num_channels, width, coupling, autocast)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.actnorm._forward_pre_hooks:  # data-dependent init (Glow.initialize): ActNorm must see its input
+            return self.forward_layers(x)
+        # ActNorm's scale folded into the 1x1 convolution: W((x + b) * s) = (W diag(s))(x + b), one full-size
+        # elementwise pass fewer (and its backward). The bias stays an addition before the convolution: folding it
+        # into a conv bias, W diag(s) x + W diag(s) b, would cancel two large terms when |b| >> |x + b|. Both
+        # logdets are the same for every sample, H*W*(sum(log s) + log|det W|), added once.
+        weight, log_abs_det = self.invconv.matrix_and_logdet()
+        c = weight.shape[0]
+        weight = weight * torch.exp(self.actnorm.logs).view(1, c)  # W diag(s), (C, C)
+        y = F.conv2d(x + self.actnorm.bias, weight.view(c, c, 1, 1))
+        logdet = (x.shape[2] * x.shape[3]) * (self.actnorm.logs.sum() + log_abs_det)
+        y, ld = self.coupling.update(y)
+        return y, logdet.expand(x.shape[0]) if ld is None else ld + logdet
+
+    def forward_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The composition of the three layers' `forward`, as written in the paper."""
         x, logdet = self.actnorm(x)
         x, ld = self.invconv(x)
         logdet = logdet + ld
@@ -247,5 +277,6 @@ class FlowStep(nn.Module):
 
 def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, logs: torch.Tensor) -> torch.Tensor:
     """Sum over all but the batch dim of log N(z; mean, exp(logs)^2): shape (B,)."""
-    log_p = -0.5 * (math.log(2 * math.pi) + 2.0 * logs + (z - mean) ** 2 * torch.exp(-2.0 * logs))
-    return log_p.flatten(1).sum(dim=1)
+    # -0.5 log(2 pi) - logs - 0.5 ((z - mean) / exp(logs))^2, summed; the constant added once, after the sum.
+    t = (z - mean) * torch.exp(-logs)
+    return (-0.5 * math.log(2 * math.pi) * z[0].numel()) - torch.addcmul(logs, t, t, value=0.5).flatten(1).sum(dim=1)

@@ -47,8 +47,8 @@ def discrete_log_prob(log_prob: torch.Tensor, num_dims: int, n_bits: int) -> tor
 
 
 def bits_per_dim_from_log_prob(log_prob: torch.Tensor, num_dims: int, n_bits: int) -> torch.Tensor:
-    """bpd = -(log p(x) - D log n_bins) / (D ln 2), per sample."""
-    return -discrete_log_prob(log_prob, num_dims, n_bits) / (num_dims * math.log(2.0))
+    """bpd = -(log p(x) - D log n_bins) / (D ln 2) = n_bits - log p(x) / (D ln 2), per sample."""
+    return n_bits - log_prob / (num_dims * math.log(2.0))
 
 
 def bits_per_dim(model: torch.nn.Module, images: torch.Tensor, y: torch.Tensor | None = None,

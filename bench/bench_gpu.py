@@ -1,0 +1,271 @@
+"""GPU speed of the training step (issue 13): one command on any CUDA machine; on a CPU, the launch proxy.
+
+    .venv/bin/python bench/bench_gpu.py                          # CUDA: the full table + bench_gpu.json
+    .venv/bin/python bench/bench_gpu.py --quick                  # CUDA: one batch size per architecture
+    .venv/bin/python bench/bench_gpu.py --variants eager graphed --archs cifar10 --batches 64
+    .venv/bin/python bench/bench_gpu.py --cpu                    # ATen operators per training step, every variant
+
+On CUDA, for the paper's CIFAR-10 (32x32, L=3, K=32, width 512, affine, 8-bit) and CelebA-HQ (256x256, L=6, K=32,
+width 512, additive, 5-bit) architectures at several batch sizes and for each variant, it runs the trainer's own
+step (`glow_dist.step.build_train_step`: dequantize, forward, bits/dim, backward, clip_and_step with Adamax, EMA)
+and prints ms/step (median of the timed steps), img/s, achieved TFLOP/s (FLOPs of one forward + backward counted by
+`torch.utils.flop_counter.FlopCounterMode`, convolutions and matmuls), its fraction of an 8192^2 fp32 matmul with
+TF32 measured in the same run, and peak memory over the timed steps (the peak is reset after warm-up, so cuDNN's
+autotuning trials do not count). Then sampling ms/image of the CelebA-HQ architecture at batch 1, 8 and 32.
+Everything goes to a JSON file too (--json). A variant that does not fit in memory prints OOM and the run goes on.
+
+On a CPU (or with --cpu) it prints, per variant, the ATen operators dispatched by one training step
+(`glow_dist.opcount.OpCounter`): on a GPU nearly each is a kernel launch, the cost that made the step launch-bound
+on an H100. The count depends on the architecture (levels, steps, coupling), not on width, batch or image size, so the
+CPU run uses the CIFAR reference architecture of bench_train.py (L=3, K=8) at width 16, batch 4.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from glow_dist.config import Config, ModelConfig, load_config
+from glow_dist.ema import EMA
+from glow_dist.model import build_model, preprocess
+from glow_dist.opcount import OpCounter
+from glow_dist.step import apply_tf32, build_train_step, noise_generator
+from glow_dist.train import make_optimizer
+
+ARCHS: dict[str, tuple[ModelConfig, list[int]]] = {
+    "cifar10": (ModelConfig(image_size=32, channels=3, levels=3, steps=32, width=512, coupling="affine",
+                            n_bits=8), [64, 256]),
+    "celeba_hq_256": (ModelConfig(image_size=256, channels=3, levels=6, steps=32, width=512, coupling="additive",
+                                  n_bits=5), [4, 16]),
+}
+# The CPU launch proxy: bench_train.py's reference architecture (the issue's 4,736-operator model), narrow.
+CPU_ARCH = ModelConfig(image_size=32, channels=3, levels=3, steps=8, width=16, coupling="additive", n_bits=8)
+
+# name -> config overrides (on top of the device defaults: NCHW and fp32 on CUDA).
+VARIANTS: dict[str, list[str]] = {
+    "eager": ["train.step_mode=eager"],
+    "compiled": ["train.step_mode=compiled"],
+    "graphed": ["train.step_mode=graphed"],
+    "graphed+bf16": ["train.step_mode=graphed", "model.autocast=bf16"],
+    "bf16": ["train.step_mode=eager", "model.autocast=bf16"],
+    "nhwc": ["train.step_mode=eager", "model.channels_last=true"],
+    "checkpoint": ["train.step_mode=eager", "model.memory=checkpoint"],
+    "invertible": ["train.step_mode=eager", "model.memory=invertible"],
+}
+
+
+def make_cfg(model: ModelConfig, overrides: list[str], batch: int) -> Config:
+    cfg = load_config(None, [f"train.batch_size={batch}", "optim.warmup_steps=0", *overrides])
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
+    for key in ("autocast", "memory", "channels_last"):  # the variant's choice wins over the architecture's default
+        fields[key] = getattr(cfg.model, key)
+    cfg.model = ModelConfig(**fields)
+    return cfg
+
+
+class Setup:
+    """A fresh model (ActNorm initialized), Adamax, EMA and the trainer's step for one configuration."""
+
+    def __init__(self, cfg: Config, device: torch.device, log: list[str]):
+        torch.manual_seed(0)
+        m = cfg.model
+        self.cfg, self.device = cfg, device
+        self.model = build_model(m).to(device)
+        shape = (cfg.train.batch_size, m.channels, m.image_size, m.image_size)
+        self.images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+        self.labels = torch.zeros(shape[0], dtype=torch.long, device=device)
+        self.model.initialize(preprocess(self.images, m.n_bits, generator=noise_generator(device, 0, -1, 0)))
+        self.optimizer = make_optimizer(cfg, self.model)
+        self.ema = EMA(self.model, cfg.optim.ema_decay)
+        self.step = build_train_step(cfg, self.model, self.optimizer, self.ema, device=device, log=log.append)
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.step(self.images, self.labels, lr=1e-4, step=self.calls)
+        self.calls += 1
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tf32_matmul_flops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
+    """FLOP/s of an n x n fp32 matmul with TF32 allowed (best of `reps`): the attainable dense rate now."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        for _ in range(3):
+            a @ b
+        best = float("inf")
+        for _ in range(reps):
+            sync(device)
+            start = time.perf_counter()
+            a @ b
+            sync(device)
+            best = min(best, time.perf_counter() - start)
+        return 2 * n**3 / best
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def step_flops(model_cfg: ModelConfig, batch: int, device: torch.device) -> int:
+    """Convolution and matmul FLOPs of one forward + backward of the plain fp32 model (what every variant does)."""
+    plain = dataclasses.replace(model_cfg, memory="plain", autocast="none")
+    torch.manual_seed(0)
+    model = build_model(plain).to(device)
+    x = torch.rand(batch, plain.channels, plain.image_size, plain.image_size, device=device) - 0.5
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.log_prob(x).mean().backward()
+    del model
+    return counter.get_total_flops()
+
+
+def time_variant(cfg: Config, device: torch.device, warmup: int, steps: int) -> dict:
+    log: list[str] = []
+    setup = Setup(cfg, device, log)
+    start = time.perf_counter()
+    for _ in range(warmup):  # compile, capture, cuDNN autotuning
+        setup()
+    sync(device)
+    warm_s = time.perf_counter() - start
+    torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        setup()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"ms": 1e3 * statistics.median(times), "ms_best": 1e3 * min(times), "warmup_s": warm_s,
+            "peak_gib": peak / 2**30, "mode": setup.step.mode, "log": log}
+
+
+def sampling(device: torch.device, batches: list[int], repeats: int) -> list[dict]:
+    cfg = ARCHS["celeba_hq_256"][0]
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).eval()
+    rows = []
+    for batch in batches:
+        try:
+            model.sample(batch, temperature=0.7)  # warm-up (cuDNN autotuning)
+            times = []
+            for _ in range(repeats):
+                sync(device)
+                t0 = time.perf_counter()
+                model.sample(batch, temperature=0.7)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            rows.append({"batch": batch, "ms_per_image": 1e3 * statistics.median(times) / batch})
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows.append({"batch": batch, "ms_per_image": None, "error": "OOM"})
+        print(f"  sampling batch {batch}: {rows[-1]}", flush=True)
+    return rows
+
+
+def run_cuda(args: argparse.Namespace) -> dict:
+    device = torch.device("cuda")
+    apply_tf32("auto", device)
+    matmul = tf32_matmul_flops(device)
+    name = torch.cuda.get_device_name(device)
+    print(f"torch {torch.__version__}, {name}, TF32 matmul {matmul / 1e12:.0f} TFLOP/s (8192^2, same run)",
+          flush=True)
+    results = {"device": name, "torch": torch.__version__, "tf32_matmul_tflops": matmul / 1e12, "train": [],
+               "sampling": []}
+    for arch in args.archs:
+        model_cfg, batches = ARCHS[arch]
+        for batch in (args.batches or (batches[:1] if args.quick else batches)):
+            flops = step_flops(model_cfg, batch, device)
+            for variant in args.variants:
+                row = {"arch": arch, "batch": batch, "variant": variant, "gflop_per_step": flops / 1e9}
+                try:
+                    row.update(time_variant(make_cfg(model_cfg, VARIANTS[variant], batch), device,
+                                            args.warmup, args.steps))
+                    row["img_s"] = batch / (row["ms"] / 1e3)
+                    row["tflops"] = flops / (row["ms"] / 1e3) / 1e12
+                    row["fraction_of_tf32_matmul"] = row["tflops"] * 1e12 / matmul
+                except torch.cuda.OutOfMemoryError:
+                    row["error"] = "OOM"
+                torch.cuda.empty_cache()
+                results["train"].append(row)
+                print(f"  {arch} batch {batch} {variant}: " + (row.get("error") or
+                      f"{row['ms']:.1f} ms ({row['mode']}), {row['img_s']:.1f} img/s, {row['tflops']:.1f} TFLOP/s, "
+                      f"peak {row['peak_gib']:.2f} GiB"), flush=True)
+    print(f"\n{name}, torch {torch.__version__}, TF32 matmul {matmul / 1e12:.0f} TFLOP/s\n")
+    print("| architecture | batch | variant | ran as | ms/step | img/s | TFLOP/s | fraction of TF32 matmul | "
+          "peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results["train"]:
+        if "error" in r:
+            print(f"| {r['arch']} | {r['batch']} | {r['variant']} | | {r['error']} | | | | |")
+            continue
+        print(f"| {r['arch']} | {r['batch']} | {r['variant']} | {r['mode']} | {r['ms']:.1f} | {r['img_s']:.1f} | "
+              f"{r['tflops']:.1f} | {r['fraction_of_tf32_matmul']:.3f} | {r['peak_gib']:.2f} |")
+    if not args.no_sampling:
+        results["sampling"] = sampling(device, args.sample_batches, args.sample_repeats)
+        print("\n| sampling CelebA-HQ 256x256 | batch | ms/image |")
+        print("|---|---|---|")
+        for r in results["sampling"]:
+            ms = f"{r['ms_per_image']:.1f}" if r["ms_per_image"] is not None else r.get("error", "")
+            print(f"| eager | {r['batch']} | {ms} |")
+    return results
+
+
+def run_cpu(args: argparse.Namespace) -> dict:
+    device = torch.device("cpu")
+    m = CPU_ARCH
+    print(f"torch {torch.__version__}, CPU ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}); "
+          f"architecture 32x32x3 L={m.levels} K={m.steps} {m.coupling} (width {m.width}, batch {args.cpu_batch}: "
+          "operator counts do not depend on them)", flush=True)
+    rows = []
+    for variant in args.variants:
+        log: list[str] = []
+        setup = Setup(make_cfg(m, VARIANTS[variant], args.cpu_batch), device, log)
+        for _ in range(2):  # compile, lazy optimizer state
+            setup()
+        with OpCounter() as ops:
+            setup()
+        rows.append({"variant": variant, "mode": setup.step.mode, "ops": ops.total, "views": ops.views,
+                     "top": ops.most_common(5), "log": log})
+        print(f"  {variant}: {ops.total} operators + {ops.views} views ({setup.step.mode})", flush=True)
+    print("\n| variant | ran as (CPU) | ATen operators per step | + views | most frequent |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        top = ", ".join(f"{n} {c}" for n, c in r["top"])
+        print(f"| {r['variant']} | {r['mode']} | {r['ops']} | {r['views']} | {top} |")
+    return {"device": "cpu", "torch": torch.__version__, "ops": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    parser.add_argument("--batches", nargs="+", type=int, help="instead of each architecture's batch sizes")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps (compile, capture, cuDNN autotuning)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--quick", action="store_true", help="one batch size per architecture")
+    parser.add_argument("--no-sampling", action="store_true")
+    parser.add_argument("--sample-batches", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--sample-repeats", type=int, default=3)
+    parser.add_argument("--cpu", action="store_true", help="operator counts on the CPU even where CUDA is present")
+    parser.add_argument("--cpu-batch", type=int, default=4)
+    parser.add_argument("--json", default="bench_gpu.json", help="where to write the results")
+    args = parser.parse_args()
+    results = run_cpu(args) if args.cpu or not torch.cuda.is_available() else run_cuda(args)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
