@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run_all.py                     # everything (about 7 minutes on an idle 2-core VM)
     .venv/bin/python bench/run_all.py --only train memory
+    .venv/bin/python bench/run_all.py --only gpu          # on a CUDA machine (included by default there)
 
 Each script's own output (and table) is echoed as it runs; the summary lists each goal of issue 7 with the
 measured value. BENCHMARKS.md has the full tables and the commands to reproduce each one on its own.
@@ -24,7 +25,22 @@ SUITE: dict[str, tuple[str, list[str]]] = {
     "data": ("bench_data.py", ["--images", "256", "--workers", "2", "--repeats", "1", "--epochs", "1"]),
     "memory": ("bench_memory.py", []),
     "sampling": ("bench_sampling.py", ["--batch-sizes", "1", "--repeats", "1"]),
+    # Only where CUDA is present (issue 13): every variant at each architecture's smaller batch, JSON beside it.
+    "gpu": ("bench_gpu.py", ["--quick", "--json", "bench_gpu.json"]),
 }
+GPU_ONLY = {"gpu"}
+# bench_gpu.py's targets (issue 13, one H100): img/s per (architecture, batch); sampling ms/image per batch.
+GPU_GOALS = {("cifar10", "64"): ">= 1500 img/s", ("cifar10", "256"): ">= 2500 img/s",
+             ("celeba_hq_256", "16"): ">= 75 img/s"}
+SAMPLING_GOALS = {"1": "<= 40 ms/image", "32": "<= 6 ms/image"}
+
+
+def cuda_present() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def tables(text: str) -> list[dict[str, str]]:
@@ -71,6 +87,13 @@ def summarize(name: str, rows: list[dict[str, str]]) -> list[tuple[str, str, str
         out += [("memory: invertible vs plain grads, fp32, trained model (floor)", r[trained], "<= 1e-5")
                 for r in rows if r["memory"] == "invertible" and trained]
         return out
+    if name == "gpu":
+        out = [(f"gpu: {r['architecture']} batch {r['batch']} {r['variant']} ({r['ran as']})",
+                f"{r['img/s']} img/s, {r['ms/step']} ms, {r['fraction of TF32 matmul']} of TF32 matmul",
+                GPU_GOALS.get((r["architecture"], r["batch"]), "")) for r in rows if "architecture" in r]
+        out += [(f"gpu: sampling CelebA-HQ 256 batch {r['batch']}", f"{r['ms/image']} ms/image",
+                 SAMPLING_GOALS.get(r["batch"], "")) for r in rows if "ms/image" in r]
+        return out
     if name == "sampling":
         return [(f"sampling: CelebA-HQ 256, batch {r['batch']}", f"{r[k]} {k}", "")
                 for r in rows for k in r if k.endswith("ms/image")]
@@ -79,8 +102,10 @@ def summarize(name: str, rows: list[dict[str, str]]) -> list[tuple[str, str, str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=list(SUITE), default=list(SUITE))
+    parser.add_argument("--only", nargs="+", choices=list(SUITE))
     args = parser.parse_args()
+    if args.only is None:
+        args.only = [n for n in SUITE if n not in GPU_ONLY or cuda_present()]
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start", flush=True)
     summary: list[tuple[str, str, str]] = []
     for name in args.only:
