@@ -184,11 +184,13 @@ def test_fast_paths_give_the_eager_loss_gradients_and_weights_on_cuda(mode, over
     finally:
         torch.backends.cudnn.allow_tf32 = True
     assert fast.step.mode == mode, fast.logs
+    # fp32 tolerance; with bf16 couplings Inductor may keep intermediates in fp32 where eager rounds to bf16.
+    rtol = 1e-2 if "model.autocast=bf16" in overrides else 1e-4
     for (a, _), (b, _) in zip(bpd_eager, bpd_fast, strict=True):
-        assert a == pytest.approx(b, rel=1e-5)
+        assert a == pytest.approx(b, rel=rtol / 10)
     for ga, gb in zip(eager.grads(), fast.grads(), strict=True):
-        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
-    assert_same_training(eager, fast)
+        torch.testing.assert_close(ga, gb, rtol=rtol, atol=1e-6)
+    assert_same_training(eager, fast, rtol=rtol)
 
 
 @pytest.mark.gpu
