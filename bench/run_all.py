@@ -89,7 +89,8 @@ def summarize(name: str, rows: list[dict[str, str]]) -> list[tuple[str, str, str
         return out
     if name == "gpu":
         out = [(f"gpu: {r['architecture']} batch {r['batch']} {r['variant']} ({r['ran as']})",
-                f"{r['img/s']} img/s, {r['ms/step']} ms, {r['fraction of TF32 matmul']} of TF32 matmul",
+                f"{r['img/s']} img/s, {r['ms/step']} ms, {r['fraction of TF32 matmul']} of TF32 matmul"
+                if r["img/s"] else r["ms/step"],
                 GPU_GOALS.get((r["architecture"], r["batch"]), "")) for r in rows if "architecture" in r]
         out += [(f"gpu: sampling CelebA-HQ 256 batch {r['batch']}", f"{r['ms/image']} ms/image",
                  SAMPLING_GOALS.get(r["batch"], "")) for r in rows if "ms/image" in r]
