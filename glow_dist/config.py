@@ -150,23 +150,27 @@ _CHOICES = {
 }
 
 # Keys whose type changed: the old spelling still loads (configs and checkpoints written before the change).
-# tracking.log_checkpoints was a bool: true uploaded every checkpoint (now "all"), false none.
-_OLD_SPELLINGS = {
+# One table, key -> {old spelling: new value}; strings are matched stripped and lower-cased.
+# - tracking.log_checkpoints was a bool: true uploaded every checkpoint (now "all"), false none.
+# - model.channels_last and train.tf32 were bools and now also take "auto": true/false keep their meaning.
+_WAS_BOOL_NOW_AUTO = {True: "true", False: "false", "yes": "true", "on": "true", "1": "true",
+                      "no": "false", "off": "false", "0": "false"}
+_OLD_SPELLINGS: dict[str, dict[bool | str, str]] = {
     "tracking.log_checkpoints": {True: "all", False: "none", "true": "all", "false": "none", "yes": "all",
                                  "no": "none"},
+    "model.channels_last": _WAS_BOOL_NOW_AUTO,
+    "train.tf32": _WAS_BOOL_NOW_AUTO,
 }
 
 
-# Keys that were booleans and now also take `auto`: true/false (YAML booleans or strings) keep working.
-_BOOL_OR_AUTO = {"model.channels_last", "train.tf32"}
-
-
-def _bool_or_auto(value: bool | str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    lowered = value.strip().lower()
-    return {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false"}.get(lowered,
-                                                                                                        lowered)
+def _new_spelling(dotted: str, value: Any) -> Any:
+    """`value` in today's spelling if `dotted` is a key whose type changed; otherwise `value` unchanged."""
+    old = _OLD_SPELLINGS.get(dotted)
+    if old is None or not isinstance(value, bool | str):
+        return value
+    if isinstance(value, str):
+        value = value.strip().lower()
+    return old.get(value, value)
 
 
 def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
@@ -240,12 +244,7 @@ def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
         raise ConfigError(
             f"{source}: unknown key '{dotted}'; '{parts[0]}' has {', '.join(sorted(types))}"
         )
-    old = _OLD_SPELLINGS.get(dotted, {})
-    if isinstance(value, (bool, str)) and (value.lower() if isinstance(value, str) else value) in old:
-        value = old[value.lower() if isinstance(value, str) else value]
-    if dotted in _BOOL_OR_AUTO and isinstance(value, bool | str):  # old configs spell these true/false
-        value = _bool_or_auto(value)
-    coerced = _coerce(value, types[parts[1]], dotted, source)
+    coerced = _coerce(_new_spelling(dotted, value), types[parts[1]], dotted, source)
     choices = _CHOICES.get(dotted)
     if choices and coerced not in choices:
         raise ConfigError(f"{source}: '{dotted}' must be one of {', '.join(choices)}, got {coerced!r}")

@@ -85,3 +85,14 @@ def test_yaml_round_trip(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+def test_old_spellings_of_keys_whose_type_changed_still_load(tmp_path):
+    """Configs written before a key changed type (bool -> choice) keep their meaning, in YAML and on the CLI."""
+    old = write(tmp_path, "model:\n  channels_last: true\ntrain:\n  tf32: false\ntracking:\n  log_checkpoints: true\n")
+    cfg = load_config(old)
+    assert (cfg.model.channels_last, cfg.train.tf32, cfg.tracking.log_checkpoints) == ("true", "false", "all")
+    cfg = load_config(None, ["model.channels_last=off", "train.tf32=AUTO", "tracking.log_checkpoints=no"])
+    assert (cfg.model.channels_last, cfg.train.tf32, cfg.tracking.log_checkpoints) == ("false", "auto", "none")
+    with pytest.raises(ConfigError, match="log_checkpoints' must be one of none, last, all, every_n"):
+        load_config(None, ["tracking.log_checkpoints=sometimes"])
