@@ -4,7 +4,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -62,3 +65,16 @@ def assert_identical(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, log: Path | None = None) -> Any:
+    """Poll `predicate` every 0.2 s until it returns something truthy (returned); fail naming `what` (and the
+    tail of `log`, if given) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.2)
+    tail = f"; log tail:\n{log.read_text()[-3000:]}" if log is not None and log.exists() else ""
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}{tail}")

@@ -11,13 +11,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from helpers import BIN, REPO, assert_identical, env_with_venv, train_cmd
+from helpers import BIN, REPO, assert_identical, env_with_venv, train_cmd, wait_for
 from mlflow.tracking import MlflowClient
 
 HOSTS = ("localhost", "127.0.0.1")
@@ -63,16 +62,6 @@ def records(metrics: Path) -> list[dict]:
         except json.JSONDecodeError:
             pass  # the line being written
     return found
-
-
-def wait_for(predicate, timeout: float, what: str, log: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}; log tail:\n{log.read_text()[-3000:]}")
 
 
 def test_elastic_without_an_elastic_launch_is_refused(tmp_path, digits_shards):

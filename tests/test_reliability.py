@@ -4,7 +4,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -18,6 +17,7 @@ from helpers import (
     run_check,
     train_cli,
     train_cmd,
+    wait_for,
 )
 from mlflow.tracking import MlflowClient
 from test_tracking import Server
@@ -35,15 +35,6 @@ def trainer_processes(marker: str, python_only: bool = False) -> list[psutil.Pro
             if not python_only or proc.info["name"].startswith("python"):
                 found.append(proc)
     return found
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_nan_streak_rolls_back_with_lower_lr(tmp_path, digits_shards):

@@ -8,11 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import BIN, REPO, env_with_venv, train_cmd
+from helpers import BIN, REPO, env_with_venv, train_cmd, wait_for
 from mlflow.tracking import MlflowClient
 
 from glow_dist.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
@@ -42,15 +41,6 @@ def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
     # A new session, as `setsid` or a batch scheduler gives a job: its process group is the job.
     return subprocess.Popen(cmd, cwd=REPO, env=env_with_venv(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def training(run_dir: Path) -> bool:
