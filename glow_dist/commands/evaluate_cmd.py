@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     device = dist.pin_device()
     path, state = open_checkpoint(args.checkpoint)
     model, cfg, path, step, _ = model_from_state(path, state, device, weights="model" if args.raw_weights else "ema")
-    weights = describe_weights(state, raw=args.raw_weights)
+    weights_description = describe_weights(state, raw=args.raw_weights)
     if args.data:
         cfg.data.root = args.data
     if args.backend:
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = {"bits_per_dim/evaluate": bpd}
     lines = [f"checkpoint {path} (step {step})",
              f"test bits/dim: {bpd:.4f}  ({'raw' if args.raw_weights else 'EMA'} weights, data {cfg.data.root})",
-             f"weights: {weights}"]
+             f"weights: {weights_description}"]
     if args.baseline:
         train = make_loader(cfg.data, cfg.model, "train", **common)
         counts = dist.allreduce_sum(pixel_histograms(train.epoch(0), cfg.model.n_bits))
@@ -85,11 +85,11 @@ def run(args: argparse.Namespace) -> int:
     if dist.is_main() and not args.no_tracking:
         from glow_dist.tracking import log_evaluation
 
-        weights = "raw" if args.raw_weights else "ema"
-        summary = (f"- `glow-dist evaluate` ({weights} weights, step {step:,}, {dist.size()} rank(s)): "
+        weights_tag = "raw" if args.raw_weights else "ema"
+        summary = (f"- `glow-dist evaluate` ({weights_tag} weights, step {step:,}, {dist.size()} rank(s)): "
                    + ", ".join(f"`{k}` **{v:.4f}**" for k, v in metrics.items()))
         lines.append(log_evaluation(cfg, state.get("mlflow_run_id"), step, metrics,
-                                    {"evaluate.weights": weights, "evaluate.checkpoint": str(path),
+                                    {"evaluate.weights": weights_tag, "evaluate.checkpoint": str(path),
                                      "evaluate.data": cfg.data.root}, summary))
     if dist.is_main():
         print("\n".join(lines), flush=True)
