@@ -27,7 +27,7 @@ help:
 	@echo "make horovod-gpu-check  CUDA torch + toolkit wheels in $(GPU_VENV), build Horovod with NCCL, check it"
 	@echo "make wheelhouse CUDA=cu12|cu13|cpu [PYTHON=python3.12]: every wheel for an offline install"
 	@echo "make install WHEELHOUSE=dir  install from a wheelhouse with no network"
-	@echo "make lint       ruff over the package, tests and benchmarks"
+	@echo "make lint       ruff over the package, tests, benchmarks and launch scripts"
 	@echo "make mlflow-ui  MLflow UI on the local store (http://127.0.0.1:$(MLFLOW_PORT))"
 	@echo "make bench      benchmark suite; prints tables (see BENCHMARKS.md)"
 	@echo "make bench-quality  test bits/dim (EMA and raw) on natural-image patches at 200/400/800 steps"
@@ -96,7 +96,7 @@ test-fast: $(STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check glow_dist tests bench
+	$(BIN)/ruff check glow_dist tests bench launch
 
 prepare-digits: $(STAMP)
 	@if [ -f $(DATA)/manifest.json ]; then echo "digits shards present in $(DATA)"; \
@@ -110,7 +110,7 @@ train: $(STAMP) $(HVD_STAMP) prepare-digits
 
 # The README's run-page screenshot (docs/mlflow-run-page.png), from a fresh run on a throwaway server; needs chromium.
 mlflow-screenshot: $(STAMP)
-	bash launch/mlflow-screenshot.sh
+	CONFIG=$${CONFIG:-configs/digits.yaml} STEPS=$${STEPS:-1500} EVERY=$${EVERY:-500} bash launch/mlflow-screenshot.sh
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \

@@ -437,7 +437,11 @@ class Trainer:
                 result = dist.elastic_run(self._elastic_run)(self.state, stop)
             else:
                 if self._fresh and self.position.step == 0:
-                    self._log_evaluation(0)  # fresh start only: the curves begin at the initial weights
+                    # Fresh start only: the curves, and the image slider (which opens at step 0), begin at the
+                    # initial weights.
+                    self._log_evaluation(0)
+                    if self.cfg.train.sample_every > 0:
+                        self._samples(0)
                 result = self._loop(stop)
             status = "KILLED" if result.get("stopped") else "FINISHED"
             return result

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README's picture of an MLflow run page, taken from a real run so that it stays true:
 # trains the tiny debug model on the digits against a fresh `mlflow server` on a free loopback port, evaluates it with the
-# baselines, and screenshots the run's Overview and Model metrics pages with headless Chromium (Debian's
-# `chromium` package: apt-get install -y chromium), side by side in one PNG.
+# baselines, and screenshots the run's Overview and Model metrics pages and one sample card full screen with headless
+# Chromium (Debian's `chromium` package: apt-get install -y chromium) driven by Playwright, side by side in one PNG.
 #
 #   launch/mlflow-screenshot.sh                          # -> docs/mlflow-run-page.png
 #   OUT=/tmp/page.png CONFIG=configs/digits.yaml STEPS=1500 EVERY=500 launch/mlflow-screenshot.sh
@@ -18,7 +18,7 @@ CONFIG=${CONFIG:-configs/debug.yaml}
 STEPS=${STEPS:-60}                       # the debug model: well under a minute
 EVERY=${EVERY:-20}                       # test bits/dim, samples and checkpoints every EVERY steps
 CHROMIUM=${CHROMIUM:-$(command -v chromium || command -v chromium-browser || true)}
-BUDGET_MS=${BUDGET_MS:-40000}            # virtual time for the JS app to fetch and render
+BUDGET_MS=${BUDGET_MS:-120000}           # how long each page may take to be ready
 [[ -x $CHROMIUM ]] || { echo "no chromium: apt-get install -y chromium (or set CHROMIUM=...)" >&2; exit 2; }
 
 WORK=$(mktemp -d /tmp/glow-mlflow-shot.XXXXXX)
@@ -62,23 +62,23 @@ EOF
 )
 echo "run page: $RUN_URL?workflowType=machine_learning"
 
-shot() {   # URL FILE HEIGHT
-    "$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
-        --disable-sync --no-first-run --user-data-dir="$WORK/chrome-$RANDOM" --hide-scrollbars \
-        --window-size=1280,"$3" --virtual-time-budget="$BUDGET_MS" --screenshot="$2" "$1" >/dev/null 2>&1
-}
-shot "$RUN_URL?workflowType=machine_learning" "$WORK/overview.png" 1500
-shot "$RUN_URL/model-metrics?workflowType=machine_learning" "$WORK/metrics.png" 1500
+# Playwright drives the system's Chromium (its own browser download is not needed): waits for the charts, moves every
+# sample card's step slider to the last step, and opens one card full screen (launch/mlflow_screenshot.py).
+"$PY" -c "import playwright" 2>/dev/null || "$PY" -m pip install -q playwright
+"$PY" launch/mlflow_screenshot.py "$RUN_URL" "$WORK" --chromium "$CHROMIUM" --timeout "$((BUDGET_MS / 1000))"
 
 mkdir -p "$(dirname "$OUT")"
 # Side by side, halved, as an 8-bit palette PNG: small enough to commit, sharp enough to read.
-"$PY" - "$WORK/overview.png" "$WORK/metrics.png" "$OUT" <<'EOF'
+"$PY" - "$WORK/overview.png" "$WORK/metrics.png" "$WORK/samples.png" "$OUT" <<'EOF'
 import sys
 from PIL import Image
-a, b = (Image.open(p).convert("RGB") for p in sys.argv[1:3])
-page = Image.new("RGB", (a.width + b.width + 16, max(a.height, b.height)), "white")
-page.paste(a, (0, 0)); page.paste(b, (a.width + 16, 0))
+shots = [Image.open(p).convert("RGB") for p in sys.argv[1:4]]
+page = Image.new("RGB", (sum(s.width for s in shots) + 16 * (len(shots) - 1), max(s.height for s in shots)), "white")
+x = 0
+for shot in shots:
+    page.paste(shot, (x, 0))
+    x += shot.width + 16
 page = page.resize((page.width * 11 // 20, page.height * 11 // 20), Image.LANCZOS)
-page.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(sys.argv[3], optimize=True)
-print(f"wrote {sys.argv[3]}: {page.width}x{page.height}")
+page.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(sys.argv[4], optimize=True)
+print(f"wrote {sys.argv[4]}: {page.width}x{page.height}")
 EOF
