@@ -14,7 +14,7 @@
 #   pypi    NVIDIA's toolkit wheels, installed into the same environment at torch's CUDA major.minor:
 #           CUDA 13: nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-cccl nvidia-cuda-crt nvidia-nvvm
 #           and merged into one temporary CUDA home for the build. CUDA 12: tried (nvidia-cuda-nvcc-cu12 ...), but
-#           those wheels hold no nvcc (12.4-12.9 checked: ptxas and libnvvm only), so a CUDA 12 torch needs a system
+#           those wheels hold no nvcc (12.1-12.9 checked: ptxas and libnvvm only), so a CUDA 12 torch needs a system
 #           CUDA 12 toolkit (the Dockerfile's devel image has one)
 #   auto    system when its major version matches torch's CUDA, else pypi
 # NCCL: $HOROVOD_NCCL_HOME (or _INCLUDE/_LIB) when set, else the nvidia-nccl-cu12/-cu13 wheel that a CUDA torch
@@ -110,8 +110,8 @@ pypi_cuda() {
     done
     if [ ! -x "$home/bin/nvcc" ]; then
         echo "horovod: no nvcc in the CUDA $major wheels under $SITE/nvidia" >&2
-        # Checked for 12.4, 12.6, 12.8 and 12.9: nvidia-cuda-nvcc-cu12 holds ptxas and libnvvm only (for JIT users);
-        # CUDA 13's nvidia-cuda-nvcc is the first with the compiler driver.
+        # Checked for 12.1, 12.3, 12.4, 12.6, 12.8 and 12.9: nvidia-cuda-nvcc-cu12 holds ptxas and libnvvm only
+        # (for JIT users); CUDA 13's nvidia-cuda-nvcc is the first with the compiler driver.
         [ "$major" -ge 13 ] || echo "horovod: PyPI's CUDA 12 wheels carry no nvcc (nvidia-cuda-nvcc-cu12 is ptxas and" \
             "libnvvm only), so an NCCL build for a CUDA 12 torch needs a CUDA 12 toolkit on the machine: set CUDA_HOME" \
             "(or HOROVOD_CUDA_HOME) to it, e.g. /usr/local/cuda-12.8, or build in the nvidia/cuda:12.8.1-cudnn-devel" \

@@ -61,6 +61,25 @@ if [ "$got" != "$FLAVOUR" ]; then
 fi
 echo "wheelhouse: $(basename "$torch_wheel") is a $got build"
 
+# cu12: Horovod's NCCL build needs a CUDA 12 nvcc, which PyPI does not have (launch/install-horovod.sh). Unless the
+# wheel cache already holds the build, say so now rather than after gigabytes of downloads.
+if [ "$FLAVOUR" = cu12 ] && [ "${GLOW_DIST_HOROVOD_GPU:-auto}" != cpu ] &&
+   ! compgen -G "${GLOW_DIST_WHEEL_CACHE:-$HOME/.cache/glow-dist/wheels}/horovod-0.28.1-torch${torch_pin%%+*}*-nccl-cu12.*/*.whl" \
+       >/dev/null; then
+    found=
+    for c in "${HOROVOD_CUDA_HOME:-}" "${CUDA_HOME:-}" "$(dirname "$(dirname "$(command -v nvcc || echo /x/x)")")" \
+             /usr/local/cuda; do
+        if [ -n "$c" ] && "$c/bin/nvcc" --version 2>/dev/null | grep -q 'release 12\.'; then found=$c; break; fi
+    done
+    [ -n "$found" ] || {
+        echo "wheelhouse: cu12 needs a CUDA 12 toolkit to build Horovod with NCCL (PyPI's nvidia-cuda-nvcc-cu12 has" \
+             "no nvcc) and none was found (HOROVOD_CUDA_HOME, CUDA_HOME, nvcc on PATH, /usr/local/cuda); set" \
+             "CUDA_HOME=/usr/local/cuda-12.x, or put a built wheel in the cache" >&2
+        exit 1
+    }
+    echo "wheelhouse: CUDA 12 toolkit for Horovod's build: $found"
+fi
+
 "$py" -m pip download -q -d "$OUT" pip setuptools wheel
 # This project as a wheel, then everything it needs (torch pinned to the flavour's build).
 "$py" -m pip wheel -q --no-deps -w "$OUT" "$HERE"

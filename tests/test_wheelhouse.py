@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -123,6 +124,20 @@ def test_wheelhouse_takes_each_flavours_torch_and_dali(tmp_path: Path, flavour: 
            f"indexes (PyPI), {dali}" in out.stdout, out.stdout + out.stderr
     assert f"wheelhouse: torch-{torch}-py3-none-any.whl is a {flavour} build" in out.stdout, out.stdout + out.stderr
     assert out.returncode != 0 and not (tmp_path / "house.build-venv").exists()  # no index: stops at pip's wheels
+    if flavour == "cu12" and not cuda12_toolkit():  # this VM: CUDA 13.0 only; stopped before the downloads
+        assert "wheelhouse: cu12 needs a CUDA 12 toolkit to build Horovod with NCCL" in out.stderr, out.stderr
+
+
+def cuda12_toolkit() -> bool:
+    homes = [os.environ.get("HOROVOD_CUDA_HOME"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    nvccs = [shutil.which("nvcc")] + [f"{h}/bin/nvcc" for h in homes if h]
+    for nvcc in filter(None, nvccs):
+        try:
+            if "release 12." in subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def test_wheelhouse_refuses_a_torch_of_another_flavour(tmp_path: Path) -> None:
