@@ -16,7 +16,9 @@
 #   cpu   2.13.0 from PyTorch's CPU index (https://download.pytorch.org/whl/cpu): PyPI's Linux torch is a CUDA build
 #   cu13  2.14.1 from PyPI: PyPI's Linux torch has been the CUDA 13.0 build since 2.11
 #   cu12  2.10.0 from PyPI, the last PyPI torch built for CUDA 12 (12.8); a newer torch for CUDA 12 comes only from
-#         PyTorch's index: TORCH_INDEX=https://download.pytorch.org/whl/cu128 TORCH_VERSION=2.14.1
+#         PyTorch's index: TORCH_INDEX=https://download.pytorch.org/whl/cu128 and 2.14.1 as TORCH_VERSION (make:
+#         WHEELHOUSE_TORCH=2.14.1). Horovod's NCCL build for CUDA 12 needs a local CUDA 12 toolkit (CUDA_HOME):
+#         PyPI has no CUDA 12 nvcc; without one (or the build in the wheel cache) cu12 stops before the downloads.
 # (TORCH_INDEX_URL is the old spelling of TORCH_INDEX.) Whatever the index, the torch wheel's own metadata must name
 # the flavour's CUDA major (or none, for cpu), else the script stops before building anything.
 # Building Horovod needs torch installed: that happens in a build venv OUT.build-venv, removed at the end.
