@@ -16,7 +16,7 @@ NP ?= 2
 TRAIN_ARGS ?=
 MLFLOW_PORT ?= 5000
 
-.PHONY: install horovod horovod-gpu-check wheelhouse doctor test test-fast lint train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
+.PHONY: install horovod horovod-gpu-check wheelhouse wheelhouse-check doctor test test-fast lint train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
 
 help:
 	@echo "make train      install, prepare the digits shards, train with 2 Horovod processes, log to local MLflow"
@@ -25,8 +25,9 @@ help:
 	@echo "make horovod    build (once, cached) and install Horovod with PyTorch + Gloo"
 	@echo "make doctor     check this machine: torch/CUDA, GPUs, Horovod build, DALI decode, MLflow, data"
 	@echo "make horovod-gpu-check  CUDA torch + toolkit wheels in $(GPU_VENV), build Horovod with NCCL, check it"
-	@echo "make wheelhouse CUDA=cu12|cu13|cpu [PYTHON=python3.12]: every wheel for an offline install"
+	@echo "make wheelhouse CUDA=cu12|cu13|cpu [PYTHON=python3.12] [WHEELHOUSE_TORCH=2.14.1 TORCH_INDEX=url]: every wheel for an offline install"
 	@echo "make install WHEELHOUSE=dir  install from a wheelhouse with no network"
+	@echo "make wheelhouse-check WHEELHOUSE=dir  prove it: offline install into a fresh venv, --check-build, doctor"
 	@echo "make lint       ruff over the package, tests, benchmarks and launch scripts"
 	@echo "make mlflow-ui  MLflow UI on the local store (http://127.0.0.1:$(MLFLOW_PORT))"
 	@echo "make bench      benchmark suite; prints tables (see BENCHMARKS.md)"
@@ -85,9 +86,20 @@ horovod-gpu-check:
 # Every wheel for an air-gapped install, for one CUDA flavour (cu12 | cu13 | cpu) and the Python of $(PYTHON):
 # torch, Horovod built for that torch (NCCL for CUDA), DALI, this project and all dependencies, in $(WHEELHOUSE)
 # (default wheelhouse/$(CUDA)). Then on the cluster: make install WHEELHOUSE=wheelhouse/$(CUDA).
+# WHEELHOUSE_TORCH (a torch version) and TORCH_INDEX (an extra index URL) override the flavour's defaults
+# (launch/wheelhouse.sh: cpu 2.13.0 from PyTorch's CPU index, cu13 2.14.1 and cu12 2.10.0 from PyPI).
 CUDA ?= cu13
+WHEELHOUSE_TORCH ?=
 wheelhouse:
-	bash launch/wheelhouse.sh $(or $(WHEELHOUSE),wheelhouse/$(CUDA)) $(CUDA) $(PYTHON) $(TORCH_VERSION)
+	$(if $(filter undefined,$(origin TORCH_INDEX)),,TORCH_INDEX='$(TORCH_INDEX)') bash launch/wheelhouse.sh \
+		$(or $(WHEELHOUSE),wheelhouse/$(CUDA)) $(CUDA) $(PYTHON) $(WHEELHOUSE_TORCH)
+
+# The offline proof of a wheelhouse: a fresh venv, `make install WHEELHOUSE=` with no index, no pip configuration and
+# (where the kernel allows) no network at all, then imports, horovodrun --check-build (NCCL for cu12/cu13) and
+# glow-dist doctor on 1 and 2 ranks. Multi-GB for a CUDA flavour: not part of `make test`.
+CHECK_VENV ?=
+wheelhouse-check:
+	bash launch/wheelhouse-check.sh $(or $(WHEELHOUSE),wheelhouse/$(CUDA)) $(CHECK_VENV)
 
 test: $(STAMP) $(HVD_STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q $(PYTEST_ARGS)

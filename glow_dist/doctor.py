@@ -47,13 +47,41 @@ def check_torch() -> Check:
                                 f"{torch.cuda.is_available()}")
 
 
+def cuda_driver() -> str | None:
+    """The NVIDIA driver's CUDA library if this machine has one (a CUDA torch needs it to see any GPU)."""
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so"):
+        try:
+            ctypes.CDLL(name)
+            return name
+        except OSError:
+            continue
+    return None
+
+
+def no_gpu_reason(torch_cuda: str | None, driver: str | None, visible: str | None) -> str:
+    """Why torch sees no GPU, and what this run does instead, in words."""
+    if not torch_cuda:
+        why = "this torch is a CPU-only build"
+    elif driver is None:
+        why = f"this torch is a CUDA {torch_cuda} build but there is no NVIDIA driver (no libcuda.so.1)"
+    elif visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
+        why = f"the driver is there but CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    else:
+        why = f"this torch is a CUDA {torch_cuda} build and the driver loads, but it reports no usable GPU"
+    return (f"no CUDA device: {why}. So: training runs on the CPU, data.decode=auto decodes on the CPU, Horovod "
+            "all-reduces over Gloo; NCCL, DALI's GPU decode and the CUDA step modes are not exercised here")
+
+
 def check_gpus(need_gpu: bool) -> Check:
     import torch
 
     if not torch.cuda.is_available():
-        status = FAIL if need_gpu else SKIP
-        why = "the config decodes on the GPU (data.decode=gpu)" if need_gpu else "CPU run"
-        return Check("gpus", status, f"no CUDA device ({why})")
+        detail = no_gpu_reason(torch.version.cuda, cuda_driver(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if need_gpu:
+            return Check("gpus", FAIL, detail + "; the config asks for GPU decoding (data.decode=gpu)")
+        return Check("gpus", SKIP, detail)
     parts = []
     mine = int(os.environ.get("HOROVOD_LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
     for i in range(torch.cuda.device_count()):

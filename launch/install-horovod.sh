@@ -12,9 +12,10 @@
 # Where CUDA comes from for an NCCL build (GLOW_DIST_CUDA_FROM, default auto):
 #   system  $HOROVOD_CUDA_HOME, $CUDA_HOME, the nvcc on PATH or /usr/local/cuda; its major version must be torch's
 #   pypi    NVIDIA's toolkit wheels, installed into the same environment at torch's CUDA major.minor:
-#           CUDA 12: nvidia-cuda-nvcc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12
 #           CUDA 13: nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-cccl nvidia-cuda-crt nvidia-nvvm
-#           and merged into one temporary CUDA home for the build
+#           and merged into one temporary CUDA home for the build. CUDA 12: tried (nvidia-cuda-nvcc-cu12 ...), but
+#           those wheels hold no nvcc (12.1-12.9 checked: ptxas and libnvvm only), so a CUDA 12 torch needs a system
+#           CUDA 12 toolkit (the Dockerfile's devel image has one)
 #   auto    system when its major version matches torch's CUDA, else pypi
 # NCCL: $HOROVOD_NCCL_HOME (or _INCLUDE/_LIB) when set, else the nvidia-nccl-cu12/-cu13 wheel that a CUDA torch
 # depends on (linked shared: the library torch loads is the one Horovod uses), else the CUDA home.
@@ -107,7 +108,16 @@ pypi_cuda() {
             if [ -d "$d/$sub" ]; then mkdir -p "$home/$sub" && cp -rsf "$d/$sub"/. "$home/$sub"/; fi
         done
     done
-    [ -x "$home/bin/nvcc" ] || { echo "horovod: no nvcc in the CUDA $major wheels under $SITE/nvidia" >&2; return 1; }
+    if [ ! -x "$home/bin/nvcc" ]; then
+        echo "horovod: no nvcc in the CUDA $major wheels under $SITE/nvidia" >&2
+        # Checked for 12.1, 12.3, 12.4, 12.6, 12.8 and 12.9: nvidia-cuda-nvcc-cu12 holds ptxas and libnvvm only
+        # (for JIT users); CUDA 13's nvidia-cuda-nvcc is the first with the compiler driver.
+        [ "$major" -ge 13 ] || echo "horovod: PyPI's CUDA 12 wheels carry no nvcc (nvidia-cuda-nvcc-cu12 is ptxas and" \
+            "libnvvm only), so an NCCL build for a CUDA 12 torch needs a CUDA 12 toolkit on the machine: set CUDA_HOME" \
+            "(or HOROVOD_CUDA_HOME) to it, e.g. /usr/local/cuda-12.8, or build in the nvidia/cuda:12.8.1-cudnn-devel" \
+            "image (docker/Dockerfile)" >&2
+        return 1
+    fi
     [ -e "$home/lib64" ] || ln -s lib "$home/lib64"
     # The wheels ship only versioned shared libraries; the linker wants the plain name.
     [ -e "$home/lib/libcudart.so" ] || ln -s "$(basename "$(ls "$home"/lib/libcudart.so.* | head -1)")" "$home/lib/libcudart.so"

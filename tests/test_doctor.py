@@ -44,7 +44,19 @@ def test_doctor_passes_with_a_live_tracking_server(mlflow_server: str, digits_sh
     assert got["data:train"][0] == got["data:test"][0] == "PASS"
     # This machine: no GPU. DALI (installed by `make install`) must really decode on the CPU.
     assert got["gpus"][0] == "SKIP" and got["allreduce"][0] == "SKIP"
+    assert got["gpus"][1].startswith("no CUDA device: this torch is a CPU-only build. So: training runs on the CPU")
     assert got["dali"][0] == "PASS" and "on the CPU (cpu)" in got["dali"][1]
+
+
+def test_no_gpu_is_explained() -> None:
+    # A CUDA torch on a machine without the driver (what `make wheelhouse-check` meets on a CPU node) says so.
+    no_driver = doctor.no_gpu_reason("13.0", None, None)
+    assert "this torch is a CUDA 13.0 build but there is no NVIDIA driver (no libcuda.so.1)" in no_driver
+    assert "CUDA_VISIBLE_DEVICES='' hides every GPU" in doctor.no_gpu_reason("12.8", "libcuda.so.1", "")
+    assert "driver loads, but it reports no usable GPU" in doctor.no_gpu_reason("12.8", "libcuda.so.1", "0,1")
+    for reason in (doctor.no_gpu_reason(None, None, None), doctor.no_gpu_reason("13.0", None, "0")):
+        assert reason.endswith("Horovod all-reduces over Gloo; NCCL, DALI's GPU decode and the CUDA step modes are "
+                               "not exercised here")
 
 
 def test_unreachable_tracking_server_fails_clearly() -> None:
