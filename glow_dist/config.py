@@ -112,6 +112,8 @@ class TrackingConfig:
     run_name: str = ""            # "" : <config>-<N>ranks-<UTC time>, e.g. digits-2ranks-20260101-120000
     sample_temperatures: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 1.0])
     sample_count: int = 16        # images per temperature in each grid
+    sample_mode: str = "auto"     # auto | eager | compiled | graphed: how grids are decoded (glow_dist/decoder.py);
+    #                               auto: graphed on CUDA, eager on CPU; a mode that cannot run falls back to eager
     log_checkpoints: str = "last"  # none | last | all | every_n: which checkpoints MLflow keeps (see tracking.py)
     log_checkpoints_every: int = 0   # every_n: also keep the checkpoints of steps that are multiples of this
     log_model: bool = True        # the final EMA weights as an MLflow model (`models:/` or `runs:/RUN/model`)
@@ -131,6 +133,7 @@ class Config:
 
 
 BACKGROUND_PRIORITIES = ("auto", "low", "normal")  # dist.background_priority; see glow_dist.dist.init
+DECODE_MODES = ("auto", "eager", "compiled", "graphed")  # tracking.sample_mode, --decode-mode; glow_dist.decoder
 
 _CHOICES = {
     "model.coupling": ("additive", "affine"),
@@ -146,6 +149,7 @@ _CHOICES = {
     "optim.lr_scaling": ("none", "linear", "sqrt"),
     "dist.background_priority": BACKGROUND_PRIORITIES,
     "tracking.sample_weights": ("best", "ema", "raw"),
+    "tracking.sample_mode": DECODE_MODES,
     "tracking.log_checkpoints": ("none", "last", "all", "every_n"),
 }
 

@@ -28,6 +28,7 @@ import torch
 
 from glow_dist.checkpoint import CheckpointError, open_checkpoint
 from glow_dist.config import Config, ModelConfig, from_dict, to_dict
+from glow_dist.decoder import Decoder, as_decoder
 from glow_dist.ema import ema_weights
 from glow_dist.model import Glow, build_model, postprocess, preprocess, quantize
 
@@ -130,14 +131,12 @@ def encode_images(model: Glow, images: torch.Tensor, batch_size: int = 64) -> La
 
 
 @torch.no_grad()
-def decode_latents(model: Glow, zs: Latents, batch_size: int = 64) -> torch.Tensor:
-    """uint8 (N, C, H, W) images of latents (one tensor per level)."""
-    check_latent_shapes(model, [tuple(z.shape[1:]) for z in zs], "latents")
-    out = []
-    for start in range(0, len(zs[0]), batch_size):
-        batch = [z[start:start + batch_size].to(_device(model)) for z in zs]
-        out.append(postprocess(model.decode(batch), model.cfg.n_bits).cpu())
-    return torch.cat(out)
+def decode_latents(model: Glow | Decoder, zs: Latents, batch_size: int = 64) -> torch.Tensor:
+    """uint8 (N, C, H, W) images of latents (one tensor per level); `model` may be a Decoder (compiled or
+    CUDA-graphed decoding, see glow_dist.decoder)."""
+    decoder = as_decoder(model)
+    check_latent_shapes(decoder.model, [tuple(z.shape[1:]) for z in zs], "latents")
+    return postprocess(decoder.decode(zs, batch_size=batch_size), decoder.model.cfg.n_bits).cpu()
 
 
 def check_latent_shapes(model: Glow, shapes: Sequence[tuple[int, ...]], what: str) -> None:

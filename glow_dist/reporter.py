@@ -22,6 +22,7 @@ import torch
 from glow_dist import run_info
 from glow_dist.checkpoint import save_checkpoint
 from glow_dist.config import Config, save_config
+from glow_dist.decoder import Decoder
 from glow_dist.model import Glow
 from glow_dist.sampling import image_grid, sample_images, save_png
 from glow_dist.tracking import NullTracker, Tracker
@@ -78,6 +79,7 @@ class Reporter(NullReporter):
         self._note = ""
         self._last_test: dict[str, tuple[int, float]] = {}     # test metric -> (step, value), for the description
         self._final_state: dict | None = None                  # the newest checkpoint's EMA weights and config
+        self._decoders: dict[int, Decoder] = {}               # id(model) -> its sample-grid decoder
 
     def start(self, cfg: Config, world_size: int, tags: dict[str, str], resumed_from: str | None) -> None:
         save_config(cfg, self.run_dir / "config.yaml")
@@ -124,12 +126,22 @@ class Reporter(NullReporter):
         per temperature (what `glow-dist sample` writes). The prior draws are the same at every step."""
         t = self.cfg.tracking
         scale = max(1, 64 // self.cfg.model.image_size)
-        samples = [(temp, sample_images(model, t.sample_count, temp, seed=self.cfg.train.seed))
+        decoder = self._decoder(model)
+        samples = [(temp, sample_images(decoder, t.sample_count, temp, seed=self.cfg.train.seed))
                    for temp in t.sample_temperatures]
         rows = image_grid(torch.cat([images for _, images in samples]), ncols=t.sample_count)
         save_png(rows, self.run_dir / "samples" / f"step-{step:08d}.png", scale=scale)
         for temperature, grid in temperature_images(samples, model.cfg.y_condition, scale):
             self.tracker.log_image(grid, key=f"samples/T{temperature:g}", step=step)
+
+    def _decoder(self, model: Glow) -> Decoder:
+        """One Decoder per model sampled from (EMA, raw), kept for the run: it compiles or captures once, and its
+        graphs read the weights in place, as the optimizer and the EMA update them."""
+        decoder = self._decoders.get(id(model))
+        if decoder is None or decoder.model is not model:
+            decoder = Decoder(model, self.cfg.tracking.sample_mode, log=self.message)
+            self._decoders[id(model)] = decoder
+        return decoder
 
     def checkpoint(self, make_state: Callable[[], dict], step: int, upload: bool = True) -> None:
         """upload=False: the stop checkpoint, local only; an upload of GBs would outlast the scheduler's grace."""

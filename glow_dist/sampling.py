@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from glow_dist.decoder import Decoder, as_decoder
 from glow_dist.model import Glow, postprocess
 
 
@@ -21,29 +22,25 @@ def image_grid(images: torch.Tensor, ncols: int, pad: int = 1) -> np.ndarray:
     return grid
 
 
-@torch.no_grad()
-def sample_images(model: Glow, n: int, temperature: float, labels: torch.Tensor | None = None,
+def sample_images(model: Glow | Decoder, n: int, temperature: float, labels: torch.Tensor | None = None,
                   seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
     """n uint8 images at `temperature`, from a fixed seed so grids of different steps are comparable.
 
-    `batch_size` bounds how many are decoded at once (a 256x256 model cannot take 64 in one pass).
+    `model` is a Glow (decoded eagerly) or a `glow_dist.decoder.Decoder` of one (compiled or CUDA-graphed; keep one
+    for repeated calls: it compiles or captures once). `batch_size` bounds how many are decoded at once (a 256x256
+    model cannot take 64 in one pass); the draws, and so the images, do not depend on it.
     """
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        if model.cfg.y_condition and labels is None:
-            labels = torch.arange(n, device=device) % model.cfg.num_classes
-        step = batch_size or n
-        chunks = [model.sample(min(step, n - i), temperature, y=None if labels is None else labels[i:i + step])
-                  for i in range(0, n, step)]
-    return postprocess(torch.cat(chunks), model.cfg.n_bits)
+    decoder = as_decoder(model)
+    return postprocess(decoder.sample(n, temperature, labels=labels, seed=seed, batch_size=batch_size),
+                       decoder.model.cfg.n_bits)
 
 
-def temperature_grid(model: Glow, temperatures: list[float], per_row: int, seed: int = 0,
+def temperature_grid(model: Glow | Decoder, temperatures: list[float], per_row: int, seed: int = 0,
                      labels: torch.Tensor | None = None, ncols: int | None = None,
                      batch_size: int | None = None) -> np.ndarray:
     """`per_row` samples for each temperature, one row each (`ncols` < per_row wraps a row onto several)."""
-    rows = [sample_images(model, per_row, t, labels=labels, seed=seed, batch_size=batch_size)
+    decoder = as_decoder(model)
+    rows = [sample_images(decoder, per_row, t, labels=labels, seed=seed, batch_size=batch_size)
             for t in temperatures]
     return image_grid(torch.cat(rows), ncols=ncols or per_row)
 

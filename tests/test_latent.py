@@ -190,12 +190,19 @@ def test_attribute_direction_makes_digits_look_like_zeros(runs, zero_data):
     assert minus <= zero
 
 
-def test_sample_uses_the_trainer_grid_code(runs, tmp_path):
+def test_sample_uses_the_trainer_grid_code(runs, tmp_path, capsys):
     out = tmp_path / "rows.png"
     assert cli(["sample", "--checkpoint", str(runs["main"]), "--n", "4", "--temperature", "0,0.7", "--scale", "1",
                 "--out", str(out)]) == 0
     model = load_model(runs["main"], torch.device("cpu")).model
     np.testing.assert_array_equal(read_png(out), temperature_grid(model, [0.0, 0.7], 4)[..., 0])
+    # A decode mode this machine cannot run: one line says so, and the grid is the same.
+    capsys.readouterr()
+    graphed = tmp_path / "graphed.png"
+    assert cli(["sample", "--checkpoint", str(runs["main"]), "--n", "4", "--temperature", "0,0.7", "--scale", "1",
+                "--decode-mode", "graphed", "--out", str(graphed)]) == 0
+    assert capsys.readouterr().err.count("CUDA graphs need a CUDA device") == 1
+    np.testing.assert_array_equal(read_png(graphed), read_png(out))
 
     square = tmp_path / "square.png"
     assert cli(["sample", "--checkpoint", str(runs["other"]), "--n", "9", "--label", "3", "--scale", "1",

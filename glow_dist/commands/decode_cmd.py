@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import argparse
 
+from glow_dist.config import DECODE_MODES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run dir (newest checkpoint)")
     parser.add_argument("--latents", required=True, help=".npz file from `glow-dist encode`")
     parser.add_argument("--batch-size", type=int, default=64, help="images decoded at once")
+    parser.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
+                        help="eager | compiled | graphed (CUDA graphs) decoding; auto: graphed on CUDA, eager on CPU")
     parser.add_argument("--out", required=True, help="directory for the PNG files")
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from glow_dist.decoder import Decoder
     from glow_dist.latent import decode_latents, load_latents, load_model
     from glow_dist.sampling import save_png
 
     loaded = load_model(args.checkpoint)
     zs, names = load_latents(args.latents, loaded)
-    images = decode_latents(loaded.model, zs, args.batch_size)
+    images = decode_latents(Decoder(loaded.model, args.decode_mode), zs, args.batch_size)
     stems = [Path(n).stem for n in names]
     if len(set(stems)) < len(stems):  # same file name from different folders: keep every image
         stems = [f"{i:04d}-{s}" for i, s in enumerate(stems)]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from glow_dist.config import DECODE_MODES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run dir (newest checkpoint)")
@@ -17,11 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=8, help="images in the strip, both ends included")
     parser.add_argument("--mode", choices=("linear", "slerp"), default="linear", help="path between the latents")
     parser.add_argument("--batch-size", type=int, default=16, help="images decoded at once")
+    parser.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
+                        help="eager | compiled | graphed (CUDA graphs) decoding; auto: graphed on CUDA, eager on CPU")
     parser.add_argument("--scale", type=int, help="enlarge tiles by this factor (default: up to 64 pixels)")
     parser.add_argument("--out", required=True, help="PNG file to write")
 
 
 def run(args: argparse.Namespace) -> int:
+    from glow_dist.decoder import Decoder
     from glow_dist.latent import decode_latents, encode_images, interpolate, load_images, load_model
     from glow_dist.sampling import image_grid, save_png
 
@@ -29,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     images, _ = load_images([args.a, args.b], loaded.model.cfg)
     zs = encode_images(loaded.model, images)
     points = interpolate([z[:1] for z in zs], [z[1:] for z in zs], args.steps, args.mode)
-    strip = decode_latents(loaded.model, points, args.batch_size)
+    strip = decode_latents(Decoder(loaded.model, args.decode_mode), points, args.batch_size)
     path = save_png(image_grid(strip, ncols=args.steps), args.out,
                     scale=args.scale or max(1, 64 // loaded.model.cfg.image_size))
     print(f"wrote a {args.mode} interpolation of {args.steps} images to {path}")

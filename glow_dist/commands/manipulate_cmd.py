@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import re
 
+from glow_dist.config import DECODE_MODES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # argparse takes "-1,-0.5,0" for an option (only a lone "-1" counts as a number); accept number lists too.
@@ -25,12 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("train", "test"), default="train", help="split the direction is taken on")
     parser.add_argument("--no-cache", action="store_true", help="recompute the direction and do not store it")
     parser.add_argument("--batch-size", type=int, default=64, help="images encoded/decoded at once")
+    parser.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
+                        help="eager | compiled | graphed (CUDA graphs) decoding; auto: graphed on CUDA, eager on CPU")
     parser.add_argument("--scale", type=int, help="enlarge tiles by this factor (default: up to 64 pixels)")
     parser.add_argument("--out", required=True, help="PNG file to write")
 
 
 def run(args: argparse.Namespace) -> int:
     from glow_dist.commands.sample_cmd import parse_floats
+    from glow_dist.decoder import Decoder
     from glow_dist.latent import attribute_direction, decode_latents, encode_images, load_images, load_model, shift
     from glow_dist.sampling import image_grid, save_png
 
@@ -40,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     direction = attribute_direction(loaded, args.data, args.attribute, args.split, args.batch_size,
                                     cache=not args.no_cache)
     zs = encode_images(loaded.model, images, args.batch_size)
-    out = decode_latents(loaded.model, shift(zs, direction, alphas), args.batch_size)
+    out = decode_latents(Decoder(loaded.model, args.decode_mode), shift(zs, direction, alphas), args.batch_size)
     path = save_png(image_grid(out, ncols=len(alphas)), args.out,
                     scale=args.scale or max(1, 64 // loaded.model.cfg.image_size))
     print(f"wrote {len(images)} image(s) x alphas {args.alphas} along {args.attribute!r} to {path}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from glow_dist.config import DECODE_MODES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", "--model", required=True,
@@ -20,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", type=int, help="class to sample (class-conditional models only)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the prior draws")
     parser.add_argument("--batch-size", type=int, default=16, help="images decoded at once")
+    parser.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
+                        help="eager | compiled | graphed (CUDA graphs) decoding; auto: graphed on CUDA, eager on CPU")
     parser.add_argument("--scale", type=int, help="enlarge tiles by this factor (default: up to 64 pixels)")
     parser.add_argument("--out", required=True, help="PNG file to write")
 
@@ -39,6 +43,7 @@ def parse_floats(text: str, what: str) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from glow_dist.decoder import Decoder
     from glow_dist.latent import LatentError, check_label, grid_columns, load_model
     from glow_dist.sampling import save_png, temperature_grid
 
@@ -54,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
         labels = torch.full((args.n,), args.label, dtype=torch.long, device=next(loaded.model.parameters()).device)
     # One temperature: a square grid; several: one row of --n per temperature, like the trainer's grids.
     ncols = grid_columns(args.n) if len(temperatures) == 1 else args.n
-    grid = temperature_grid(loaded.model, temperatures, args.n, seed=args.seed, labels=labels, ncols=ncols,
-                            batch_size=args.batch_size)
+    grid = temperature_grid(Decoder(loaded.model, args.decode_mode), temperatures, args.n, seed=args.seed,
+                            labels=labels, ncols=ncols, batch_size=args.batch_size)
     path = save_png(grid, args.out, scale=args.scale or max(1, 64 // loaded.model.cfg.image_size))
     print(f"wrote {args.n * len(temperatures)} samples (T={args.temperature}) of {loaded.path} "
           f"(step {loaded.step}) to {path}")

@@ -191,20 +191,31 @@ class Glow(nn.Module):
             raise ValueError("decode needs at least one latent to know the batch size; use sample()")
         return self._decode(zs, batch, y, temperature)
 
+    def decode_noise(self, eps: list[torch.Tensor], temperature: torch.Tensor | float,
+                     y: torch.Tensor | None = None) -> torch.Tensor:
+        """`sample` with its standard-normal draws given, one per latent (shapes `latent_shapes()`, finest first):
+        each latent is mean + exp(logs) * eps * temperature. Compiled and CUDA-graphed sampling run this, since
+        everything that changes between their calls (draws, temperature, labels) must be an input tensor."""
+        if len(eps) != len(self.levels):
+            raise ValueError(f"expected {len(self.levels)} noise tensors (one per level), got {len(eps)}")
+        return self._decode([None] * len(self.levels), eps[0].shape[0], y, temperature, noise=eps)
+
     def _decode(self, zs: list[torch.Tensor | None], batch: int, y: torch.Tensor | None,
-                temperature: float) -> torch.Tensor:
+                temperature: torch.Tensor | float, noise: list[torch.Tensor] | None = None) -> torch.Tensor:
+        def draw(mean: torch.Tensor, logs: torch.Tensor, level: int) -> torch.Tensor:
+            eps = torch.randn_like(mean) if noise is None else noise[level]
+            return mean + torch.exp(logs) * eps * temperature
+
         like = self.levels[0].steps[0].actnorm.bias
         h = zs[-1]
         if h is None:
-            mean, logs = self._top_prior(batch, y, like)
-            h = mean + torch.exp(logs) * torch.randn_like(mean) * temperature
+            h = draw(*self._top_prior(batch, y, like), len(self.levels) - 1)
         for i in reversed(range(len(self.levels))):
             level = self.levels[i]
             if level.prior is not None:
                 z = zs[i]
                 if z is None:
-                    mean, logs = level.split_prior(h)
-                    z = mean + torch.exp(logs) * torch.randn_like(mean) * temperature
+                    z = draw(*level.split_prior(h), i)
                 h = torch.cat([h, z], dim=1)
             h = unsqueeze2d(level.reverse_flow(h))
         return h

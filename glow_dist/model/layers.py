@@ -69,6 +69,15 @@ def _random_rotation(n: int) -> torch.Tensor:
     return q
 
 
+def inverse(weight: torch.Tensor) -> torch.Tensor:
+    """W^-1 in float64. While a CUDA graph is being captured, without linalg.inv's singularity check, which reads a
+    flag on the host (a capture forbids that). The LU parametrization is invertible by construction (exp(log_s) on
+    the diagonal); a singular plain W, which training does not reach, would give non-finite images there."""
+    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+        return torch.linalg.inv_ex(weight.double()).inverse
+    return torch.linalg.inv(weight.double())
+
+
 class InvConv1x1(nn.Module):
     """`y = W x` at every pixel, W a full CxC matrix initialized as a random rotation."""
 
@@ -89,7 +98,7 @@ class InvConv1x1(nn.Module):
 
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
         c = self.weight.shape[0]
-        w_inv = torch.linalg.inv(self.weight.double()).to(y.dtype)
+        w_inv = inverse(self.weight).to(y.dtype)
         return F.conv2d(y, w_inv.view(c, c, 1, 1))
 
 
@@ -128,7 +137,7 @@ class InvConv1x1LU(nn.Module):
 
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
         c = self.log_s.shape[0]
-        w_inv = torch.linalg.inv(self.weight().double()).to(y.dtype)
+        w_inv = inverse(self.weight()).to(y.dtype)
         return F.conv2d(y, w_inv.view(c, c, 1, 1))
 
 
