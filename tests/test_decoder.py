@@ -56,6 +56,12 @@ def test_compiled_sampling_gives_the_eager_images(compiled_sampling):
     # The draws depend on the seed alone: not on the chunking, and not on the temperature's row.
     assert_images_close(samples[1][1], eager.sample(5, 0.7, seed=3))
     assert not torch.allclose(samples[1][1], eager.sample(5, 0.7, seed=4))
+    # Weights updated in place (the trainer's optimizer and EMA) are read by the next call, not baked in.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)
+    assert_images_close(decoder.sample(5, 0.7, seed=3, batch_size=4), eager.sample(5, 0.7, seed=3, batch_size=4))
+    assert decoder.mode == "compiled" and logs == []
 
 
 def test_compiled_sampling_dispatches_fewer_operators(compiled_sampling):
