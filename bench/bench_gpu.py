@@ -11,13 +11,15 @@ step (`glow_dist.step.build_train_step`: dequantize, forward, bits/dim, backward
 and prints ms/step (median of the timed steps), img/s, achieved TFLOP/s (FLOPs of one forward + backward counted by
 `torch.utils.flop_counter.FlopCounterMode`, convolutions and matmuls), its fraction of an 8192^2 fp32 matmul with
 TF32 measured in the same run, and peak memory over the timed steps (the peak is reset after warm-up, so cuDNN's
-autotuning trials do not count). Then sampling ms/image of the CelebA-HQ architecture at batch 1, 8 and 32.
+autotuning trials do not count). Then sampling ms/image of the CelebA-HQ architecture at batch 1, 8 and 32 for each
+decoding mode (`glow_dist.decoder.Decoder`: eager, compiled, graphed), with the first call's time (compile/capture).
 Everything goes to a JSON file too (--json). A variant that does not fit in memory prints OOM and the run goes on.
 
 On a CPU (or with --cpu) it prints, per variant, the ATen operators dispatched by one training step
 (`glow_dist.opcount.OpCounter`): on a GPU nearly each is a kernel launch, the cost that made the step launch-bound
 on an H100. The count depends on the architecture (levels, steps, coupling), not on width, batch or image size, so the
-CPU run uses the CIFAR reference architecture of bench_train.py (L=3, K=8) at width 16, batch 4.
+CPU run uses the CIFAR reference architecture of bench_train.py (L=3, K=8) at width 16, batch 4. Then the operators
+of one sampling call, eager vs compiled, for the CelebA-HQ architecture (L=6, K=32) at width 16 and 64x64.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from glow_dist.config import Config, ModelConfig, load_config
+from glow_dist.decoder import Decoder
 from glow_dist.ema import EMA
 from glow_dist.model import build_model, preprocess
 from glow_dist.opcount import OpCounter
@@ -46,6 +49,9 @@ ARCHS: dict[str, tuple[ModelConfig, list[int]]] = {
 }
 # The CPU launch proxy: bench_train.py's reference architecture (the issue's 4,736-operator model), narrow.
 CPU_ARCH = ModelConfig(image_size=32, channels=3, levels=3, steps=8, width=16, coupling="additive", n_bits=8)
+# Sampling's launch proxy: the CelebA-HQ architecture (L=6, K=32, additive), narrow and at 64x64 (the smallest size
+# six squeezes allow); the operators of a decode depend on levels and steps, not on width or size.
+CPU_SAMPLE_ARCH = dataclasses.replace(ARCHS["celeba_hq_256"][0], image_size=64, width=16)
 
 # name -> config overrides (on top of the device defaults: NCHW and fp32 on CUDA).
 VARIANTS: dict[str, list[str]] = {
@@ -150,26 +156,58 @@ def time_variant(cfg: Config, device: torch.device, warmup: int, steps: int) -> 
             "peak_gib": peak / 2**30, "mode": setup.step.mode, "log": log}
 
 
-def sampling(device: torch.device, batches: list[int], repeats: int) -> list[dict]:
+def sampling(device: torch.device, batches: list[int], repeats: int, modes: list[str]) -> list[dict]:
+    """ms/image of `Decoder.sample` (the code of `glow-dist sample` and the trainer's grids) at T=0.7 for each mode,
+    CelebA-HQ architecture at 256x256 (fresh weights: a pass costs the same whatever their values)."""
     cfg = ARCHS["celeba_hq_256"][0]
     torch.manual_seed(0)
-    model = build_model(cfg).to(device).eval()
+    model = build_model(cfg).to(device).eval().requires_grad_(False)
     rows = []
     for batch in batches:
-        try:
-            model.sample(batch, temperature=0.7)  # warm-up (cuDNN autotuning)
-            times = []
-            for _ in range(repeats):
+        for mode in modes:
+            log: list[str] = []
+            decoder = Decoder(model, mode, log=log.append)
+            row = {"batch": batch, "mode": mode, "ms_per_image": None}
+            try:
+                start = time.perf_counter()
+                decoder.sample(batch, 0.7, seed=0)  # warm-up: compile / capture, cuDNN autotuning
                 sync(device)
-                t0 = time.perf_counter()
-                model.sample(batch, temperature=0.7)
-                sync(device)
-                times.append(time.perf_counter() - t0)
-            rows.append({"batch": batch, "ms_per_image": 1e3 * statistics.median(times) / batch})
-        except torch.cuda.OutOfMemoryError:
+                row["warmup_s"] = time.perf_counter() - start
+                times = []
+                for i in range(repeats):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    decoder.sample(batch, 0.7, seed=i + 1)
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+                row["ms_per_image"] = 1e3 * statistics.median(times) / batch
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "OOM"
+            row.update(ran_as=decoder.mode, log=log)   # the mode that ran: a fallback shows here
+            del decoder
             torch.cuda.empty_cache()
-            rows.append({"batch": batch, "ms_per_image": None, "error": "OOM"})
-        print(f"  sampling batch {batch}: {rows[-1]}", flush=True)
+            rows.append(row)
+            print(f"  sampling batch {batch} {mode}: {row}", flush=True)
+    return rows
+
+
+def sample_ops(arch: ModelConfig, batch: int, modes: list[str]) -> list[dict]:
+    """ATen operators dispatched by one `Decoder.sample` call per mode, after a warm-up call (compilation)."""
+    torch.manual_seed(0)
+    model = build_model(arch).eval().requires_grad_(False)
+    rows = []
+    for mode in modes:
+        log: list[str] = []
+        decoder = Decoder(model, mode, log=log.append)
+        start = time.perf_counter()
+        decoder.sample(batch, 0.7, seed=0)
+        warm = time.perf_counter() - start
+        with OpCounter() as ops:
+            decoder.sample(batch, 0.7, seed=1)
+        rows.append({"mode": mode, "ran_as": decoder.mode, "ops": ops.total, "views": ops.views,
+                     "top": ops.most_common(5), "warmup_s": warm, "log": log})
+        print(f"  sampling {mode}: {ops.total} operators + {ops.views} views ({decoder.mode}; first call "
+              f"{warm:.1f} s)", flush=True)
     return rows
 
 
@@ -212,18 +250,19 @@ def run_cuda(args: argparse.Namespace) -> dict:
         print(f"| {r['arch']} | {r['batch']} | {r['variant']} | {r['mode']} | {r['ms']:.1f} | {r['img_s']:.1f} | "
               f"{r['tflops']:.1f} | {r['fraction_of_tf32_matmul']:.3f} | {r['peak_gib']:.2f} |")
     if not args.no_sampling:
-        results["sampling"] = sampling(device, args.sample_batches, args.sample_repeats)
-        print("\n| sampling CelebA-HQ 256x256 | batch | ms/image |")
-        print("|---|---|---|")
+        results["sampling"] = sampling(device, args.sample_batches, args.sample_repeats, args.sample_modes)
+        print("\n| sampling CelebA-HQ 256x256 | batch | ran as | ms/image | first call s |")
+        print("|---|---|---|---|---|")
         for r in results["sampling"]:
             ms = f"{r['ms_per_image']:.1f}" if r["ms_per_image"] is not None else r.get("error", "")
-            print(f"| eager | {r['batch']} | {ms} |")
+            warm = f"{r['warmup_s']:.1f}" if "warmup_s" in r else ""
+            print(f"| {r['mode']} | {r['batch']} | {r['ran_as']} | {ms} | {warm} |")
     return results
 
 
 def run_cpu(args: argparse.Namespace) -> dict:
     device = torch.device("cpu")
-    m = CPU_ARCH
+    m = dataclasses.replace(CPU_ARCH, width=args.cpu_width)
     print(f"torch {torch.__version__}, CPU ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}); "
           f"architecture 32x32x3 L={m.levels} K={m.steps} {m.coupling} (width {m.width}, batch {args.cpu_batch}: "
           "operator counts do not depend on them)", flush=True)
@@ -243,7 +282,18 @@ def run_cpu(args: argparse.Namespace) -> dict:
     for r in rows:
         top = ", ".join(f"{n} {c}" for n, c in r["top"])
         print(f"| {r['variant']} | {r['mode']} | {r['ops']} | {r['views']} | {top} |")
-    return {"device": "cpu", "torch": torch.__version__, "ops": rows}
+    results = {"device": "cpu", "torch": torch.__version__, "ops": rows, "sampling_ops": []}
+    if not args.no_sampling:
+        a = CPU_SAMPLE_ARCH
+        print(f"\nsampling (Decoder.sample, T=0.7): CelebA-HQ architecture L={a.levels} K={a.steps} {a.coupling} at "
+              f"{a.image_size}x{a.image_size}, width {a.width}, batch {args.cpu_batch}", flush=True)
+        results["sampling_ops"] = sample_ops(a, args.cpu_batch, [m for m in args.sample_modes if m != "graphed"])
+        print("\n| sampling mode | ran as (CPU) | ATen operators per call | + views | most frequent |")
+        print("|---|---|---|---|---|")
+        for r in results["sampling_ops"]:
+            top = ", ".join(f"{n} {c}" for n, c in r["top"])
+            print(f"| {r['mode']} | {r['ran_as']} | {r['ops']} | {r['views']} | {top} |")
+    return results
 
 
 def main() -> None:
@@ -257,8 +307,12 @@ def main() -> None:
     parser.add_argument("--no-sampling", action="store_true")
     parser.add_argument("--sample-batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--sample-repeats", type=int, default=3)
+    parser.add_argument("--sample-modes", nargs="+", default=["eager", "compiled", "graphed"],
+                        choices=["eager", "compiled", "graphed"], help="decoding modes of the sampling table")
     parser.add_argument("--cpu", action="store_true", help="operator counts on the CPU even where CUDA is present")
     parser.add_argument("--cpu-batch", type=int, default=4)
+    parser.add_argument("--cpu-width", type=int, default=CPU_ARCH.width,
+                        help="coupling width of the CPU training-step count (512: bench_train's reference model)")
     parser.add_argument("--json", default="bench_gpu.json", help="where to write the results")
     args = parser.parse_args()
     results = run_cpu(args) if args.cpu or not torch.cuda.is_available() else run_cuda(args)

@@ -198,7 +198,9 @@ class Decoder:
                 for _ in range(self.warmup_passes):
                     eager = fn(self.model, graph.inputs, graph.temperature, graph.y)
             torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph.graph):
+            # thread_local: the trainer's other threads (DALI's GPU decoding, Horovod's background loop) may use
+            # CUDA on their own streams while rank 0 captures its sample grids; only this thread's calls are checked.
+            with torch.cuda.graph(graph.graph, capture_error_mode="thread_local"):
                 graph.out = fn(self.model, graph.inputs, graph.temperature, graph.y)
             graph.graph.replay()
             torch.cuda.synchronize()

@@ -36,6 +36,12 @@ def assert_images_close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """CUDA: the same kernels as eager, but TF32 convolutions may pick other algorithms in another context; a stale
+    buffer or a wrong input differs by O(0.1)."""
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def compiled_sampling() -> tuple[Glow, Decoder, list[str], list[tuple[float, torch.Tensor]]]:
     """A compiled decoder's samples at several temperatures, 5 images in chunks of 4 (the last one padded)."""
@@ -127,12 +133,10 @@ def test_graphed_decoding_gives_the_eager_images_on_cuda(overrides):
     logs: list[str] = []
     graphed, eager = Decoder(model, "graphed", log=logs.append), Decoder(model, "eager")
     for t in TEMPERATURES:
-        torch.testing.assert_close(graphed.sample(5, t, seed=3, batch_size=4),
-                                   eager.sample(5, t, seed=3, batch_size=4), rtol=1e-4, atol=1e-4)
+        close(graphed.sample(5, t, seed=3, batch_size=4), eager.sample(5, t, seed=3, batch_size=4))
     x = eager.sample(7, 0.7, seed=5)
     zs = model.encode(x, torch.zeros(7, dtype=torch.long, device="cuda") if model.cfg.y_condition else None)
-    torch.testing.assert_close(graphed.decode(zs, batch_size=4), eager.decode(zs, batch_size=4),
-                               rtol=1e-4, atol=1e-4)
+    close(graphed.decode(zs, batch_size=4), eager.decode(zs, batch_size=4))
     assert graphed.mode == "graphed", logs
     assert len(graphed._graphs) == 2   # one sample graph (chunk 4) and one decode graph, reused for every call
     assert all("captured" in line for line in logs), logs
@@ -147,14 +151,16 @@ def test_graph_replays_read_new_inputs_and_weights_on_cuda():
     second = graphed.sample(4, 0.7, seed=2)
     hotter = graphed.sample(4, 1.0, seed=2)
     assert not torch.allclose(first, second) and not torch.allclose(second, hotter)
-    torch.testing.assert_close(second, eager.sample(4, 0.7, seed=2), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(hotter, eager.sample(4, 1.0, seed=2), rtol=1e-4, atol=1e-4)
+    close(second, eager.sample(4, 0.7, seed=2))
+    close(hotter, eager.sample(4, 1.0, seed=2))
     zs_a, zs_b = model.encode(first), model.encode(second)
-    torch.testing.assert_close(graphed.decode(zs_a), first, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(graphed.decode(zs_b), second, rtol=1e-4, atol=1e-4)
+    decoded_a, decoded_b = graphed.decode(zs_a), graphed.decode(zs_b)
+    assert not torch.allclose(decoded_a, decoded_b)
+    close(decoded_a, eager.decode(zs_a))
+    close(decoded_b, eager.decode(zs_b))
     # The graph reads the parameters in place, as the trainer's optimizer and EMA update them.
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.9)
-    torch.testing.assert_close(graphed.sample(4, 0.7, seed=2), eager.sample(4, 0.7, seed=2), rtol=1e-4, atol=1e-4)
+    close(graphed.sample(4, 0.7, seed=2), eager.sample(4, 0.7, seed=2))
     assert graphed.mode == "graphed"
