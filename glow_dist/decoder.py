@@ -15,8 +15,8 @@ draws made beforehand from a generator seeded by `seed`, so every mode and every
 - `graphed` (CUDA): the eager function captured into a CUDA graph over static input buffers (draws or latents,
   temperature, labels) and replayed; the output is copied out of the graph's buffer after each replay. One graph
   per (function, chunk size, labelled or not), at most `max_graphs` of them (least recently used dropped).
-- `auto`: `graphed` on CUDA, `eager` on CPU (BENCHMARKS.md "GPU speed (issue 13)": compiling costs tens of
-  seconds per shape on a CPU and saves little per decode there).
+- `auto`: `graphed` on CUDA, `eager` on CPU (BENCHMARKS.md "GPU speed (issue 13)": on the 2-core VM the first
+  compiled call took minutes, for ~30% less CPU time per decode after it; a command or a run decodes a few times).
 
 Never silently wrong: the first call of each compiled or graphed shape is compared with the eager function on the
 same inputs, and a failure to compile or capture, or a mismatch, switches the decoder to eager with one log line.
