@@ -31,6 +31,7 @@ import statistics
 import time
 
 import torch
+from bench_train import matmul_flops_per_s, sync
 from torch.utils.flop_counter import FlopCounterMode
 
 from glow_dist.config import Config, ModelConfig, load_config
@@ -97,29 +98,9 @@ class Setup:
         self.calls += 1
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def tf32_matmul_flops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
-    """FLOP/s of an n x n fp32 matmul with TF32 allowed (best of `reps`): the attainable dense rate now."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-        for _ in range(3):
-            a @ b
-        best = float("inf")
-        for _ in range(reps):
-            sync(device)
-            start = time.perf_counter()
-            a @ b
-            sync(device)
-            best = min(best, time.perf_counter() - start)
-        return 2 * n**3 / best
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+def tf32_matmul_flops(device: torch.device) -> float:
+    """FLOP/s of an 8192^2 fp32 matmul with TF32 allowed (best of 10 after 3): the attainable dense rate now."""
+    return matmul_flops_per_s(device, n=8192, reps=10, warmup=3, tf32=True)
 
 
 def step_flops(model_cfg: ModelConfig, batch: int, device: torch.device) -> int:

@@ -53,18 +53,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_flops_per_s(device: torch.device, n: int = 2048, reps: int = 3) -> float:
-    """fp32 FLOP/s of an n x n matmul (best of `reps` after one warm-up): the machine's attainable rate now."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+def matmul_flops_per_s(device: torch.device, n: int = 2048, reps: int = 3, warmup: int = 1,
+                       tf32: bool | None = None) -> float:
+    """fp32 FLOP/s of an n x n matmul (best of `reps` after `warmup` untimed ones): the machine's attainable rate now;
+    `tf32` True/False allows/forbids TF32 matmuls while it runs (CUDA), None leaves torch's setting."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    if tf32 is not None:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        for _ in range(warmup):
+            a @ b
+        best = float("inf")
+        for _ in range(reps):
+            sync(device)
+            start = time.perf_counter()
+            a @ b
+            sync(device)
+            best = min(best, time.perf_counter() - start)
+        return 2 * n**3 / best
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def make_step(cfg: ModelConfig, batch: int, device: torch.device, seed: int = 0) -> Callable[[], None]:
