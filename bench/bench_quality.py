@@ -46,8 +46,10 @@ TEST_COLUMNS = 0.2  # the rightmost fraction of every photo is the test region
 
 # The architecture of every recipe (small enough for a 2-core CPU; 5-bit as in the paper's CelebA-HQ runs).
 ARCH = ["model.image_size=32", "model.channels=3", "model.n_bits=5", "model.levels=3", "model.steps=4",
-        "model.width=64", "model.coupling=affine", "model.invconv=lu", "model.learn_top=true",
+        "model.width=64", "model.invconv=lu", "model.learn_top=true",
         "train.batch_size=16", "train.init_batch_size=64"]
+
+COUPLINGS = ("affine", "additive")  # affine: the paper's CIFAR/ImageNet/LSUN-64 runs; additive: its CelebA-HQ/LSUN-128
 
 # name -> overrides on top of the defaults of glow_dist/config.py (the default recipe has none).
 RECIPES: dict[str, list[str]] = {
@@ -57,6 +59,7 @@ RECIPES: dict[str, list[str]] = {
     "adamax-lr3e-3": ["optim.lr=3e-3"],
     "adam-lr1e-3": ["optim.name=adam"],
     "no-warmup": ["optim.warmup_steps=0"],
+    "warmup-400": ["optim.warmup_steps=400"],
     "no-clip": ["optim.grad_clip=0"],
 }
 DEFAULT_RECIPES = ["default", "port"]
@@ -133,43 +136,69 @@ def base_config(work: Path) -> Path:
     return path
 
 
-def common_overrides(data: Path, run_dir: Path, budgets: list[int], threads: int) -> list[str]:
+def common_overrides(data: Path, run_dir: Path, budgets: list[int], threads: int, log_every: int = 50) -> list[str]:
     every = math.gcd(*budgets)
     return [*ARCH, f"data.root={data}", "data.backend=webdataset", f"train.run_dir={run_dir}",
             f"train.steps={max(budgets)}", f"train.eval_every={every}", f"train.checkpoint_every={every}",
-            "train.keep_checkpoints=0", f"train.sample_every={10 ** 9}", "train.log_every=50", "train.progress=false",
-            f"train.threads={threads}", "train.resume=never", f"tracking.local_dir={run_dir / 'mlflow'}",
-            "tracking.sample_count=4", "tracking.sample_temperatures=[0.7]"]
+            "train.keep_checkpoints=0", f"train.sample_every={10 ** 9}", f"train.log_every={log_every}",
+            "train.progress=false", f"train.threads={threads}", "train.resume=never",
+            f"tracking.local_dir={run_dir / 'mlflow'}", "tracking.sample_count=4", "tracking.sample_temperatures=[0.7]"]
 
 
-def train_recipe(name: str, data: Path, work: Path, budgets: list[int], threads: int) -> dict:
-    """Train one recipe through the CLI (unless --work already holds its finished run) and read its test curves."""
-    run_dir = work / name
+def run_name(recipe: str, coupling: str, seed: int) -> str:
+    return f"{coupling}-{recipe}-seed{seed}"
+
+
+def recipe_clip(name: str) -> float:
+    """The gradient-clipping norm a recipe trains with (its override, else the default of glow_dist/config.py)."""
+    from glow_dist.config import load_config
+
+    return load_config(None, RECIPES[name]).optim.grad_clip
+
+
+def train_recipe(name: str, data: Path, work: Path, budgets: list[int], threads: int, coupling: str = "affine",
+                 seed: int = 0, log_every: int = 1) -> dict:
+    """Train one recipe through the CLI (unless --work already holds its finished run) and read its test curves,
+    and the gradient norm of every logged step (log_every=1: every step, before clipping)."""
+    run_dir = work / run_name(name, coupling, seed)
     if not (run_dir / "checkpoints" / f"ckpt-{max(budgets):08d}.pt").is_file():
         if run_dir.exists():
             shutil.rmtree(run_dir)  # an unfinished run: start it over
         cmd = [sys.executable, "-m", "glow_dist", "train", "--config", str(base_config(work)),
-               *common_overrides(data, run_dir, budgets, threads), *RECIPES[name]]
+               *common_overrides(data, run_dir, budgets, threads, log_every), f"model.coupling={coupling}",
+               f"train.seed={seed}", *RECIPES[name]]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if out.returncode != 0:
-            raise RuntimeError(f"{name}: training failed:\n{out.stderr[-3000:]}")
+            raise RuntimeError(f"{run_dir.name}: training failed:\n{out.stderr[-3000:]}")
     curves: dict[str, dict[int, float]] = {"ema": {}, "raw": {}}
+    grad_norm: dict[int, float] = {}
+    skipped = 0.0
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         for weights in curves:
             value = record["metrics"].get(f"bits_per_dim/test_{weights}")
             if value is not None:
                 curves[weights][record["step"]] = value
-    return {"run_dir": run_dir, "curves": curves}
+        if "grad_norm" in record["metrics"]:
+            grad_norm[record["step"]] = record["metrics"]["grad_norm"]
+        skipped = max(skipped, record["metrics"].get("skipped_steps", 0.0))
+    return {"run_dir": run_dir, "curves": curves, "grad_norm": grad_norm, "skipped": skipped}
 
 
 def evaluate_cli(checkpoint: Path, *extra: str) -> tuple[float, str]:
-    """`glow-dist evaluate` on a checkpoint: its test bits/dim and its whole output."""
-    out = subprocess.run([sys.executable, "-m", "glow_dist", "evaluate", "--checkpoint", str(checkpoint), *extra],
-                         capture_output=True, text=True, cwd=REPO)
-    if out.returncode != 0:
-        raise RuntimeError(f"evaluate {checkpoint} failed:\n{out.stderr[-3000:]}")
-    return float(out.stdout.split("test bits/dim:")[1].split()[0]), out.stdout
+    """`glow-dist evaluate` on a checkpoint: its test bits/dim and its whole output (kept next to the checkpoint, so
+    a rerun with the same --work does not evaluate it again)."""
+    saved = checkpoint.with_name(checkpoint.name + ".evaluate" + "".join(extra) + ".txt")
+    if saved.is_file():
+        text = saved.read_text()
+    else:
+        out = subprocess.run([sys.executable, "-m", "glow_dist", "evaluate", "--checkpoint", str(checkpoint), *extra],
+                             capture_output=True, text=True, cwd=REPO)
+        if out.returncode != 0:
+            raise RuntimeError(f"evaluate {checkpoint} failed:\n{out.stderr[-3000:]}")
+        text = out.stdout
+        saved.write_text(text)
+    return float(text.split("test bits/dim:")[1].split()[0]), text
 
 
 def per_pixel_baseline(checkpoint: Path) -> float:
@@ -282,17 +311,45 @@ def ema_study(data: Path, work: Path, budgets: list[int], threads: int) -> dict[
     if run_dir.exists():
         shutil.rmtree(run_dir)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--ema-worker", str(outfile), "--budgets",
-           *map(str, budgets), "--", *common_overrides(data, run_dir, budgets, threads)]
+           *map(str, budgets), "--", *common_overrides(data, run_dir, budgets, threads), "model.coupling=affine"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
         raise RuntimeError(f"ema study failed:\n{out.stderr[-3000:]}")
     return {name: {int(k): v for k, v in curve.items()} for name, curve in json.loads(outfile.read_text()).items()}
 
 
+def _stats(values: list[float]) -> dict:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return {"mean": float("nan"), "sd": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    mean = sum(finite) / len(finite)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "min": min(finite), "max": max(finite), "n": len(finite)}
+
+
+def _cell(values: list[float], signed: bool = False, spread: bool = False) -> str:
+    """mean, then ± the sample standard deviation over seeds, then [min, max] when `spread`."""
+    st = _stats(values)
+    f = "{:+.3f}" if signed else "{:.3f}"
+    text = f.format(st["mean"])
+    if st["n"] > 1:
+        text += f" ± {st['sd']:.3f}"
+        if spread:
+            text += f" [{f.format(st['min'])}, {f.format(st['max'])}]"
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, choices=list(RECIPES) + ["all"])
     parser.add_argument("--budgets", nargs="+", type=int, default=[200, 400, 800])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="train.seed of each run (initial weights, data order, dequantization noise); every "
+                        "recipe is trained once per seed, and the tables give the mean ± sd over seeds")
+    parser.add_argument("--couplings", nargs="+", default=["affine"], choices=COUPLINGS,
+                        help="model.coupling of the architecture; each is a separate set of runs and tables")
+    parser.add_argument("--log-every", type=int, default=1,
+                        help="train.log_every: 1 logs every step's gradient norm, to count the clipped steps")
     parser.add_argument("--ema-study", action="store_true", help="also score other EMA variants (one more run)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings run at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
@@ -305,9 +362,11 @@ def main() -> None:
     if args.ema_worker:
         ema_study_worker(Path(args.ema_worker), [r for r in rest if r != "--"], budgets)
         return
-    recipes = list(RECIPES) if "all" in args.recipes else args.recipes
+    recipes = list(RECIPES) if "all" in args.recipes else list(args.recipes)
     if "default" not in recipes:
         recipes.insert(0, "default")
+    seeds = list(dict.fromkeys(args.seeds))
+    couplings = list(dict.fromkeys(args.couplings))
 
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         work = Path(args.work or tmp)
@@ -318,51 +377,101 @@ def main() -> None:
         n_train, n_test = (manifest["splits"][s]["num_samples"] for s in ("train", "test"))
         print(f"data: {n_train} train / {n_test} test 32x32 RGB patches from skimage.data photographs "
               f"(scales 1/{', 1/'.join(map(str, SCALES))}), 5-bit", flush=True)
-        print(f"architecture: {' '.join(a for a in ARCH)}", flush=True)
+        print(f"architecture: {' '.join(a for a in ARCH)}, model.coupling={'|'.join(couplings)}", flush=True)
+        print(f"seeds: {' '.join(map(str, seeds))}; cells are the mean ± sample sd over seeds"
+              + (", [min, max] for differences" if len(seeds) > 1 else ""), flush=True)
+        keys = [(c, s, r) for c in couplings for s in seeds for r in recipes]  # one seed of everything first
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-            futures = {name: pool.submit(train_recipe, name, data, work, budgets, args.threads) for name in recipes}
+            futures = {k: pool.submit(train_recipe, k[2], data, work, budgets, args.threads, k[0], k[1],
+                                      args.log_every) for k in keys}
             study = pool.submit(ema_study, data, work, budgets, args.threads) if args.ema_study else None
-            runs = {name: f.result() for name, f in futures.items()}
+            runs = {k: f.result() for k, f in futures.items()}
             study_scores = study.result() if study else None
-        default_dir = runs["default"]["run_dir"]
-        ckpt = {b: default_dir / "checkpoints" / f"ckpt-{b:08d}.pt" for b in budgets}
-        baseline = per_pixel_baseline(ckpt[budgets[-1]])
-        evaluated = {b: evaluate_cli(ckpt[b]) for b in budgets}
+        ckpt = {(c, s, b): runs[c, s, "default"]["run_dir"] / "checkpoints" / f"ckpt-{b:08d}.pt"
+                for c in couplings for s in seeds for b in budgets}
+        baseline = per_pixel_baseline(ckpt[couplings[0], seeds[0], budgets[-1]])
+        evaluated = {k: evaluate_cli(path)[0] for k, path in ckpt.items()}
+        statement = next((line for line in evaluate_cli(ckpt[couplings[0], seeds[0], budgets[-1]])[1].splitlines()
+                          if line.startswith("weights:")), "(no weights line)")
         print(f"\nper-pixel independent baseline: {baseline:.3f} bits/dim; uniform 5-bit bound: 5.000")
-        print(f"`glow-dist evaluate` states: {evaluated[budgets[-1]][1].splitlines()[-1]}\n")
+        print(f"`glow-dist evaluate` states: {statement}")
 
-        header = "| recipe | weights | " + " | ".join(f"{b} steps" for b in budgets) + " |"
-        print(header)
-        print("|" + "---|" * (2 + len(budgets)))
-        rows = []
-        for name in recipes:
-            curves = runs[name]["curves"]
-            for weights in ("ema", "raw"):
-                if weights == "ema" and "optim.ema_decay=0" in RECIPES[name]:
+        def values(c: str, r: str, weights: str, b: int) -> list[float]:
+            if weights == "evaluate":
+                return [evaluated[c, s, b] if r == "default" else float("nan") for s in seeds]
+            return [runs[c, s, r]["curves"][weights].get(b, float("nan")) for s in seeds]
+
+        head = " | ".join(f"{b} steps" for b in budgets)
+        result: dict = {"train": n_train, "test": n_test, "baseline_per_pixel": baseline, "seeds": seeds,
+                        "budgets": budgets, "runs": [], "summary": [], "differences": [], "clipping": []}
+        for c in couplings:
+            print(f"\n### model.coupling={c}: test bits/dim, mean ± sd over {len(seeds)} seed(s)\n")
+            print(f"| recipe | weights | {head} |")
+            print("|" + "---|" * (2 + len(budgets)))
+            for r in recipes:
+                for weights in ("ema", "raw", "evaluate"):
+                    if (weights == "ema" and "optim.ema_decay=0" in RECIPES[r]) or (weights == "evaluate"
+                                                                                   and r != "default"):
+                        continue
+                    cells = [values(c, r, weights, b) for b in budgets]
+                    label = {"ema": "EMA", "raw": "raw", "evaluate": "`evaluate` (default weights)"}[weights]
+                    print(f"| {r} | {label} | " + " | ".join(_cell(v) for v in cells) + " |")
+                    result["summary"].append({"coupling": c, "recipe": r, "weights": weights,
+                                              "bpd": {b: _stats(v) for b, v in zip(budgets, cells, strict=True)}})
+            # Paired by seed: the same seed gives the same initial weights and data order to both recipes.
+            comparisons = [("default `evaluate` - default raw", "default", "evaluate", "default", "raw")]
+            if "port" in recipes:
+                comparisons.append(("default `evaluate` - port raw", "default", "evaluate", "port", "raw"))
+            for r in recipes:
+                if r in ("default", "port"):
                     continue
-                cells = [curves[weights].get(b, float("nan")) for b in budgets]
-                rows.append({"recipe": name, "weights": weights, "bpd": dict(zip(budgets, cells, strict=True))})
-                print(f"| {name} | {'EMA' if weights == 'ema' else 'raw'} | "
-                      + " | ".join(f"{c:.3f}" for c in cells) + " |")
-        default, port = runs["default"]["curves"], runs.get("port", {}).get("curves")
-        print("| default | `evaluate` (default weights) | "
-              + " | ".join(f"{evaluated[b][0]:.3f}" for b in budgets) + " |")
-        print("| default | evaluate - raw | "
-              + " | ".join(f"{evaluated[b][0] - default['raw'][b]:+.3f}" for b in budgets) + " |")
-        if port:
-            print("| default vs port | evaluate - port | "
-                  + " | ".join(f"{evaluated[b][0] - port['raw'][b]:+.3f}" for b in budgets) + " |")
+                if "optim.ema_decay=0" not in RECIPES[r]:
+                    comparisons.append((f"{r} EMA - default EMA", r, "ema", "default", "ema"))
+                comparisons.append((f"{r} raw - default raw", r, "raw", "default", "raw"))
+            print("\nPaired differences (same seed), mean ± sd [min, max]; negative: the first is better\n")
+            print(f"| difference | {head} |")
+            print("|" + "---|" * (1 + len(budgets)))
+            for label, r1, w1, r2, w2 in comparisons:
+                cells = [[a - b for a, b in zip(values(c, r1, w1, bb), values(c, r2, w2, bb), strict=True)]
+                         for bb in budgets]
+                print(f"| {label} | " + " | ".join(_cell(v, signed=True, spread=True) for v in cells) + " |")
+                result["differences"].append({"coupling": c, "difference": label,
+                                              "per_seed": {b: v for b, v in zip(budgets, cells, strict=True)},
+                                              "stats": {b: _stats(v) for b, v in zip(budgets, cells, strict=True)}})
+            print("\nGradient clipping: logged steps whose gradient norm (before clipping) exceeded the recipe's "
+                  "clip, per seed\n")
+            print("| recipe | clip | clipped steps / logged steps | largest norm | median norm | skipped steps |")
+            print("|---|---|---|---|---|---|")
+            for r in recipes:
+                clip = recipe_clip(r)
+                norms = [runs[c, s, r]["grad_norm"] for s in seeds]
+                counts = [sum(1 for v in n.values() if v > clip) if clip > 0 else None for n in norms]
+                largest = max((max(n.values()) for n in norms if n), default=float("nan"))
+                median = float(np.median([v for n in norms for v in n.values()])) if any(norms) else float("nan")
+                clipped = " / ".join(f"{k if k is not None else '-'}/{len(n)}" for k, n in zip(counts, norms,
+                                                                                             strict=True))
+                skipped = [int(runs[c, s, r]["skipped"]) for s in seeds]
+                print(f"| {r} | {clip:g} | {clipped} | {largest:.1f} | {median:.2f} | "
+                      f"{' / '.join(map(str, skipped))} |")
+                result["clipping"].append({"coupling": c, "recipe": r, "clip": clip, "clipped_steps": counts,
+                                           "logged_steps": [len(n) for n in norms], "largest_norm": largest,
+                                           "median_norm": median, "skipped_steps": skipped})
+        for (c, s, r), run in runs.items():
+            result["runs"].append({"coupling": c, "seed": s, "recipe": r, "overrides": RECIPES[r],
+                                   "ema": run["curves"]["ema"], "raw": run["curves"]["raw"],
+                                   "evaluate": ({b: evaluated[c, s, b] for b in budgets} if r == "default"
+                                                else None)})
         if study_scores:
-            print("\nEMA variants on one trajectory of the default recipe (test bits/dim; training identical):\n")
-            print("| average | " + " | ".join(f"{b} steps" for b in budgets) + " |")
+            print("\nEMA variants on one trajectory of the default recipe (affine, seed 0; test bits/dim; training "
+                  "identical):\n")
+            print(f"| average | {head} |")
             print("|" + "---|" * (1 + len(budgets)))
             for name, curve in study_scores.items():
                 print(f"| {name} | " + " | ".join(f"{curve.get(b, float('nan')):.3f}" for b in budgets) + " |")
+            result["ema_study"] = study_scores
+        result["load_average"] = os.getloadavg()
         if args.json:
-            Path(args.json).write_text(json.dumps({
-                "train": n_train, "test": n_test, "baseline_per_pixel": baseline, "rows": rows,
-                "evaluate": {b: evaluated[b][0] for b in budgets}, "ema_study": study_scores,
-                "load_average": os.getloadavg()}, indent=1))
+            Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
