@@ -2,6 +2,8 @@
 
     nice -n 10 .venv/bin/python bench/bench_quality.py                       # default recipe, the port's, variants
     nice -n 10 .venv/bin/python bench/bench_quality.py --recipes default port --budgets 200 400 800
+    nice -n 10 .venv/bin/python bench/bench_quality.py --recipes default port no-warmup warmup-400 no-clip \
+        --seeds 0 1 2 --couplings affine --work DIR --json affine.json     # the recipe's ablations over seeds
 
 Data: the RGB photographs that ship inside scikit-image (`skimage.data`: astronaut, chelsea, coffee, rocket, ...),
 cut into 32x32 patches at three scales (the photo at 1/1, 1/2 and 1/4 size). The split is fixed and spatial: in
@@ -17,6 +19,12 @@ an 800-step run is that of a 200-step run). For each budget the table shows `bit
 `bits_per_dim/test_raw` (from the run's metrics.jsonl), and, for the default recipe, what `glow-dist evaluate` prints
 for that checkpoint with its default weights. `port` is the recipe of a popular PyTorch port (Adam 1e-4, no EMA, no
 warm-up, no gradient clipping) on the same architecture, data, batch and steps.
+
+`--seeds` trains every recipe once per `train.seed` (initial weights, data order, dequantization noise); the tables
+give the mean ± sample sd over seeds, and differences between recipes are paired by seed (same initial weights and
+data order). `--couplings affine additive` repeats everything with the other coupling (the paper's CelebA-HQ and
+LSUN-128 runs use additive, its CIFAR/ImageNet/LSUN-64 runs affine). Every step's gradient norm (before clipping) is
+logged (`train.log_every=1`), so the clipping table counts the steps in which clipping acted.
 
 `--ema-study` trains the default recipe once more in-process (the real Trainer) and scores, at every budget, other
 averages of the same trajectory: the EMA without warm-up (the code before issue 17), a bias-corrected EMA, and the
