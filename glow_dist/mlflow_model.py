@@ -13,6 +13,7 @@ run; a sha256 sidecar beside it) that every glow-dist command opens like any `ck
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,6 +21,7 @@ import re
 import warnings
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -81,10 +83,18 @@ def _write_weights(state: dict, folder: Path) -> Path:
     return path
 
 
-# MLflow warns at class creation that predict has no type hints; the signature logged with the model replaces them.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
+# MLflow warns at class creation that predict has no type hints (the signature logged with the model replaces them).
+# Its check runs under its own warnings.catch_warnings() with a "once" filter in front, so no filter of ours reaches
+# it: the warning function of that check is muted while the class is created, and only then.
+def _quiet_class_creation() -> contextlib.AbstractContextManager:
+    try:
+        from mlflow.pyfunc.utils import data_validation
+    except ImportError:   # mlflow missing or reorganised: the warning, if any, is harmless
+        return contextlib.nullcontext()
+    return mock.patch.object(data_validation, "color_warning", lambda *args, **kwargs: None, create=True)
 
+
+with _quiet_class_creation():
     class GlowSampler(PythonModel):
         """pyfunc wrapper: `predict` takes rows of (temperature, n, seed) and returns the samples as uint8 arrays
         (N, H, W, C), all rows concatenated in order."""
