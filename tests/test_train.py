@@ -1,6 +1,7 @@
 """The trainer end to end: real horovodrun processes, real shards, a real MLflow server on 127.0.0.1."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -61,7 +62,8 @@ def test_two_ranks_train_in_lockstep_and_log_to_mlflow(tmp_path, digits_shards, 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"images", "checkpoints", "config.yaml"} <= artifacts
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]
-    assert len(images) == 2 * 3, "one image per temperature (0, 0.7, 1) at steps 3 and 6"
+    steps = sorted(int(re.search(r"\+step\+(\d+)\+", p).group(1)) for p in images)
+    assert steps == [0] * 3 + [3] * 3 + [6] * 3, "one image per temperature (0, 0.7, 1) at steps 0, 3 and 6"
     checkpoints = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
     assert any(p.endswith("ckpt-00000006.pt") for p in checkpoints)
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["ckpt-00000003.pt", "ckpt-00000006.pt"]
