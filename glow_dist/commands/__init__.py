@@ -6,3 +6,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = False
     """The `--config FILE` and trailing `section.key=value` overrides shared by every config-driven command."""
     parser.add_argument("--config", "-c", required=required, help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def add_decode_mode_argument(parser: argparse.ArgumentParser) -> None:
+    """`--decode-mode`, shared by every command that decodes latents into images (glow_dist.decoder)."""
+    from glow_dist.config import DECODE_MODES
+
+    parser.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
+                        help="eager | compiled | graphed (CUDA graphs) decoding; auto: graphed on CUDA, eager on CPU")

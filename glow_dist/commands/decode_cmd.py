@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from glow_dist.config import DECODE_MODES
+from glow_dist.commands import add_decode_mode_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run dir (newest checkpoint)")
     parser.add_argument("--latents", required=True, help=".npz file from `glow-dist encode`")
     parser.add_argument("--batch-size", type=int, default=64, help="images decoded at once")
-    parser.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
-                        help="eager | compiled | graphed (CUDA graphs) decoding; auto: graphed on CUDA, eager on CPU")
+    add_decode_mode_argument(parser)
     parser.add_argument("--out", required=True, help="directory for the PNG files")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from glow_dist.config import DECODE_MODES
+from glow_dist.commands import add_decode_mode_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,8 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=8, help="images in the strip, both ends included")
     parser.add_argument("--mode", choices=("linear", "slerp"), default="linear", help="path between the latents")
     parser.add_argument("--batch-size", type=int, default=16, help="images decoded at once")
-    parser.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
-                        help="eager | compiled | graphed (CUDA graphs) decoding; auto: graphed on CUDA, eager on CPU")
+    add_decode_mode_argument(parser)
     parser.add_argument("--scale", type=int, help="enlarge tiles by this factor (default: up to 64 pixels)")
     parser.add_argument("--out", required=True, help="PNG file to write")
 

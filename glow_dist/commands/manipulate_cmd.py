@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from glow_dist.config import DECODE_MODES
+from glow_dist.commands import add_decode_mode_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("train", "test"), default="train", help="split the direction is taken on")
     parser.add_argument("--no-cache", action="store_true", help="recompute the direction and do not store it")
     parser.add_argument("--batch-size", type=int, default=64, help="images encoded/decoded at once")
-    parser.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
-                        help="eager | compiled | graphed (CUDA graphs) decoding; auto: graphed on CUDA, eager on CPU")
+    add_decode_mode_argument(parser)
     parser.add_argument("--scale", type=int, help="enlarge tiles by this factor (default: up to 64 pixels)")
     parser.add_argument("--out", required=True, help="PNG file to write")
 
