@@ -28,7 +28,7 @@ help:
 	@echo "make wheelhouse CUDA=cu12|cu13|cpu [PYTHON=python3.12] [WHEELHOUSE_TORCH=2.14.1 TORCH_INDEX=url]: every wheel for an offline install"
 	@echo "make install WHEELHOUSE=dir  install from a wheelhouse with no network"
 	@echo "make wheelhouse-check WHEELHOUSE=dir  prove it: offline install into a fresh venv, --check-build, doctor"
-	@echo "make lint       ruff over the package, tests, benchmarks and launch scripts"
+	@echo "make lint       ruff over the package, tests, benchmarks and launch scripts; the layering (import-linter)"
 	@echo "make mlflow-ui  MLflow UI on the local store (http://127.0.0.1:$(MLFLOW_PORT))"
 	@echo "make bench      benchmark suite; prints tables (see BENCHMARKS.md)"
 	@echo "make bench-quality  test bits/dim (EMA and raw) on natural-image patches at 200/400/800 steps"
@@ -107,8 +107,10 @@ test: $(STAMP) $(HVD_STAMP)
 test-fast: $(STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# ruff, and the package's layering (import-linter contracts in pyproject.toml: no upward import, no cycle).
 lint: $(STAMP)
 	$(BIN)/ruff check glow_dist tests bench launch
+	$(BIN)/lint-imports
 
 prepare-digits: $(STAMP)
 	@if [ -f $(DATA)/manifest.json ]; then echo "digits shards present in $(DATA)"; \

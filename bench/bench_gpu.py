@@ -7,16 +7,16 @@
 
 On CUDA, for the paper's CIFAR-10 (32x32, L=3, K=32, width 512, affine, 8-bit) and CelebA-HQ (256x256, L=6, K=32,
 width 512, additive, 5-bit) architectures at several batch sizes and for each variant, it runs the trainer's own
-step (`glow_dist.step.build_train_step`: dequantize, forward, bits/dim, backward, clip_and_step with Adamax, EMA)
+step (`glow_dist.training.step.build_train_step`: dequantize, forward, bits/dim, backward, clip_and_step with Adamax, EMA)
 and prints ms/step (median of the timed steps), img/s, achieved TFLOP/s (FLOPs of one forward + backward counted by
 `torch.utils.flop_counter.FlopCounterMode`, convolutions and matmuls), its fraction of an 8192^2 fp32 matmul with
 TF32 measured in the same run, and peak memory over the timed steps (the peak is reset after warm-up, so cuDNN's
 autotuning trials do not count). Then sampling ms/image of the CelebA-HQ architecture at batch 1, 8 and 32 for each
-decoding mode (`glow_dist.decoder.Decoder`: eager, compiled, graphed), with the first call's time (compile/capture).
+decoding mode (`glow_dist.inference.decoding.Decoder`: eager, compiled, graphed), with the first call's time (compile/capture).
 Everything goes to a JSON file too (--json). A variant that does not fit in memory prints OOM and the run goes on.
 
 On a CPU (or with --cpu) it prints, per variant, the ATen operators dispatched by one training step
-(`glow_dist.opcount.OpCounter`): on a GPU nearly each is a kernel launch, the cost that made the step launch-bound
+(`opcount.OpCounter`): on a GPU nearly each is a kernel launch, the cost that made the step launch-bound
 on an H100. The count depends on the architecture (levels, steps, coupling), not on width, batch or image size, so the
 CPU run uses the CIFAR reference architecture of bench_train.py (L=3, K=8) at width 16, batch 4. Then the operators
 of one sampling call, eager vs compiled, for the CelebA-HQ architecture (L=6, K=32) at width 16 and 64x64.
@@ -35,12 +35,12 @@ from bench_train import matmul_flops_per_s, sync
 from torch.utils.flop_counter import FlopCounterMode
 
 from glow_dist.config import Config, ModelConfig, load_config
-from glow_dist.decoder import Decoder
-from glow_dist.ema import EMA
+from glow_dist.inference.decoding import Decoder
+from glow_dist.training.ema import EMA
 from glow_dist.model import build_model, preprocess
-from glow_dist.opcount import OpCounter
-from glow_dist.step import apply_tf32, build_train_step, noise_generator
-from glow_dist.train import make_optimizer
+from opcount import OpCounter
+from glow_dist.training.step import apply_tf32, build_train_step, noise_generator
+from glow_dist.training.trainer import make_optimizer
 
 ARCHS: dict[str, tuple[ModelConfig, list[int]]] = {
     "cifar10": (ModelConfig(image_size=32, channels=3, levels=3, steps=32, width=512, coupling="affine",

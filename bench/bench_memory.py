@@ -10,7 +10,7 @@ perturbed from their identity init, ActNorm initialized from the batch) and runs
    `torch.autograd.graph.saved_tensors_hooks`; the peak of the live ones (one count per storage, weights excluded)
    over forward *and* backward is reported, so invertible mode's one-step recomputation during backward counts.
    Non-reentrant checkpointing saves through its own inner hooks, which hide it from ours; for that mode the
-   column shows `glow_dist.plan`'s figure instead (every step's input plus what is saved outside the steps, plus the
+   column shows `glow_dist.preflight.plan`'s figure instead (every step's input plus what is saved outside the steps, plus the
    largest single step's saved tensors, measured on the meta device).
 2. Peak memory (what the allocator really held): on CPU, the process's peak RSS (VmHWM, reset through
    /proc/self/clear_refs) minus its RSS just before the pass. Gradients already exist from pass 1, so the delta is
@@ -42,7 +42,7 @@ import torch
 
 from glow_dist.config import ModelConfig
 from glow_dist.model import Glow, bits_per_dim_from_log_prob
-from glow_dist.plan import measure_activations
+from glow_dist.preflight.plan import measure_activations
 
 MODES = ("plain", "checkpoint", "invertible")
 MIB = 2**20
@@ -258,7 +258,7 @@ def main() -> None:
         trained = (f"{last['trained_fp32_vs_plain']:.1e} ({last['trained_fp32_plain_vs_exact']:.1e})"
                    if "grad_rel_err" in last else "-")
         print(f"| {memory} | {cells} | {growth} | {last['seconds']:.1f} | {err} | {fp32} | {trained} |")
-    print("\n* checkpoint's saved bytes are glow_dist.plan's figure (its inner hooks hide it from ours)")
+    print("\n* checkpoint's saved bytes are glow_dist.preflight.plan's figure (its inner hooks hide it from ours)")
 
 
 if __name__ == "__main__":

@@ -273,9 +273,9 @@ class BiasCorrectedEMA(PlainEMA):
 def ema_study_worker(outfile: Path, overrides: list[str], budgets: list[int]) -> None:
     """In a subprocess: train the default recipe with the real Trainer and score extra averages at every budget."""
     from glow_dist.config import load_config
-    from glow_dist.ema import WARMUP_OFFSET
-    from glow_dist.evaluate import evaluate_bpd
-    from glow_dist.train import Trainer
+    from glow_dist.training.ema import WARMUP_OFFSET
+    from glow_dist.training.evaluation import evaluate_bpd
+    from glow_dist.training.trainer import Trainer
 
     trainer = Trainer(load_config(base_config(outfile.parent), overrides))
     decay = trainer.cfg.optim.ema_decay

@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_scaling.py --nps 1 2 --repeats 3 --batch 8
 
 Each run launches bench/scaling_worker.py under `horovodrun --gloo` (the trainer's step with the real
-glow_dist.dist helpers on synthetic data). Runs alternate between the world sizes (`--repeats` times each) so
+glow_dist.distributed.gateway helpers on synthetic data). Runs alternate between the world sizes (`--repeats` times each) so
 that load from elsewhere hits all of them; the median images/s is reported. Speedup is images/s over np=1's.
 """
 from __future__ import annotations

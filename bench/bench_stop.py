@@ -29,10 +29,10 @@ import torch
 
 from glow_dist.checkpoint import rng_state, save_checkpoint, verify_checkpoint
 from glow_dist.config import load_config, to_dict
-from glow_dist.ema import EMA
+from glow_dist.training.ema import EMA
 from glow_dist.model import build_model
-from glow_dist.plan import make_plan
-from glow_dist.train import make_optimizer
+from glow_dist.preflight.plan import make_plan
+from glow_dist.training.trainer import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 

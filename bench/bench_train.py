@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from glow_dist import dist
+from glow_dist.distributed import gateway as dist
 from glow_dist.config import ModelConfig
 from glow_dist.model import Glow, bits_per_dim_from_log_prob
 

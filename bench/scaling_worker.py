@@ -3,7 +3,7 @@
     horovodrun -np 2 -H localhost:2 --gloo .venv/bin/python bench/scaling_worker.py --batch 16 --steps 4
 
 Uses the real distribution helpers (dist.init, distributed_optimizer, broadcast_parameters, clip_and_step) exactly as
-`glow_dist.train` does; rank 0 prints one JSON line: the job's images/s and the median step time.
+`glow_dist.training.trainer` does; rank 0 prints one JSON line: the job's images/s and the median step time.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from glow_dist import dist
+from glow_dist.distributed import gateway as dist
 from glow_dist.config import BACKGROUND_PRIORITIES, ModelConfig
 from glow_dist.model import Glow, bits_per_dim_from_log_prob
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--fp16-allreduce", action="store_true", help="gradients cross as fp16 (dist.fp16_allreduce)")
     parser.add_argument("--background-priority", choices=BACKGROUND_PRIORITIES, default="auto")
     parser.add_argument("--spin-waits", action="store_true",
-                        help="wait the way Horovod's synchronize() does (spinning), as glow_dist.dist did before")
+                        help="wait the way Horovod's synchronize() does (spinning), as glow_dist.distributed.gateway did before")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dist.init(args.background_priority)

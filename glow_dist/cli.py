@@ -13,7 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("glow_dist.commands.config_cmd", "print the resolved config (defaults + YAML + overrides)"),
     "train": ("glow_dist.commands.train_cmd", "train on shards (one process, or many under horovodrun)"),
     "evaluate": ("glow_dist.commands.evaluate_cmd", "test-set bits/dim of a checkpoint (and baselines)"),
-    "prepare": ("glow_dist.data.prepare", "write a data set (digits, image folder, CIFAR-10) as WebDataset shards"),
+    "prepare": ("glow_dist.commands.prepare_cmd", "write a data set (digits, image folder, CIFAR-10) as WebDataset "
+                                                  "shards"),
     "doctor": ("glow_dist.commands.doctor_cmd", "check this node (or every rank) before training: GPUs, Horovod, "
                                                 "DALI, MLflow, data"),
     "plan": ("glow_dist.commands.plan_cmd", "parameters, FLOPs, memory and steps per epoch of a config, on no GPU"),
@@ -61,7 +62,7 @@ def _user_error_kind(error: Exception) -> str | None:
     from glow_dist.checkpoint import CheckpointError
     from glow_dist.config import ConfigError
     from glow_dist.data import DataError
-    from glow_dist.latent import LatentError
+    from glow_dist.inference.latents import LatentError
 
     kinds = {ConfigError: "config", CheckpointError: "checkpoint", DataError: "data", LatentError: "input"}
     return next((name for cls, name in kinds.items() if isinstance(error, cls)), None)

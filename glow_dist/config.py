@@ -9,6 +9,7 @@ An unknown key or a value of the wrong type raises `ConfigError` naming the key 
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,37 +22,58 @@ class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message names the key and the source."""
 
 
+def choice(default: str, *options: str) -> Any:
+    """A string field that takes one of `options` (default first or not); declared here, checked in `validate()`,
+    and read by whoever lists the options (`choices("runtime.sample_mode")` for an argparse flag)."""
+    if default not in options:
+        raise ValueError(f"default {default!r} is not among the choices {options}")
+    return field(default=default, metadata={"choices": options})
+
+
 @dataclass
 class ModelConfig:
+    """The architecture: what the weights are. Two checkpoints are compatible exactly when these are equal."""
     image_size: int = 32          # H == W of the (square) input images
     channels: int = 3
     n_bits: int = 8               # bits kept per colour value; n_bins = 2**n_bits
     levels: int = 3               # L
     steps: int = 32               # K flow steps per level
     width: int = 512              # hidden channels of the coupling network
-    coupling: str = "affine"      # additive | affine
-    invconv: str = "lu"           # lu | plain
+    coupling: str = choice("affine", "additive", "affine")
+    invconv: str = choice("lu", "lu", "plain")
     learn_top: bool = True        # learned mean/log-std of the top prior
     y_condition: bool = False     # class-conditional top prior plus classifier head
     num_classes: int = 0          # required when y_condition is true
-    weight_y: float = 0.01        # weight of the classifier loss (nats per image, added to the objective)
-    memory: str = "plain"         # plain | checkpoint (per flow step) | invertible (rebuild inputs with reverse)
+
+
+@dataclass
+class RuntimeConfig:
+    """How the model runs: memory, speed and precision choices that never change the weights (a checkpoint resumes,
+    samples and decodes under any of them). Each `auto` has one resolver (glow_dist/runtime.py), from a measurement
+    on that device kind (README "GPU notes", BENCHMARKS.md)."""
+    # plain | checkpoint (per flow step) | invertible (rebuild inputs with reverse)
+    memory: str = choice("plain", "plain", "checkpoint", "invertible")
     invertible_segment: int = 8   # memory=invertible: steps rebuilt from one stored output (0: a whole level)
-    # Speed-only choices (weights and checkpoints are the same whatever they are); `auto` is resolved per device,
-    # each default from a measurement on that device kind (README "GPU notes", BENCHMARKS.md):
-    channels_last: str = "auto"   # auto | true | false: NHWC activations in the flow (weights stay NCHW);
-    #                               auto: NHWC on CPU (oneDNN, +13%), NCHW on CUDA (NHWC cost 20% on an H100)
+    # NHWC activations in the flow (weights stay NCHW); auto: NHWC on CPU (oneDNN, +13%), NCHW on CUDA (-20%, H100)
+    channels_last: str = choice("auto", "auto", "true", "false")
     channels_last_min_size: int = 8  # ... only in levels whose feature maps are at least this size (H after squeeze)
-    autocast: str = "auto"        # auto | none | bf16: coupling networks in bfloat16; logdet, 1x1 convs, priors in
-    #                               fp32. auto: fp32 on every device (bf16 was slower on an H100; CPU stays exact)
+    # coupling networks in bfloat16; logdet, 1x1 convs, priors in fp32. auto: fp32 everywhere (bf16 slower, H100)
+    autocast: str = choice("auto", "auto", "none", "bf16")
     compile: bool = False         # torch.compile every flow step (needs a C++ compiler on CPU; slow first step)
+    # the training step (glow_dist/training/step.py); auto: graphed on CUDA, eager on CPU. A mode that cannot run
+    # here falls back to eager with one log line
+    step_mode: str = choice("auto", "auto", "eager", "compiled", "graphed")
+    # how sample grids and decodes run (glow_dist/inference/decoding.py); auto: graphed on CUDA, eager on CPU
+    sample_mode: str = choice("auto", "auto", "eager", "compiled", "graphed")
+    # TF32 on CUDA; auto: torch's defaults (cuDNN convs TF32, matmuls fp32), as measured on an H100; no effect on CPU
+    tf32: str = choice("auto", "auto", "true", "false")
 
 
 @dataclass
 class DataConfig:
     root: str = "data/digits"     # folder with train-*.tar / test-*.tar and manifest.json
-    backend: str = "auto"         # auto | dali | webdataset (auto: dali when importable)
-    decode: str = "auto"          # auto | cpu | gpu: where images are decoded (auto: gpu with dali on a CUDA device)
+    backend: str = choice("auto", "auto", "dali", "webdataset")  # auto: dali when importable
+    decode: str = choice("auto", "auto", "cpu", "gpu")  # where images are decoded (auto: gpu with dali on CUDA)
     num_workers: int = 1          # decoder threads (dali) or DataLoader workers (webdataset)
     flip: bool = False            # random horizontal flip of training images
     shuffle_buffer: int = 256     # samples held for shuffling the training stream
@@ -59,9 +81,10 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamax"          # adamax | adam
+    name: str = choice("adamax", "adamax", "adam")
     lr: float = 1e-3              # base learning rate, before lr_scaling
-    lr_scaling: str = "none"      # none | linear | sqrt: multiply lr by world size, or its square root
+    # multiply lr by world size (linear) or its square root (sqrt)
+    lr_scaling: str = choice("none", "none", "linear", "sqrt")
     warmup_steps: int = 100       # linear warmup from 0 to the (scaled) lr
     beta1: float = 0.9
     beta2: float = 0.999
@@ -69,6 +92,7 @@ class OptimConfig:
     grad_clip: float = 50.0       # max global L2 norm of the gradient; 0 disables clipping
     ema_decay: float = 0.999      # Polyak averaging of weights; 0 disables it
     rollback_lr_factor: float = 0.5  # lr multiplier at each rollback (see train.max_consecutive_skips)
+    weight_y: float = 0.01        # model.y_condition: weight of the classifier loss (nats per image, added)
 
 
 @dataclass
@@ -90,10 +114,6 @@ class TrainConfig:
     progress: bool = True         # progress bar on rank 0
     max_consecutive_skips: int = 20   # after this many non-finite steps in a row, roll back; 0 disables rollback
     stop_exit_code: int = 0       # exit status after a signal-initiated stop with its checkpoint (75: launch files)
-    step_mode: str = "auto"       # auto | eager | compiled | graphed (glow_dist/step.py); auto: graphed on CUDA, eager
-    #                               on CPU. A mode that cannot run here falls back to eager with one log line
-    tf32: str = "auto"            # auto | true | false: TF32 on CUDA; auto: torch's defaults (cuDNN convs TF32,
-    #                               matmuls fp32), what the H100 measurements used; no effect on CPU
 
 
 @dataclass
@@ -101,7 +121,8 @@ class DistConfig:
     elastic: bool = False         # Horovod elastic mode: launch with horovodrun --host-discovery-script, --min-np
     commit_every: int = 10        # elastic: steps between commits (the state a lost worker rolls the others back to)
     fp16_allreduce: bool = False  # compress gradients to fp16 on the wire
-    background_priority: str = "auto"  # Horovod's threads: low (nice 19) | normal | auto (low on CPU ranks)
+    # Horovod's threads: low (nice 19) | normal | auto (low on CPU ranks)
+    background_priority: str = choice("auto", "auto", "low", "normal")
 
 
 @dataclass
@@ -112,19 +133,20 @@ class TrackingConfig:
     run_name: str = ""            # "" : <config>-<N>ranks-<UTC time>, e.g. digits-2ranks-20260101-120000
     sample_temperatures: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 1.0])
     sample_count: int = 16        # images per temperature in each grid
-    sample_mode: str = "auto"     # auto | eager | compiled | graphed: how grids are decoded (glow_dist/decoder.py);
-    #                               auto: graphed on CUDA, eager on CPU; a mode that cannot run falls back to eager
-    log_checkpoints: str = "last"  # none | last | all | every_n: which checkpoints MLflow keeps (see tracking.py)
+    # which checkpoints MLflow keeps (see glow_dist/tracking/client.py)
+    log_checkpoints: str = choice("last", "none", "last", "all", "every_n")
     log_checkpoints_every: int = 0   # every_n: also keep the checkpoints of steps that are multiples of this
     log_model: bool = True        # the final EMA weights as an MLflow model (`models:/` or `runs:/RUN/model`)
     register_as: str = ""         # also register that model under this name in the model registry
-    sample_weights: str = "best"  # grids from: best (the weights that scored better at the last evaluation) | ema | raw
+    # grids from: best (the weights that scored better at the last evaluation) | ema | raw
+    sample_weights: str = choice("best", "best", "ema", "raw")
     system_metrics: bool = True   # MLflow's CPU/memory/GPU sampling for the run (needs psutil; GPUs need pynvml)
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -132,38 +154,37 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-BACKGROUND_PRIORITIES = ("auto", "low", "normal")  # dist.background_priority; see glow_dist.dist.init
-DECODE_MODES = ("auto", "eager", "compiled", "graphed")  # tracking.sample_mode, --decode-mode; glow_dist.decoder
+def choices(dotted: str) -> tuple[str, ...]:
+    """The options of a choice key, e.g. choices("runtime.sample_mode") -> ("auto", "eager", "compiled", "graphed")."""
+    section, key = dotted.split(".")
+    found = next((f for f in dataclasses.fields(getattr(Config(), section)) if f.name == key), None)
+    if found is None or "choices" not in found.metadata:
+        raise KeyError(f"{dotted} is not a choice key")
+    return found.metadata["choices"]
 
-_CHOICES = {
-    "model.coupling": ("additive", "affine"),
-    "model.invconv": ("lu", "plain"),
-    "model.memory": ("plain", "checkpoint", "invertible"),
-    "model.autocast": ("auto", "none", "bf16"),
-    "model.channels_last": ("auto", "true", "false"),
-    "train.step_mode": ("auto", "eager", "compiled", "graphed"),
-    "train.tf32": ("auto", "true", "false"),
-    "data.backend": ("auto", "dali", "webdataset"),
-    "data.decode": ("auto", "cpu", "gpu"),
-    "optim.name": ("adamax", "adam"),
-    "optim.lr_scaling": ("none", "linear", "sqrt"),
-    "dist.background_priority": BACKGROUND_PRIORITIES,
-    "tracking.sample_weights": ("best", "ema", "raw"),
-    "tracking.sample_mode": DECODE_MODES,
-    "tracking.log_checkpoints": ("none", "last", "all", "every_n"),
+
+# Keys that moved to another section: an old config file or checkpoint still loads (the key is read at its new
+# place). Speed-only keys left `model` when architecture and runtime were separated.
+_MOVED_KEYS = {
+    **{f"model.{k}": f"runtime.{k}" for k in ("memory", "invertible_segment", "channels_last",
+                                               "channels_last_min_size", "autocast", "compile")},
+    "train.step_mode": "runtime.step_mode",
+    "train.tf32": "runtime.tf32",
+    "tracking.sample_mode": "runtime.sample_mode",
+    "model.weight_y": "optim.weight_y",
 }
 
 # Keys whose type changed: the old spelling still loads (configs and checkpoints written before the change).
 # One table, key -> {old spelling: new value}; strings are matched stripped and lower-cased.
 # - tracking.log_checkpoints was a bool: true uploaded every checkpoint (now "all"), false none.
-# - model.channels_last and train.tf32 were bools and now also take "auto": true/false keep their meaning.
+# - runtime.channels_last and runtime.tf32 were bools and now also take "auto": true/false keep their meaning.
 _WAS_BOOL_NOW_AUTO = {True: "true", False: "false", "yes": "true", "on": "true", "1": "true",
                       "no": "false", "off": "false", "0": "false"}
 _OLD_SPELLINGS: dict[str, dict[bool | str, str]] = {
     "tracking.log_checkpoints": {True: "all", False: "none", "true": "all", "false": "none", "yes": "all",
                                  "no": "none"},
-    "model.channels_last": _WAS_BOOL_NOW_AUTO,
-    "train.tf32": _WAS_BOOL_NOW_AUTO,
+    "runtime.channels_last": _WAS_BOOL_NOW_AUTO,
+    "runtime.tf32": _WAS_BOOL_NOW_AUTO,
 }
 
 
@@ -235,6 +256,7 @@ def _field_types(section: Any) -> dict[str, Any]:
 
 
 def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
+    dotted = _MOVED_KEYS.get(dotted, dotted)
     parts = dotted.split(".")
     sections = {f.name for f in dataclasses.fields(cfg)}
     if len(parts) != 2 or parts[0] not in sections:
@@ -249,10 +271,14 @@ def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
             f"{source}: unknown key '{dotted}'; '{parts[0]}' has {', '.join(sorted(types))}"
         )
     coerced = _coerce(_new_spelling(dotted, value), types[parts[1]], dotted, source)
-    choices = _CHOICES.get(dotted)
-    if choices and coerced not in choices:
-        raise ConfigError(f"{source}: '{dotted}' must be one of {', '.join(choices)}, got {coerced!r}")
+    _check_choice(section, parts[0], parts[1], coerced, source)
     setattr(section, parts[1], coerced)
+
+
+def _check_choice(section: Any, section_name: str, key: str, value: Any, source: str) -> None:
+    options = next(f for f in dataclasses.fields(section) if f.name == key).metadata.get("choices")
+    if options and value not in options:
+        raise ConfigError(f"{source}: '{section_name}.{key}' must be one of {', '.join(options)}, got {value!r}")
 
 
 def apply_dict(cfg: Config, tree: dict, source: str) -> Config:
@@ -299,8 +325,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a single key's type cannot express."""
-    m = cfg.model
+    """Every choice key against its declared options, and the checks that a single key's type cannot express."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            _check_choice(values, section.name, f.name, getattr(values, f.name), "config")
+    m, t = cfg.model, cfg.train
     if m.levels < 1 or m.steps < 1:
         raise ConfigError("model.levels and model.steps must be at least 1")
     if m.image_size % (2 ** m.levels) != 0:
@@ -312,19 +342,40 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.n_bits must be in 1..8, got {m.n_bits}")
     if m.y_condition and m.num_classes < 2:
         raise ConfigError("model.y_condition=true needs model.num_classes >= 2")
-    if cfg.train.batch_size < 1 or cfg.train.init_batch_size < 1:
+    if t.batch_size < 1 or t.init_batch_size < 1:
         raise ConfigError("train.batch_size and train.init_batch_size must be at least 1")
-    t = cfg.train
     if t.log_every < 1:
         raise ConfigError(f"train.log_every must be at least 1, got {t.log_every}")
     for key in ("eval_every", "sample_every", "checkpoint_every"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0 (0: only at the end), got {getattr(t, key)}")
+    if not 0 <= t.stop_exit_code <= 255:
+        raise ConfigError(f"train.stop_exit_code must be an exit status 0..255, got {t.stop_exit_code}")
+    if cfg.dist.commit_every < 1:
+        raise ConfigError(f"dist.commit_every must be at least 1, got {cfg.dist.commit_every}")
     if cfg.tracking.log_checkpoints == "every_n" and cfg.tracking.log_checkpoints_every < 1:
         raise ConfigError("tracking.log_checkpoints=every_n needs tracking.log_checkpoints_every >= 1 (the step "
                           "interval of the checkpoints MLflow keeps)")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}")
+
+
+def architecture_differences(saved: Config, current: Config) -> list[str]:
+    """'model.KEY: A vs B' for each architecture key in which two configs differ; [] when their weights are
+    interchangeable (runtime, data, optimizer and tracking choices never are a difference)."""
+    a, b = dataclasses.asdict(saved.model), dataclasses.asdict(current.model)
+    return [f"model.{k}: {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k]]
+
+
+def tracking_store(tracking: TrackingConfig) -> tuple[str, Path | None]:
+    """(tracking URI, the local store's folder or None): `tracking.uri`, else $MLFLOW_TRACKING_URI, else a sqlite
+    store in `tracking.local_dir` (MLflow 3 has no default file store; `make mlflow-ui` shows this one). The one
+    place that decides where runs go; nothing is created here."""
+    uri = tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri, None
+    local = Path(tracking.local_dir).resolve()
+    return f"sqlite:///{local / 'mlflow.db'}", local
 
 
 def to_dict(cfg: Config) -> dict:

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from glow_dist.config import ConfigError, load_config
-from glow_dist.decoder import Decoder, resolve_decode_mode
+from glow_dist.inference.decoding import Decoder, resolve_decode_mode
 from glow_dist.model import Glow, build_model
-from glow_dist.opcount import OpCounter
-from glow_dist.sampling import sample_images
+from opcount import OpCounter
+from glow_dist.inference.decoding import sample_images
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPERATURES = (0.0, 0.7, 1.0)

@@ -12,7 +12,7 @@ import pytest
 from helpers import REPO, env_with_venv, horovodrun_cmd
 from test_tracking import _free_port
 
-import glow_dist.doctor as doctor
+import glow_dist.preflight.doctor as doctor
 from glow_dist.config import Config
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from glow_dist.commands.evaluate_cmd import describe_weights
-from glow_dist.ema import EMA, UPDATES_KEY, ema_weights, warmup_decay
+from glow_dist.training.ema import EMA, UPDATES_KEY, ema_weights, warmup_decay
 
 
 def _model(value: float) -> nn.Module:

@@ -53,7 +53,7 @@ def _encode(images: list[np.ndarray], fmt: str) -> list[bytes]:
 
 
 def test_dali_mixed_decode_matches_cpu_decode() -> None:
-    from glow_dist.doctor import dali_decode
+    from glow_dist.preflight.doctor import dali_decode
 
     images = _images(8, 64)
     png = _encode(images, "PNG")

@@ -149,7 +149,7 @@ def test_model_loads_back_into_glow_dist_and_pyfunc(trained: dict) -> None:
         _run(["sample", "--model", uri, "--n", "4", "--temperature", "0.7", "--out", str(out)], env)
         assert Image.open(out).size == (2 * 9 * 8 + 8, 2 * 9 * 8 + 8)
     # The model's weights are the final checkpoint's EMA weights.
-    from glow_dist.mlflow_model import download_weights
+    from glow_dist.tracking.mlflow_model import download_weights
 
     os.environ["MLFLOW_TRACKING_URI"] = trained["uri"]
     try:
@@ -169,9 +169,9 @@ def test_model_loads_back_into_glow_dist_and_pyfunc(trained: dict) -> None:
 
 
 def test_loading_the_model_code_prints_no_mlflow_type_hint_warning() -> None:
-    """The trainer imports glow_dist.mlflow_model when it logs the model (and pyfunc when it loads it): MLflow's
+    """The trainer imports glow_dist.tracking.mlflow_model when it logs the model (and pyfunc when it loads it): MLflow's
     "Add type hints to the `predict` method" warning must not land in the user's training output."""
-    out = subprocess.run([sys.executable, "-W", "default", "-c", "import glow_dist.mlflow_model"],
+    out = subprocess.run([sys.executable, "-W", "default", "-c", "import glow_dist.tracking.mlflow_model"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "type hints" not in out.stderr, out.stderr

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from glow_dist import dist
+from glow_dist.distributed import gateway as dist
 from glow_dist.config import Config, load_config
-from glow_dist.ema import EMA
+from glow_dist.training.ema import EMA
 from glow_dist.model import build_model, preprocess
-from glow_dist.opcount import OpCounter
-from glow_dist.step import build_train_step, noise_generator, resolve_step_mode
-from glow_dist.train import check_same_architecture, make_optimizer
+from opcount import OpCounter
+from glow_dist.training.step import build_train_step, noise_generator, resolve_step_mode
+from glow_dist.training.trainer import check_same_architecture, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 

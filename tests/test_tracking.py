@@ -20,7 +20,7 @@ from PIL import Image
 
 from glow_dist import tracking
 from glow_dist.config import Config, flatten
-from glow_dist.tracking import NullTracker, Tracker, make_tracker, run_tags
+from glow_dist.tracking.client import NullTracker, Tracker, make_tracker, run_tags
 
 SERVER_START_TIMEOUT_S = 120   # a cold start runs the sqlite migrations; slow on a busy 2-core machine
 
@@ -337,7 +337,7 @@ def test_checkpoint_rotation_in_mlflow_survives_a_resume(mlflow_server: str, tmp
 def test_run_name_from_config_world_size_and_time(monkeypatch: pytest.MonkeyPatch) -> None:
     from datetime import datetime, timezone
 
-    from glow_dist.run_info import default_run_name
+    from glow_dist.tracking.metadata import default_run_name
 
     cfg = Config()
     when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
@@ -349,7 +349,7 @@ def test_run_name_from_config_world_size_and_time(monkeypatch: pytest.MonkeyPatc
 
 
 def test_evaluation_line_replaces_an_earlier_one() -> None:
-    from glow_dist.run_info import DESCRIPTION_RESULT_MARK, with_evaluation, with_results
+    from glow_dist.tracking.metadata import DESCRIPTION_RESULT_MARK, with_evaluation, with_results
 
     note = with_results(f"head\n\n{DESCRIPTION_RESULT_MARK}", ["- `bits_per_dim/test_ema` **2.1** at step 9"])
     once = with_evaluation(note, "- `glow-dist evaluate` (ema weights, step 9): 2.2")
@@ -360,7 +360,7 @@ def test_evaluation_line_replaces_an_earlier_one() -> None:
 
 
 def test_t0_row_is_one_image_unless_class_conditional() -> None:
-    from glow_dist.reporter import temperature_images
+    from glow_dist.tracking.reporter import temperature_images
 
     samples = [(0.0, torch.zeros(4, 1, 8, 8, dtype=torch.uint8)), (0.7, torch.zeros(4, 1, 8, 8, dtype=torch.uint8))]
     plain = dict(temperature_images(samples, y_condition=False, scale=1))

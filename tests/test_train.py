@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from glow_dist.checkpoint import save_checkpoint
 from glow_dist.config import load_config
-from glow_dist.ema import UPDATES_KEY
+from glow_dist.training.ema import UPDATES_KEY
 from glow_dist.model import build_model
 
 pytestmark = pytest.mark.slow

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-from glow_dist.commands import add_decode_mode_argument
+from glow_dist.commands import add_checkpoint_argument, add_decode_mode_argument, tracking_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run dir (newest checkpoint)")
+    add_checkpoint_argument(parser)
     parser.add_argument("--latents", required=True, help=".npz file from `glow-dist encode`")
     parser.add_argument("--batch-size", type=int, default=64, help="images decoded at once")
     add_decode_mode_argument(parser)
@@ -23,11 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from glow_dist.decoder import Decoder
-    from glow_dist.latent import decode_latents, load_latents, load_model
-    from glow_dist.sampling import save_png
+    from glow_dist.inference.decoding import Decoder, save_png
+    from glow_dist.inference.latents import decode_latents, load_latents
+    from glow_dist.inference.loading import load_model
 
-    loaded = load_model(args.checkpoint)
+    loaded = load_model(args.checkpoint, tracking=tracking_of(args))
     zs, names = load_latents(args.latents, loaded)
     images = decode_latents(Decoder(loaded.model, args.decode_mode), zs, args.batch_size)
     stems = [Path(n).stem for n in names]

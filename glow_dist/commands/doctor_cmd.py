@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from glow_dist import doctor
     from glow_dist.config import Config, load_config
+    from glow_dist.preflight import doctor
 
     cfg = load_config(args.config, args.overrides) if args.config or args.overrides else Config()
     prefix = doctor.rank_prefix()
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if allreduce.status == doctor.PASS:  # Horovod works: every rank learns how many failed anywhere
         import torch
 
-        from glow_dist import dist
+        from glow_dist.distributed import gateway as dist
 
         counts = dist.allreduce_sum(torch.tensor([float(failed), 1.0]), name="doctor.failures")
         total, ranks = int(counts[0].item()), int(counts[1].item())

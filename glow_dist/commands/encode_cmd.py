@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import argparse
 
+from glow_dist.commands import add_checkpoint_argument, tracking_of
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run dir (newest checkpoint)")
+    add_checkpoint_argument(parser)
     parser.add_argument("--images", required=True, nargs="+", help="image files (PNG/JPEG)")
     parser.add_argument("--batch-size", type=int, default=64, help="images encoded at once")
     parser.add_argument("--out", required=True, help=".npz file to write")
 
 
 def run(args: argparse.Namespace) -> int:
-    from glow_dist.latent import encode_images, load_images, load_model, save_latents
+    from glow_dist.inference.latents import encode_images, load_images, save_latents
+    from glow_dist.inference.loading import load_model
 
-    loaded = load_model(args.checkpoint)
+    loaded = load_model(args.checkpoint, tracking=tracking_of(args))
     images, names = load_images(args.images, loaded.model.cfg)
     zs = encode_images(loaded.model, images, args.batch_size)
     path = save_latents(args.out, zs, loaded, names)

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import argparse
 
+from glow_dist.commands import add_checkpoint_argument, tracking_of
+from glow_dist.config import choices
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", "--model", required=True,
-                        help="checkpoint file, a run dir (newest checkpoint), or an MLflow model URI "
-                             "(models:/NAME/VERSION, runs:/RUN_ID/model)")
+    add_checkpoint_argument(parser)
     parser.add_argument("--data", help="shard folder (default: the checkpoint config's data.root)")
     parser.add_argument("--batch-size", type=int, default=64, help="per-rank batch size")
-    parser.add_argument("--backend", choices=("auto", "dali", "webdataset"), help="data backend override")
+    parser.add_argument("--backend", choices=choices("data.backend"), help="data backend override")
     parser.add_argument("--baseline", action="store_true", help="also print the uniform and per-pixel baselines")
     parser.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--no-tracking", action="store_true", help="do not log the result to the checkpoint's run")
@@ -36,7 +37,8 @@ def describe_weights(state: dict, raw: bool) -> str:
     """What `glow-dist evaluate` scored, in words: raw, or EMA with its decay and warm-up state."""
     if raw:
         return "raw (the trained weights themselves, --raw-weights)"
-    from glow_dist.ema import UPDATES_KEY, WARMUP_OFFSET, warmup_decay
+    from glow_dist.checkpoint import EMA_UPDATES_KEY as UPDATES_KEY
+    from glow_dist.training.ema import WARMUP_OFFSET, warmup_decay
 
     decay = state["config"]["optim"]["ema_decay"]
     if decay == 0:
@@ -50,15 +52,14 @@ def describe_weights(state: dict, raw: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from glow_dist import dist
-    from glow_dist.checkpoint import open_checkpoint
     from glow_dist.data import make_loader
-    from glow_dist.evaluate import evaluate_bpd, independent_pixel_bpd, pixel_histograms, uniform_bound
-    from glow_dist.latent import model_from_state
+    from glow_dist.distributed import gateway as dist
+    from glow_dist.inference.loading import model_from_state, open_source
+    from glow_dist.training.evaluation import evaluate_bpd, independent_pixel_bpd, pixel_histograms, uniform_bound
 
     dist.init()
     device = dist.pin_device()
-    path, state = open_checkpoint(args.checkpoint)
+    path, state = open_source(args.checkpoint, tracking_of(args))
     model, cfg, path, step, _ = model_from_state(path, state, device, weights="model" if args.raw_weights else "ema")
     weights_description = describe_weights(state, raw=args.raw_weights)
     if args.data:
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         metrics.update({"bits_per_dim/baseline_uniform": uniform_bound(cfg.model.n_bits),
                         "bits_per_dim/baseline_per_pixel": baseline})
     if dist.is_main() and not args.no_tracking:
-        from glow_dist.tracking import log_evaluation
+        from glow_dist.tracking.client import log_evaluation
 
         weights_tag = "raw" if args.raw_weights else "ema"
         summary = (f"- `glow-dist evaluate` ({weights_tag} weights, step {step:,}, {dist.size()} rank(s)): "

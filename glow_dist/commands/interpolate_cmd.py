@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-from glow_dist.commands import add_decode_mode_argument
+from glow_dist.commands import add_checkpoint_argument, add_decode_mode_argument, tracking_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run dir (newest checkpoint)")
+    add_checkpoint_argument(parser)
     parser.add_argument("--a", required=True, help="first image")
     parser.add_argument("--b", required=True, help="second image")
     parser.add_argument("--steps", type=int, default=8, help="images in the strip, both ends included")
@@ -25,16 +25,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from glow_dist.decoder import Decoder
-    from glow_dist.latent import decode_latents, encode_images, interpolate, load_images, load_model
-    from glow_dist.sampling import image_grid, save_png
+    from glow_dist.inference.decoding import Decoder, display_scale, image_grid, save_png
+    from glow_dist.inference.latents import decode_latents, encode_images, interpolate, load_images
+    from glow_dist.inference.loading import load_model
 
-    loaded = load_model(args.checkpoint)
+    loaded = load_model(args.checkpoint, tracking=tracking_of(args))
     images, _ = load_images([args.a, args.b], loaded.model.cfg)
     zs = encode_images(loaded.model, images)
     points = interpolate([z[:1] for z in zs], [z[1:] for z in zs], args.steps, args.mode)
     strip = decode_latents(Decoder(loaded.model, args.decode_mode), points, args.batch_size)
     path = save_png(image_grid(strip, ncols=args.steps), args.out,
-                    scale=args.scale or max(1, 64 // loaded.model.cfg.image_size))
+                    scale=args.scale or display_scale(loaded.model.cfg.image_size))
     print(f"wrote a {args.mode} interpolation of {args.steps} images to {path}")
     return 0

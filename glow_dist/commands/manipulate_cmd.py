@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import re
 
-from glow_dist.commands import add_decode_mode_argument
+from glow_dist.commands import add_checkpoint_argument, add_decode_mode_argument, tracking_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # argparse takes "-1,-0.5,0" for an option (only a lone "-1" counts as a number); accept number lists too.
     parser._negative_number_matcher = re.compile(r"^-\d*\.?\d+(,-?\d*\.?\d+)*$")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run dir (newest checkpoint)")
+    add_checkpoint_argument(parser)
     parser.add_argument("--data", required=True, help="prepared shard folder with attributes")
     parser.add_argument("--attribute", required=True, help="attribute name, as in the attribute file")
     parser.add_argument("--image", required=True, nargs="+", help="image(s) to manipulate, one row each")
@@ -34,18 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from glow_dist.commands.sample_cmd import parse_floats
-    from glow_dist.decoder import Decoder
-    from glow_dist.latent import attribute_direction, decode_latents, encode_images, load_images, load_model, shift
-    from glow_dist.sampling import image_grid, save_png
+    from glow_dist.inference.decoding import Decoder, display_scale, image_grid, save_png
+    from glow_dist.inference.latents import attribute_direction, decode_latents, encode_images, load_images, shift
+    from glow_dist.inference.loading import load_model
 
     alphas = parse_floats(args.alphas, "--alphas")
-    loaded = load_model(args.checkpoint)
+    loaded = load_model(args.checkpoint, tracking=tracking_of(args))
     images, _ = load_images(args.image, loaded.model.cfg)  # before the direction: a typo fails fast
     direction = attribute_direction(loaded, args.data, args.attribute, args.split, args.batch_size,
                                     cache=not args.no_cache)
     zs = encode_images(loaded.model, images, args.batch_size)
     out = decode_latents(Decoder(loaded.model, args.decode_mode), shift(zs, direction, alphas), args.batch_size)
     path = save_png(image_grid(out, ncols=len(alphas)), args.out,
-                    scale=args.scale or max(1, 64 // loaded.model.cfg.image_size))
+                    scale=args.scale or display_scale(loaded.model.cfg.image_size))
     print(f"wrote {len(images)} image(s) x alphas {args.alphas} along {args.attribute!r} to {path}")
     return 0

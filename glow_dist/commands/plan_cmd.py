@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--np must be at least 1, got {args.np}")
     if args.dataset_size is not None and args.dataset_size < 1:
         raise ConfigError(f"--dataset-size must be at least 1, got {args.dataset_size}")
-    from glow_dist.plan import format_plan, make_plan, plan_json  # torch: only once the arguments are good
+    from glow_dist.preflight.plan import format_plan, make_plan, plan_json  # torch: only once the arguments are good
     cfg = load_config(args.config, args.overrides)
     plan = make_plan(cfg, args.np, args.dataset_size)
     print(plan_json(plan) if args.json else format_plan(plan, cfg, f"glow-dist plan: {args.config} on {args.np} ranks"))

@@ -4,19 +4,17 @@
   glow-dist sample --checkpoint runs/digits --n 16 --temperature 0,0.5,0.7,1 --out rows.png
   glow-dist sample --checkpoint runs/cifar --n 16 --label 3 --out cats.png                 # class-conditional
 
-It runs the code of the trainer's MLflow sample grids (glow_dist.sampling), with the same fixed seed.
+It runs the code of the trainer's MLflow sample grids (glow_dist.inference.decoding), with the same fixed seed.
 """
 from __future__ import annotations
 
 import argparse
 
-from glow_dist.commands import add_decode_mode_argument
+from glow_dist.commands import add_checkpoint_argument, add_decode_mode_argument, tracking_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", "--model", required=True,
-                        help="checkpoint file, a run dir (newest checkpoint), or an MLflow model URI "
-                             "(models:/NAME/VERSION, runs:/RUN_ID/model)")
+    add_checkpoint_argument(parser)
     parser.add_argument("--n", type=int, default=64, help="images per temperature")
     parser.add_argument("--temperature", default="0.7", help="one temperature, or several comma-separated: a row each")
     parser.add_argument("--label", type=int, help="class to sample (class-conditional models only)")
@@ -28,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_floats(text: str, what: str) -> list[float]:
-    from glow_dist.latent import LatentError
+    from glow_dist.inference.latents import LatentError
 
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -42,16 +40,16 @@ def parse_floats(text: str, what: str) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from glow_dist.decoder import Decoder
-    from glow_dist.latent import LatentError, check_label, grid_columns, load_model
-    from glow_dist.sampling import save_png, temperature_grid
+    from glow_dist.inference.decoding import Decoder, display_scale, grid_columns, save_png, temperature_grid
+    from glow_dist.inference.latents import LatentError, check_label
+    from glow_dist.inference.loading import load_model
 
     temperatures = parse_floats(args.temperature, "--temperature")
     if min(temperatures) < 0:
         raise LatentError(f"temperatures must be >= 0 (they scale the priors' std), got {args.temperature}")
     if args.n < 1:
         raise LatentError(f"--n must be at least 1, got {args.n}")
-    loaded = load_model(args.checkpoint)
+    loaded = load_model(args.checkpoint, tracking=tracking_of(args))
     check_label(loaded.model, args.label)
     labels = None
     if args.label is not None:
@@ -60,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     ncols = grid_columns(args.n) if len(temperatures) == 1 else args.n
     grid = temperature_grid(Decoder(loaded.model, args.decode_mode), temperatures, args.n, seed=args.seed,
                             labels=labels, ncols=ncols, batch_size=args.batch_size)
-    path = save_png(grid, args.out, scale=args.scale or max(1, 64 // loaded.model.cfg.image_size))
+    path = save_png(grid, args.out, scale=args.scale or display_scale(loaded.model.cfg.image_size))
     print(f"wrote {args.n * len(temperatures)} samples (T={args.temperature}) of {loaded.path} "
           f"(step {loaded.step}) to {path}")
     return 0

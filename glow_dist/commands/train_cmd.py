@@ -21,13 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from glow_dist import dist
-    from glow_dist.config import ConfigError, load_config
-    from glow_dist.train import train
+    from glow_dist.config import load_config
+    from glow_dist.distributed import gateway as dist
+    from glow_dist.training.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    if not 0 <= cfg.train.stop_exit_code <= 255:
-        raise ConfigError(f"train.stop_exit_code must be an exit status 0..255, got {cfg.train.stop_exit_code}")
     result = train(cfg)
     # Rank 0, which wrote the checkpoint, speaks for the job. The others exit 0: horovodrun kills every rank 5 s
     # after one exits non-zero, which would cut rank 0's checkpoint short.

@@ -31,7 +31,6 @@ import torch
 from glow_dist.data.manifest import DataError, partition, read_index, split_shards, test_batches, train_batches
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-DECODES = ("auto", "cpu", "gpu")
 
 
 def epoch_seed(*parts: int) -> int:

@@ -1,11 +1,12 @@
 """Writing WebDataset shards with their DALI index files, deterministically (fixed mtimes, owners and order)."""
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 from pathlib import Path
 from typing import Any
+
+from glow_dist.files import sha256_file
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -28,14 +29,6 @@ def write_index(tar_path: str | Path, index_path: str | Path) -> int:
     lines = [f"v1.2 {len(groups)}"] + [" ".join(parts) for _, parts in groups]
     Path(index_path).write_text("\n".join(lines) + "\n")
     return len(groups)
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ShardWriter:
@@ -72,7 +65,7 @@ class ShardWriter:
         self._tar = None
         index = path.with_suffix(".idx")
         n = write_index(path, index)
-        self.shards.append({"file": path.name, "index": index.name, "num_samples": n, "sha256": sha256(path)})
+        self.shards.append({"file": path.name, "index": index.name, "num_samples": n, "sha256": sha256_file(path)})
 
     def close(self) -> dict[str, Any]:
         """Finish the last shard; returns the split's manifest entry."""

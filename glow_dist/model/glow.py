@@ -1,6 +1,6 @@
 """The multi-scale Glow model: L levels of (squeeze, K flow steps, split), with learned Gaussian priors.
 
-    model = Glow(cfg.model)                     # or build_model(cfg.model)
+    model = build_model(cfg.model, cfg.runtime)  # architecture; runtime: memory, layout, precision, compile
     model.initialize(x, reduce_fn)              # ActNorm data-dependent init (reduce_fn sums over ranks)
     log_px = model.log_prob(x)                  # (B,) nats, density of continuous x in [-0.5, 0.5]
     zs = model.encode(x); x = model.decode(zs)  # exact inverse
@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from glow_dist.config import ModelConfig
+from glow_dist.config import ModelConfig, RuntimeConfig
 from glow_dist.model.invertible import invertible_flow
 from glow_dist.model.layers import ActNorm, FlowStep, Reducer, ZeroConv2d, gaussian_log_prob, squeeze2d, unsqueeze2d
+from glow_dist.runtime import bf16_on, channels_last_on
 
 
 class GlowOutput(NamedTuple):
@@ -39,27 +40,25 @@ class GlowOutput(NamedTuple):
 class Level(nn.Module):
     """Squeeze, K flow steps, then (unless it is the top level) split off half the channels as a latent."""
 
-    def __init__(self, in_channels: int, cfg: ModelConfig, split: bool, size: int):
+    def __init__(self, in_channels: int, cfg: ModelConfig, runtime: RuntimeConfig, split: bool, size: int):
         super().__init__()
         channels = 4 * in_channels
         self.steps = nn.ModuleList(
-            FlowStep(channels, cfg.width, cfg.coupling, cfg.invconv, cfg.autocast) for _ in range(cfg.steps)
+            FlowStep(channels, cfg.width, cfg.coupling, cfg.invconv, bf16_on(runtime.autocast))
+            for _ in range(cfg.steps)
         )
-        if cfg.memory not in ("plain", "checkpoint", "invertible"):
-            raise ValueError(f"memory must be 'plain', 'checkpoint' or 'invertible', got {cfg.memory!r}")
-        if cfg.compile:
+        if runtime.compile:
             for step in self.steps:
                 step.compile()  # in place: parameter names (and so checkpoints) are unchanged
         # Conditional prior of the split-off half, predicted from the half that continues.
         self.prior = ZeroConv2d(channels // 2, channels) if split else None
-        self.memory = cfg.memory
-        self.invertible_segment = cfg.invertible_segment
+        self.memory = runtime.memory
+        self.invertible_segment = runtime.invertible_segment
         # NHWC where it helps: measured on oneDNN, NHWC convolutions win at 16x16 and 8x8 and lose at 4x4; on an
         # H100 (cuDNN) NHWC cost 20%, so `auto` is NCHW on CUDA. Chosen per call from the input's device.
-        large = size // 2 >= cfg.channels_last_min_size  # size: the input's, before squeeze
-        self._formats = {device: torch.channels_last if large and channels_last_on(cfg.channels_last, device)
+        large = size // 2 >= runtime.channels_last_min_size  # size: the input's, before squeeze
+        self._formats = {device: torch.channels_last if large and channels_last_on(runtime.channels_last, device)
                          else torch.contiguous_format for device in ("cpu", "cuda")}
-        self.memory_format = self._formats["cpu"]
         self.out_channels = channels // 2 if split else channels
 
     def format_for(self, x: torch.Tensor) -> torch.memory_format:
@@ -93,23 +92,15 @@ class Level(nn.Module):
         return mean, logs
 
 
-def channels_last_on(setting: bool | str, device_type: str) -> bool:
-    """`model.channels_last` (true, false or auto) on a device: auto is NHWC on CPU only (see ModelConfig)."""
-    if isinstance(setting, bool):
-        return setting
-    if setting not in ("auto", "true", "false"):
-        raise ValueError(f"channels_last must be auto, true or false, got {setting!r}")
-    return setting == "true" or (setting == "auto" and device_type == "cpu")
-
-
 class Glow(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, runtime: RuntimeConfig | None = None):
         super().__init__()
         self.cfg = cfg
+        runtime = runtime or RuntimeConfig()
         self.levels = nn.ModuleList()
         channels, size = cfg.channels, cfg.image_size
         for i in range(cfg.levels):
-            level = Level(channels, cfg, split=i < cfg.levels - 1, size=size)
+            level = Level(channels, cfg, runtime, split=i < cfg.levels - 1, size=size)
             self.levels.append(level)
             channels, size = level.out_channels, size // 2
         self.top_shape = (channels, size, size)
@@ -258,5 +249,17 @@ def _actnorm_init_hooks(model: Glow, reduce_fn: Reducer | None):
             handle.remove()
 
 
-def build_model(cfg: ModelConfig) -> Glow:
-    return Glow(cfg)
+def build_model(cfg: ModelConfig, runtime: RuntimeConfig | None = None) -> Glow:
+    """The model of an architecture, run as `runtime` says (default: plain memory, every `auto` resolved)."""
+    return Glow(cfg, runtime)
+
+
+def meta_model(cfg: ModelConfig, runtime: RuntimeConfig | None = None) -> Glow:
+    """The model with meta tensors only: the real module tree (LU init included) without allocating weights."""
+    with torch.device("meta"):
+        return build_model(cfg, runtime)
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Trainable parameters of an architecture, counted on the meta device (no memory, any size)."""
+    return sum(p.numel() for p in meta_model(cfg).parameters())

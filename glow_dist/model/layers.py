@@ -176,14 +176,10 @@ class Coupling(nn.Module):
     affine:   b' = (b + t) * sigmoid(s + 2), (t, s) = NN(a)  logdet = sum(log sigmoid(s + 2))
     """
 
-    def __init__(self, num_channels: int, width: int, kind: str = "affine", autocast: str = "none"):
+    def __init__(self, num_channels: int, width: int, kind: str = "affine", bf16: bool = False):
         super().__init__()
-        if kind not in ("additive", "affine"):
-            raise ValueError(f"coupling must be 'additive' or 'affine', got {kind!r}")
-        if autocast not in ("auto", "none", "bf16"):
-            raise ValueError(f"autocast must be 'auto', 'none' or 'bf16', got {autocast!r}")
-        self.kind = kind
-        self.bf16 = autocast == "bf16"  # auto: fp32 on every device (measured: bf16 slower on an H100)
+        self.kind = kind  # additive | affine (model.coupling, checked by the config)
+        self.bf16 = bf16  # the coupling network in bfloat16 (runtime.autocast)
         self.split = num_channels // 2
         out = num_channels - self.split
         self.net = coupling_network(self.split, out if kind == "additive" else 2 * out, width)
@@ -225,16 +221,6 @@ class Coupling(nn.Module):
         return torch.cat([a, b / scale - shift], dim=1)
 
 
-class Squeeze(nn.Module):
-    """Every 2x2 spatial block becomes 4x channels: (B, C, H, W) -> (B, 4C, H/2, W/2). Volume-preserving."""
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return squeeze2d(x), x.new_zeros(x.shape[0])
-
-    def reverse(self, y: torch.Tensor) -> torch.Tensor:
-        return unsqueeze2d(y)
-
-
 def squeeze2d(x: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape
     x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
@@ -251,11 +237,11 @@ class FlowStep(nn.Module):
     """One step of flow: ActNorm -> invertible 1x1 conv -> coupling."""
 
     def __init__(self, num_channels: int, width: int, coupling: str = "affine", invconv: str = "lu",
-                 autocast: str = "none"):
+                 bf16: bool = False):
         super().__init__()
         self.actnorm = ActNorm(num_channels)
         self.invconv = InvConv1x1LU(num_channels) if invconv == "lu" else InvConv1x1(num_channels)
-        self.coupling = Coupling(num_channels, width, coupling, autocast)
+        self.coupling = Coupling(num_channels, width, coupling, bf16)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.actnorm._forward_pre_hooks:  # data-dependent init (Glow.initialize): ActNorm must see its input

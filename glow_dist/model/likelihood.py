@@ -11,11 +11,21 @@ import math
 import torch
 
 
+def bin_width(n_bits: int) -> int:
+    """How many 8-bit values one bin spans: 2**(8 - n_bits)."""
+    return 2 ** (8 - n_bits)
+
+
 def quantize(images: torch.Tensor, n_bits: int) -> torch.Tensor:
     """uint8 images -> integer bin indices in [0, 2**n_bits)."""
     if images.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}; quantize from the integer image, not floats")
-    return torch.div(images.long(), 2 ** (8 - n_bits), rounding_mode="floor")
+    return torch.div(images.long(), bin_width(n_bits), rounding_mode="floor")
+
+
+def bin_values(bins: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """Bin indices -> uint8 images, each bin shown at its 8-bit value (bin * 2**(8 - n_bits))."""
+    return (bins * bin_width(n_bits)).to(torch.uint8)
 
 
 def preprocess(images: torch.Tensor, n_bits: int, noise: bool = True,
@@ -37,13 +47,7 @@ def preprocess(images: torch.Tensor, n_bits: int, noise: bool = True,
 def postprocess(x: torch.Tensor, n_bits: int) -> torch.Tensor:
     """Continuous [-0.5, 0.5] -> uint8 images, each bin shown at its 8-bit value (bin * 2**(8 - n_bits))."""
     n_bins = 2 ** n_bits
-    bins = torch.floor((x + 0.5) * n_bins).clamp(0, n_bins - 1)
-    return (bins * 2 ** (8 - n_bits)).to(torch.uint8)
-
-
-def discrete_log_prob(log_prob: torch.Tensor, num_dims: int, n_bits: int) -> torch.Tensor:
-    """Continuous log density -> log-probability of the bins: log p(x) - D * log(n_bins)."""
-    return log_prob - num_dims * n_bits * math.log(2.0)
+    return bin_values(torch.floor((x + 0.5) * n_bins).clamp(0, n_bins - 1), n_bits)
 
 
 def bits_per_dim_from_log_prob(log_prob: torch.Tensor, num_dims: int, n_bits: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Exercise glow_dist.dist on every rank and save what each rank saw to OUTDIR/rank{r}.pt.
+"""Exercise glow_dist.distributed.gateway on every rank and save what each rank saw to OUTDIR/rank{r}.pt.
 
     horovodrun -np 2 -H localhost:2 --gloo python tests/scripts/dist_check.py OUTDIR   # two ranks
     python tests/scripts/dist_check.py OUTDIR                                          # one plain process
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from glow_dist import dist
+from glow_dist.distributed import gateway as dist
 
 MAX_NORM = 0.5   # small enough that the first steps are clipped
 LR, MOMENTUM = 0.1, 0.9

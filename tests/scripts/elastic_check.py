@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from glow_dist.config import load_config
-from glow_dist.train import Trainer
+from glow_dist.training.trainer import Trainer
 
 
 def main() -> None:

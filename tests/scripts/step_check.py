@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from glow_dist import dist
+from glow_dist.distributed import gateway as dist
 from glow_dist.config import load_config
-from glow_dist.ema import EMA
+from glow_dist.training.ema import EMA
 from glow_dist.model import build_model, preprocess
-from glow_dist.step import build_train_step
-from glow_dist.train import make_optimizer
+from glow_dist.training.step import build_train_step
+from glow_dist.training.trainer import make_optimizer
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,6 @@
-"""Experiment tracking: every MLflow call of the trainer goes through one object, a no-op on non-main ranks.
+"""The MLflow client of a run: every MLflow call of training goes through one Tracker (rank 0 only).
 
-    tracker = make_tracker(cfg, is_main=dist.is_main(), run_id=state.get("mlflow_run_id"), run_name="digits-...")
+    tracker = make_tracker(cfg, run_id=state.get("mlflow_run_id"), world_size=n)
     tracker.log_params(run_params(cfg, world_size)); tracker.log_config(cfg)
     tracker.log_metrics({"bits_per_dim/train": 3.4}, step=100)
     tracker.log_image(grid, key="samples/T0.7", step=100)      # the UI's image slider over steps
@@ -14,7 +14,7 @@ printed, metrics are buffered in memory (bounded) and retried with backoff, and 
 `<run_dir>/metrics.jsonl`, which is the complete record whatever happens to the server.
 
 A run is created with MLflow's standard tags (mlflow.user, mlflow.source.*, git commit and a git_dirty flag; see
-run_info.py), and MLflow's own system metrics (`system/...`: CPU, memory, disk, network, and GPU utilisation and
+metadata.py), and MLflow's own system metrics (`system/...`: CPU, memory, disk, network, and GPU utilisation and
 memory where NVML is present) are sampled while it runs, when psutil is installed and `tracking.system_metrics` is on.
 
 Checkpoints in MLflow (`tracking.log_checkpoints`), after every upload the older ones are deleted from the run:
@@ -27,14 +27,15 @@ Checkpoints in MLflow (`tracking.log_checkpoints`), after every upload the older
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -42,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from glow_dist.config import Config, dump_yaml
-from glow_dist.run_info import source_tags
+from glow_dist.config import Config, dump_yaml, tracking_store
+from glow_dist.tracking.metadata import default_run_name, source_tags, split_count, with_evaluation
 
 MAX_BUFFERED_METRICS = 100_000       # values held while the server is away (metrics.jsonl keeps everything)
 MAX_BUFFERED_ARTIFACTS = 1_000
@@ -69,41 +70,6 @@ def checkpoints_to_keep(steps: list[int], policy: str, every: int = 0, keep: int
     raise ValueError(f"tracking.log_checkpoints={policy!r}: expected none, last, all or every_n")
 
 
-def git_commit() -> str:
-    """Commit hash of the checkout this package runs from, or "unknown" outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-
-
-def gpu_type() -> str:
-    """Name of this rank's GPU, or "cpu" without CUDA."""
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def run_tags(host_count: int, gpu_type: str, git_commit: str) -> dict[str, str]:
-    """Tags describing where a run ran; `mlflow.source.git.commit` is the one the MLflow UI displays."""
-    return {"hosts": str(host_count), "gpu_type": gpu_type, "git_commit": git_commit,
-            "mlflow.source.git.commit": git_commit}
-
-
-def resolve_tracking_uri(cfg: Any) -> tuple[str, str | None]:
-    """(tracking URI, artifact location for a new experiment or None) for a TrackingConfig."""
-    uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri:
-        return uri, None
-    local = Path(cfg.local_dir).resolve()
-    local.mkdir(parents=True, exist_ok=True)
-    # MLflow 3 has no default file store; sqlite plus an explicit artifact folder keeps everything in local_dir.
-    return f"sqlite:///{local / 'mlflow.db'}", (local / "artifacts").as_uri()
-
-
 def log_evaluation(cfg: Config, run_id: str | None, step: int, metrics: dict[str, float],
                    tags: dict[str, str], summary: str) -> str:
     """Add a `glow-dist evaluate` result to the run that trained the checkpoint: metrics at the checkpoint's step,
@@ -114,11 +80,9 @@ def log_evaluation(cfg: Config, run_id: str | None, step: int, metrics: dict[str
     from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
-    from glow_dist.run_info import with_evaluation
-
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    uri, _ = resolve_tracking_uri(cfg.tracking)
+    uri, _ = tracking_store(cfg.tracking)
     client = MlflowClient(uri)
     try:
         run = client.get_run(run_id)
@@ -133,35 +97,6 @@ def log_evaluation(cfg: Config, run_id: str | None, step: int, metrics: dict[str
             f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}{RUN_VIEW}")
 
 
-class NullTracker:
-    """What non-main ranks get: same methods, no side effects."""
-
-    run_id: str | None = None
-
-    def log_params(self, params: dict[str, Any]) -> None: ...
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-    def log_image(self, image: str | Path | np.ndarray, artifact_file: str | None = None, key: str | None = None,
-                  step: int | None = None) -> None: ...
-    def log_checkpoint(self, path: str | Path, step: int | None = None) -> None: ...
-    def set_tags(self, tags: dict[str, str]) -> None: ...
-    def log_config(self, cfg: Config) -> None: ...
-    def log_dataset(self, dataset: Any, context: str) -> None: ...
-    def call(self, what: str, fn: Callable[[], Any]) -> None: ...
-    def finish(self, status: str = "FINISHED") -> None: ...
-
-    def describe(self) -> str:
-        return ""
-
-    def __enter__(self) -> NullTracker:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        # A crash marks the run FAILED and Ctrl-C marks it KILLED, so the UI never shows a dead run as RUNNING.
-        status = "FINISHED" if exc_type is None else "KILLED" if exc_type is KeyboardInterrupt else "FAILED"
-        self.finish(status)
-
-
 def _warn(message: str) -> None:
     print(f"[tracking] WARNING: {message}", file=sys.stderr, flush=True)
 
@@ -172,8 +107,9 @@ def _is_transient(error: Exception) -> bool:
     return not isinstance(error, MlflowException) or error.error_code in _TRANSIENT_CODES
 
 
-class Tracker(NullTracker):
-    """An MLflow run plus a local metrics.jsonl; survives an unreachable or vanished tracking server."""
+class Tracker:
+    """An MLflow run plus a local metrics.jsonl; survives an unreachable or vanished tracking server. Only rank 0
+    has one (glow_dist/tracking/reporter.py is the rank-0 boundary)."""
 
     def __init__(self, cfg: Config, run_id: str | None = None, run_name: str | None = None,
                  tags: dict[str, str] | None = None) -> None:
@@ -212,7 +148,11 @@ class Tracker(NullTracker):
         self._flush(force=True)
 
     def _resolve_uri(self) -> tuple[str, str | None]:
-        return resolve_tracking_uri(self._cfg)
+        uri, local = tracking_store(self._cfg)
+        if local is None:
+            return uri, None
+        local.mkdir(parents=True, exist_ok=True)
+        return uri, (local / "artifacts").as_uri()   # everything of the local store stays in tracking.local_dir
 
     # ---- connection and buffering -------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -474,14 +414,53 @@ class Tracker(NullTracker):
         return f"{where}; every metric also in {self.metrics_file}"
 
 
-def make_tracker(cfg: Config, is_main: bool, run_id: str | None = None, world_size: int = 1,
-                 tags: dict[str, str] | None = None) -> Tracker | NullTracker:
-    """An MLflow tracker on the main rank, a NullTracker elsewhere. `run_id` resumes that run; a new run is named
-    by tracking.run_name or <config>-<world_size>ranks|gpu-<UTC time>, and created with `tags`."""
-    if not is_main:
-        return NullTracker()
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # A crash marks the run FAILED and Ctrl-C marks it KILLED, so the UI never shows a dead run as RUNNING.
+        status = "FINISHED" if exc_type is None else "KILLED" if exc_type is KeyboardInterrupt else "FAILED"
+        self.finish(status)
+
+
+def make_tracker(cfg: Config, run_id: str | None = None, world_size: int = 1,
+                 tags: dict[str, str] | None = None) -> Tracker:
+    """The MLflow tracker of a run: `run_id` resumes that run; a new run is named by tracking.run_name or
+    <config>-<world_size>ranks|gpu-<UTC time>, and created with `tags`."""
     import torch
 
-    from glow_dist.run_info import default_run_name
-
     return Tracker(cfg, run_id, default_run_name(cfg, world_size, torch.cuda.is_available()), tags)
+
+
+def shards_dataset(root: str | Path, split: str, manifest: dict) -> Any:
+    """One split of a prepared data set as an `mlflow.data` Dataset: source = the folder, digest = the shards'
+    sha256 values from the manifest, profile = counts and image shape."""
+    from mlflow.data.dataset import Dataset
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    class ShardDataset(Dataset):
+        def _compute_digest(self) -> str:
+            shards = manifest["splits"].get(split, {}).get("shards", [])
+            joined = "".join(s.get("sha256", s.get("file", "")) for s in shards)
+            return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(self.profile), "schema": json.dumps(self.schema)}
+
+        @property
+        def profile(self) -> dict:
+            return {"num_images": split_count(manifest, split), "image_size": manifest.get("image_size"),
+                    "channels": manifest.get("channels"), "source": manifest.get("source"),
+                    "shards": len(manifest["splits"].get(split, {}).get("shards", []))}
+
+        @property
+        def schema(self) -> dict:
+            return {"image": f"uint8[{manifest.get('channels')},{manifest.get('image_size')},"
+                              f"{manifest.get('image_size')}] (png/jpeg in WebDataset tar shards)",
+                    "cls": "int (-1: unlabeled)"}
+
+    name = f"{Path(root).resolve().name}-{split}"
+    with warnings.catch_warnings():   # "can be interpreted in multiple ways": both candidates are the local one
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(Path(root).resolve()))
+    return ShardDataset(source, name=name)

@@ -1,7 +1,9 @@
-"""The training step: one interface, three ways to run it (`train.step_mode`).
+"""The training step: one interface, three ways to run it (`runtime.step_mode`).
 
-    step = build_train_step(cfg, model, optimizer, ema, device=device, rank=rank, faults=faults)
-    bpd, result = step(images, labels, lr=lr, step=position.step, stop_requested=stop.requested)
+    step = build_train_step(cfg, model, optimizer, ema, device=device, rank=rank, faults=injected_faults())
+    bpd, result = step(images, labels, step=position.step, stop_requested=stop.requested)
+
+The learning rate is the optimizer's (glow_dist/training/optimizer.py sets it before each step).
 
 Every mode does the same thing: dequantize the uint8 batch with noise fixed by (seed, step, rank), forward, bits/dim
 (+ the class loss with `model.y_condition`), backward, then `dist.clip_and_step` (Horovod's gradient all-reduce,
@@ -19,7 +21,8 @@ clipping, the collective skip/stop vote, the optimizer step) and the EMA update 
 
 A configuration that a mode cannot run (graphed on CPU, with memory=checkpoint/invertible, elastic training, ...)
 falls back to eager with one log line saying why; after capture, the graph's first replay is compared with the
-eager pass it was captured from, and a mismatch also falls back to eager (never silently wrong).
+eager pass it was captured from, and a mismatch also falls back to eager (never silently wrong). The resolution and
+the capture-and-check are glow_dist/runtime.py's, shared with graphed decoding.
 
 GLOW_DIST_INJECT_NONFINITE faults ("STEP:RANK,...") make that rank's loss NaN once at that step in every mode
 (in the graph, through a static loss factor that is 1 except at an injected step).
@@ -27,25 +30,34 @@ GLOW_DIST_INJECT_NONFINITE faults ("STEP:RANK,...") make that rank's loss NaN on
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from glow_dist import dist
-from glow_dist.config import Config
-from glow_dist.ema import EMA
+from glow_dist.config import Config, ConfigError
+from glow_dist.distributed import gateway as dist
 from glow_dist.model import Glow, bits_per_dim_from_log_prob, preprocess
-
-STEP_MODES = ("auto", "eager", "compiled", "graphed")
+from glow_dist.runtime import capture_graph, resolve_mode
+from glow_dist.training.ema import EMA
 
 
 class TrainStep(Protocol):
     mode: str   # the mode that actually runs (after auto and any fallback)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None, lr: float, step: int,
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None, step: int,
                  stop_requested: bool = False) -> tuple[torch.Tensor, dist.StepResult]: ...
+
+
+def injected_faults() -> set[tuple[int, int]]:
+    """GLOW_DIST_INJECT_NONFINITE="STEP:RANK[,STEP:RANK...]": (step, rank) pairs whose loss is made NaN once."""
+    spec = os.environ.get("GLOW_DIST_INJECT_NONFINITE", "")
+    try:
+        return {(int(a), int(b)) for a, b in (item.split(":") for item in spec.split(",") if item.strip())}
+    except ValueError:
+        raise ConfigError(f"GLOW_DIST_INJECT_NONFINITE={spec!r}: expected STEP:RANK[,STEP:RANK...]") from None
 
 
 def noise_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
@@ -64,45 +76,23 @@ def objective(model: Glow, x: torch.Tensor, labels: torch.Tensor | None, n_bits:
     return loss, bpd
 
 
-def resolve_step_mode(cfg: Config, device: torch.device) -> tuple[str, str]:
-    """(mode, reason): the mode `train.step_mode` asks for on this device and configuration, and why, when it is
-    not the one asked for ("" otherwise)."""
-    asked = cfg.train.step_mode
-    if asked == "auto":
-        asked = "graphed" if device.type == "cuda" else "eager"
-        if asked == "eager":
-            return "eager", ""
-    if asked != "graphed":
-        return asked, ""
+def capture_blockers(cfg: Config) -> list[str]:
+    """Why this configuration's step cannot be captured into a CUDA graph ([] when it can)."""
     blockers = []
-    if device.type != "cuda":
-        blockers.append(f"CUDA graphs need a CUDA device (this rank runs on {device.type})")
-    if cfg.model.memory != "plain":
-        blockers.append(f"model.memory={cfg.model.memory} recomputes activations inside backward")
+    if cfg.runtime.memory != "plain":
+        blockers.append(f"runtime.memory={cfg.runtime.memory} recomputes activations inside backward")
     if cfg.dist.elastic:
         blockers.append("dist.elastic=true may rebuild the world between steps")
-    if blockers:
-        return "eager", "; ".join(blockers)
-    return "graphed", ""
-
-
-def apply_tf32(setting: str, device: torch.device) -> None:
-    """`train.tf32` on a CUDA device: auto keeps torch's defaults (cuDNN convolutions in TF32, matmuls in fp32: the
-    H100 measurements of issue 13), true allows TF32 for both, false for neither. Nothing to do on a CPU."""
-    if device.type != "cuda" or setting == "auto":
-        return
-    on = setting == "true"
-    torch.backends.cudnn.allow_tf32 = on
-    torch.backends.cuda.matmul.allow_tf32 = on
+    return blockers
 
 
 def build_train_step(cfg: Config, model: Glow, optimizer: torch.optim.Optimizer, ema: EMA, *,
                      device: torch.device, rank: int = 0, faults: set[tuple[int, int]] | None = None,
                      log: Callable[[str], None] = print) -> TrainStep:
-    """The training step `train.step_mode` asks for; one log line when it falls back to eager."""
-    mode, reason = resolve_step_mode(cfg, device)
+    """The training step `runtime.step_mode` asks for; one log line when it falls back to eager."""
+    mode, reason = resolve_mode(cfg.runtime.step_mode, device, capture_blockers(cfg))
     if reason:
-        log(f"[step] train.step_mode={cfg.train.step_mode}: running eager, because {reason}")
+        log(f"[step] runtime.step_mode={cfg.runtime.step_mode}: running eager, because {reason}")
     kind = {"eager": EagerStep, "compiled": CompiledStep, "graphed": GraphedStep}[mode]
     return kind(cfg, model, optimizer, ema, device=device, rank=rank, faults=faults, log=log)
 
@@ -121,11 +111,10 @@ class EagerStep:
         self.faults = faults if faults is not None else set()
         self.uses_labels = cfg.model.y_condition
 
-    def _prepare(self, images: torch.Tensor, labels: torch.Tensor | None, lr: float,
+    def _prepare(self, images: torch.Tensor, labels: torch.Tensor | None,
                  step: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-        """Set the learning rate, dequantize; (x, labels or None, whether a fault is injected at this step)."""
+        """Dequantize; (x, labels or None, whether a fault is injected at this step)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
             group["foreach"] = self.foreach  # per mode, whatever a loaded optimizer state said
         gen = noise_generator(self.device, self.cfg.train.seed, step, self.rank)
         x = preprocess(images, self.cfg.model.n_bits, generator=gen)
@@ -135,7 +124,7 @@ class EagerStep:
         return x, labels if self.uses_labels else None, fault
 
     def _loss(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return objective(self.model, x, labels, self.cfg.model.n_bits, self.cfg.model.weight_y)
+        return objective(self.model, x, labels, self.cfg.model.n_bits, self.cfg.optim.weight_y)
 
     def _finish(self, loss: torch.Tensor, stop_requested: bool) -> dist.StepResult:
         result = dist.clip_and_step(self.optimizer, self.model.parameters(), self.cfg.optim.grad_clip, loss=loss,
@@ -144,9 +133,9 @@ class EagerStep:
             self.ema.update(self.model)
         return result
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None, lr: float, step: int,
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None, step: int,
                  stop_requested: bool = False) -> tuple[torch.Tensor, dist.StepResult]:
-        x, y, fault = self._prepare(images, labels, lr, step)
+        x, y, fault = self._prepare(images, labels, step)
         loss, bpd = self._loss(x, y)
         if fault:
             loss = loss * float("nan")
@@ -167,7 +156,7 @@ class CompiledStep(EagerStep):
         self._compiled = torch.compile(objective, dynamic=False)
 
     def _loss(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._compiled(self.model, x, labels, self.cfg.model.n_bits, self.cfg.model.weight_y)
+        return self._compiled(self.model, x, labels, self.cfg.model.n_bits, self.cfg.optim.weight_y)
 
 
 class GraphedStep(EagerStep):
@@ -185,11 +174,11 @@ class GraphedStep(EagerStep):
         self._eager_only = False
         self._logged_shape = False
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None, lr: float, step: int,
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None, step: int,
                  stop_requested: bool = False) -> tuple[torch.Tensor, dist.StepResult]:
         if self._eager_only:
-            return super().__call__(images, labels, lr, step, stop_requested)
-        x, y, fault = self._prepare(images, labels, lr, step)
+            return super().__call__(images, labels, step, stop_requested)
+        x, y, fault = self._prepare(images, labels, step)
         if self.graph is None and not self._capture(x, y):
             self._eager_only = True
             self.mode = "eager"
@@ -229,52 +218,25 @@ class GraphedStep(EagerStep):
         self.static_x = x.clone()
         self.static_y = y.clone() if y is not None else None
         self.static_factor = torch.ones((), device=x.device)
-        try:
-            # Distributed: no all-reduce may start inside the capture; clip_and_step reduces after each replay.
-            with dist.gradient_hooks_suspended(self.optimizer):
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(self.warmup_passes):
-                        for p in self.params:
-                            p.grad = None
-                        loss, _ = self._loss(self.static_x, self.static_y)
-                        (loss * self.static_factor).backward()
-                torch.cuda.current_stream().wait_stream(side)
-                eager_loss = loss.detach().clone()
-                eager_grads = [p.grad.detach().clone() for p in self.params]
-                for p in self.params:
-                    p.grad = None
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    loss, bpd = self._loss(self.static_x, self.static_y)
-                    self.static_loss = loss * self.static_factor
-                    self.static_loss.backward()
-                self.static_bpd = bpd
-                self.static_grads = [p.grad.detach() for p in self.params]  # aliases that a p.grad.set_ leaves
-                graph.replay()
-                torch.cuda.synchronize()
-        except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly, and say why
-            self.log(f"[step] train.step_mode=graphed: running eager, because capture failed: {e}")
+
+        def forward_backward() -> list[torch.Tensor]:
+            for p in self.params:
+                p.grad = None  # in the capture: backward allocates the gradients from the graph's pool
+            loss, bpd = self._loss(self.static_x, self.static_y)
+            loss = loss * self.static_factor
+            loss.backward()
+            return [loss, bpd, *[p.grad for p in self.params]]
+
+        # Distributed: no all-reduce may start inside the capture; clip_and_step reduces after each replay.
+        with dist.gradient_hooks_suspended(self.optimizer):
+            captured = capture_graph(forward_backward, warmup_passes=self.warmup_passes, log=self.log,
+                                     what="[step] runtime.step_mode=graphed")
+        if captured is None:
             for p in self.params:
                 p.grad = None
             return False
-        mismatch = _first_mismatch(eager_loss, eager_grads, self.static_loss.detach(), self.static_grads)
-        if mismatch:
-            self.log(f"[step] train.step_mode=graphed: running eager, because the graph's replay differs from the "
-                     f"eager pass it was captured from ({mismatch})")
-            return False
-        self.graph = graph
+        self.graph = captured.graph
+        self.static_loss, self.static_bpd, *grads = captured.outputs
+        self.static_grads = [g.detach() for g in grads]  # aliases that a p.grad.set_ leaves
         self.log(f"[step] graphed: forward + backward captured for batch {tuple(x.shape)}")
         return True
-
-
-def _first_mismatch(loss: torch.Tensor, grads: list[torch.Tensor], loss2: torch.Tensor,
-                    grads2: list[torch.Tensor], rtol: float = 1e-3, atol: float = 1e-5) -> str:
-    """'' when (loss2, grads2) equal (loss, grads) within fp32/TF32 tolerance, else a description."""
-    if not torch.allclose(loss, loss2, rtol=rtol, atol=atol):
-        return f"loss {loss.item():.6g} vs {loss2.item():.6g}"
-    for i, (a, b) in enumerate(zip(grads, grads2, strict=True)):
-        if not torch.allclose(a, b, rtol=rtol, atol=atol * max(1.0, a.abs().max().item())):
-            return f"gradient {i}: max difference {(a - b).abs().max().item():.3g}"
-    return ""

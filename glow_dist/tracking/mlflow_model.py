@@ -14,10 +14,7 @@ run; a sha256 sidecar beside it) that every glow-dist command opens like any `ck
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,62 +22,16 @@ from unittest import mock
 
 import torch
 
+from glow_dist.checkpoint import save_verified, sidecar
+from glow_dist.inference.decoding import sample_images
+from glow_dist.inference.loading import WEIGHTS, load_model
+
 try:
     from mlflow.pyfunc import PythonModel
 except ImportError:  # pragma: no cover - mlflow is a dependency; this keeps the error at use, not import
     PythonModel = object  # type: ignore[assignment,misc]
 
 MODEL_NAME = "model"                  # runs:/<run_id>/model
-WEIGHTS = "weights.pt"
-_MODEL_URI = re.compile(r"^(models|runs):/")
-
-
-def is_model_uri(text: str) -> bool:
-    return bool(_MODEL_URI.match(text))
-
-
-def default_tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else the local sqlite store that training writes by default (tracking.local_dir)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri:
-        return uri
-    local = Path("mlflow") / "mlflow.db"
-    if local.is_file():
-        return f"sqlite:///{local.resolve()}"
-    from glow_dist.checkpoint import CheckpointError
-
-    raise CheckpointError("a models:/ or runs:/ URI needs a tracking server: set MLFLOW_TRACKING_URI (or run from "
-                          "the folder whose mlflow/mlflow.db training wrote)")
-
-
-def download_weights(uri: str, dst: str | Path | None = None) -> Path:
-    """The `weights.pt` (with its sha256 sidecar) of a logged Glow model, downloaded; a path open_checkpoint takes."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from glow_dist.checkpoint import CheckpointError
-
-    tracking_uri = default_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)   # models:/ resolves through the registry, which defaults to it
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None,
-                                                         tracking_uri=tracking_uri))
-    except (MlflowException, OSError) as e:
-        raise CheckpointError(f"{uri} could not be downloaded from {tracking_uri}: {str(e).splitlines()[0]}") \
-            from None
-    found = sorted(local.rglob(WEIGHTS))
-    if not found:
-        raise CheckpointError(f"{uri} has no {WEIGHTS}: it is not a Glow model logged by glow-dist")
-    return found[0]
-
-
-def _write_weights(state: dict, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / WEIGHTS
-    torch.save(state, path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    path.with_name(WEIGHTS + ".sha256").write_text(f"{digest}  {WEIGHTS}\n")
-    return path
 
 
 # MLflow warns at class creation that predict has no type hints (the signature logged with the model replaces them).
@@ -100,14 +51,10 @@ with _quiet_class_creation():
         (N, H, W, C), all rows concatenated in order."""
 
         def load_context(self, context: Any) -> None:
-            from glow_dist.latent import load_model
-
             self.loaded = load_model(context.artifacts["weights"], torch.device("cpu"))
 
         def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 (MLflow reads type hints)
             import numpy as np
-
-            from glow_dist.sampling import sample_images
 
             rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
             out = [sample_images(self.loaded.model, int(r.get("n", 1)), float(r.get("temperature", 0.7)),
@@ -135,7 +82,8 @@ def log_glow_model(tracker: Any, state: dict, staging: Path, register_as: str = 
 
     import glow_dist
 
-    weights = _write_weights(state, staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    weights = save_verified(state, staging / WEIGHTS)
     step = int(state["position"]["step"])
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pyyaml", "pillow"]
     uri = f"runs:/{tracker.run_id}/{MODEL_NAME}"
@@ -149,13 +97,13 @@ def log_glow_model(tracker: Any, state: dict, staging: Path, register_as: str = 
         # Created here, not by Model.log, which would copy every run param onto the model; the run has them.
         model = tracker._client.create_logged_model(tracker.experiment_id, name=MODEL_NAME,
                                                     source_run_id=tracker.run_id, model_type="glow",
-                                                    tags={"glow_dist.step": str(step)})
+                                                    tags={"glow_dist.training.step": str(step)})
         with warnings.catch_warnings():   # no input example: the signature below says what predict takes
             warnings.simplefilter("ignore", UserWarning)
             info = Model.log(None, flavor=mlflow.pyfunc, name=MODEL_NAME, run_id=tracker.run_id, step=step,
                              model_id=model.model_id,
                              python_model=GlowSampler(),
-                             artifacts={"weights": str(weights), "weights_sha256": str(weights) + ".sha256"},
+                             artifacts={"weights": str(weights), "weights_sha256": str(sidecar(weights))},
                              code_paths=[str(Path(glow_dist.__file__).parent)],
                              signature=_signature(state["config"]["model"]), pip_requirements=requirements)
         logged["model_id"] = info.model_id

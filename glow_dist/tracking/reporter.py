@@ -1,45 +1,73 @@
-"""Everything only rank 0 does (progress bar, MLflow, sample grids, checkpoints) behind one object.
+"""The rank-0 boundary: everything only rank 0 does (progress bar, MLflow run, tags, stop reasons, the run's
+description, sample grids, checkpoint uploads, the final model) behind one object.
+
+    report = make_reporter(cfg, main=dist.is_main(), run_id=resumed_run_id, world_size=n, start_step=step)
+    report.start(RunFacts(world_size=n, hosts=h, data=loader.describe_short(), ...), resumed_from=path)
+    report.metrics({...}, step); report.samples(model, step); report.checkpoint_saved(path, state)
+    report.stopped("SIGTERM", step, path); report.finish("KILLED")
 
 The training loop calls the same methods on every rank; `NullReporter` makes them no-ops off the main rank, so the
-loop never tests its rank.
+loop never tests its rank. Under elastic training rank 0 can move to another process: `report.for_rank(main, ...)`
+hands the reporter over (a NullReporter becomes a Reporter on the new rank 0, and a former rank 0's closes).
 
-What the MLflow run page gets from here: params that matter (run_info.run_params), the data set as inputs, a
+What the MLflow run page gets from here: params that matter (metadata.run_params), the data set as inputs, a
 markdown description with the final bits/dim and the commands to resume and sample, one time-stepped image per
 sampling temperature (`samples/T0.7`: the UI's step slider), checkpoints per `tracking.log_checkpoints`, and at the
-end of a completed run the final EMA weights as an MLflow model (glow_dist/mlflow_model.py).
+end of a completed run the final EMA weights as an MLflow model (glow_dist/tracking/mlflow_model.py).
 """
 from __future__ import annotations
 
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from glow_dist import run_info
-from glow_dist.checkpoint import save_checkpoint
 from glow_dist.config import Config, save_config
-from glow_dist.decoder import Decoder
+from glow_dist.inference.decoding import Decoder, display_scale, image_grid, sample_images, save_png
 from glow_dist.model import Glow
-from glow_dist.sampling import image_grid, sample_images, save_png
-from glow_dist.tracking import NullTracker, Tracker
+from glow_dist.tracking import metadata
+from glow_dist.tracking.client import Tracker, make_tracker, shards_dataset
 
 NOTE_TAG = "mlflow.note.content"   # the run's description in the MLflow UI
+
+
+class RunFacts(NamedTuple):
+    """What a (re)started run is made of, for its tags: the same fields on every start path."""
+    world_size: int
+    hosts: int
+    data_backend: str
+    data_decode: str
+    elastic: bool = False
 
 
 class NullReporter:
     run_id: str | None = None
 
-    def start(self, cfg: Config, world_size: int, tags: dict[str, str], resumed_from: str | None) -> None: ...
+    def for_rank(self, main: bool, cfg: Config, run_id: str | None, world_size: int,
+                 start_step: int) -> NullReporter:
+        """The reporter this process should hold now that it is (or is not) rank 0."""
+        return make_reporter(cfg, main, run_id, world_size, start_step) if main else self
+
+    def start(self, facts: RunFacts, resumed_from: str | None) -> None: ...
     def step(self, step: int) -> None: ...
     def metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def samples(self, model: Glow, step: int) -> None: ...
-    def checkpoint(self, make_state: Callable[[], dict], step: int, upload: bool = True) -> None: ...
+    def samples(self, model: Glow, step: int, note: str = "") -> None: ...
+    def checkpoint_saved(self, path: Path, state: dict, upload: bool = True) -> None: ...
+    def stopped(self, reason: str, step: int, checkpoint: Path | None, seconds: float | None = None) -> None: ...
     def message(self, text: str) -> None: ...
+    def results(self, line: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
+
+
+def make_reporter(cfg: Config, main: bool, run_id: str | None, world_size: int, start_step: int) -> NullReporter:
+    """A Reporter with its MLflow run (resumed when `run_id` is given) on the main rank, a NullReporter elsewhere."""
+    if not main:
+        return NullReporter()
+    return Reporter(cfg, make_tracker(cfg, run_id=run_id, world_size=world_size), start_step)
 
 
 def _is_test_metric(name: str) -> bool:
@@ -60,11 +88,11 @@ def temperature_images(samples: list[tuple[float, torch.Tensor]], y_condition: b
 
 
 class Reporter(NullReporter):
-    def __init__(self, cfg: Config, tracker: Tracker | NullTracker, start_step: int):
+    def __init__(self, cfg: Config, tracker: Tracker, start_step: int):
         self.cfg = cfg
         self.tracker = tracker
         self.run_dir = Path(cfg.train.run_dir)
-        self.run_id = getattr(tracker, "run_id", None)
+        self.run_id = tracker.run_id
         self._bar = None
         self._start = (time.monotonic(), start_step)
         # A live bar on a terminal; under horovodrun or a batch scheduler (no TTY) the same bar as one line per
@@ -81,23 +109,32 @@ class Reporter(NullReporter):
         self._final_state: dict | None = None                  # the newest checkpoint's EMA weights and config
         self._decoders: dict[int, Decoder] = {}               # id(model) -> its sample-grid decoder
 
-    def start(self, cfg: Config, world_size: int, tags: dict[str, str], resumed_from: str | None) -> None:
+    def for_rank(self, main: bool, cfg: Config, run_id: str | None, world_size: int,
+                 start_step: int) -> NullReporter:
+        if main:
+            return self
+        self.finish("FINISHED")  # no longer rank 0: the new rank 0 reopens the same MLflow run
+        return NullReporter()
+
+    def start(self, facts: RunFacts, resumed_from: str | None) -> None:
+        """Config, params, tags, description and data sets of the run; one line on where it stands."""
+        cfg = self.cfg
         save_config(cfg, self.run_dir / "config.yaml")
-        hosts = int(tags["hosts"]) if tags.get("hosts", "").isdigit() else None
-        self.tracker.log_params(run_info.run_params(cfg, world_size, hosts))
-        manifest = run_info.read_manifest_or_none(cfg.data.root)
-        self._note = run_info.description(cfg, world_size, run_info.parameter_count(cfg), manifest, self.run_id,
-                                          run_info.command_line())
+        self.tracker.log_params(metadata.run_params(cfg, facts.world_size, facts.hosts))
+        manifest = metadata.read_manifest_or_none(cfg.data.root)
+        self._note = metadata.description(cfg, facts.world_size, manifest, self.run_id, metadata.command_line())
+        tags = {"hosts": str(facts.hosts), "gpu_type": metadata.gpu_type(), "world_size": str(facts.world_size),
+                "data.backend": facts.data_backend, "data.decode": facts.data_decode,
+                "elastic": str(facts.elastic).lower(), **metadata.git_tags()}
         self.tracker.set_tags({**tags, NOTE_TAG: self._note})
         self.tracker.log_config(cfg)
         if manifest is not None:
             for split, context in (("train", "training"), ("test", "evaluation")):
-                self.tracker.log_dataset(run_info.shards_dataset(cfg.data.root, split, manifest), context)
+                self.tracker.log_dataset(shards_dataset(cfg.data.root, split, manifest), context)
         resumed = f" | resumed from {resumed_from}" if resumed_from else ""
-        self.message(f"run dir {self.run_dir} | world size {world_size} | "
-                     f"global batch {world_size * cfg.train.batch_size}{resumed}")
-        if isinstance(self.tracker, Tracker):
-            self.message(f"MLflow run: {self.tracker.url()}")
+        self.message(f"run dir {self.run_dir} | world size {facts.world_size} | "
+                     f"global batch {facts.world_size * cfg.train.batch_size}{resumed}")
+        self.message(f"MLflow run: {self.tracker.url()}")
 
     def step(self, step: int) -> None:
         if self._bar is not None:
@@ -121,11 +158,14 @@ class Reporter(NullReporter):
             self.message(f"step {step}: {shown}")
             self._last_line = time.monotonic()
 
-    def samples(self, model: Glow, step: int) -> None:
+    def samples(self, model: Glow, step: int, note: str = "") -> None:
         """One MLflow image per temperature, key `samples/T<t>`, at this step; locally one PNG per step with a row
-        per temperature (what `glow-dist sample` writes). The prior draws are the same at every step."""
+        per temperature (what `glow-dist sample` writes). The prior draws are the same at every step. `note`: a
+        line saying which weights they come from."""
+        if note:
+            self.message(note)
         t = self.cfg.tracking
-        scale = max(1, 64 // self.cfg.model.image_size)
+        scale = display_scale(self.cfg.model.image_size)
         decoder = self._decoder(model)
         samples = [(temp, sample_images(decoder, t.sample_count, temp, seed=self.cfg.train.seed))
                    for temp in t.sample_temperatures]
@@ -139,19 +179,26 @@ class Reporter(NullReporter):
         graphs read the weights in place, as the optimizer and the EMA update them."""
         decoder = self._decoders.get(id(model))
         if decoder is None or decoder.model is not model:
-            decoder = Decoder(model, self.cfg.tracking.sample_mode, log=self.message)
+            decoder = Decoder(model, self.cfg.runtime.sample_mode, log=self.message)
             self._decoders[id(model)] = decoder
         return decoder
 
-    def checkpoint(self, make_state: Callable[[], dict], step: int, upload: bool = True) -> None:
-        """upload=False: the stop checkpoint, local only; an upload of GBs would outlast the scheduler's grace."""
-        state = make_state()
-        path = save_checkpoint(state, self.run_dir, step, self.cfg.train.keep_checkpoints)
+    def checkpoint_saved(self, path: Path, state: dict, upload: bool = True) -> None:
+        """A checkpoint that rank 0 has written: uploaded per tracking.log_checkpoints (upload=False: the stop
+        checkpoint, local only; an upload of GBs would outlast the scheduler's grace), and remembered for the model
+        logged at the end (references, not copies: the final checkpoint is the last call)."""
         if upload:
-            self.tracker.log_checkpoint(path, step)
-        # Kept for the model logged at the end (references, not copies: the final checkpoint is the last call).
+            self.tracker.log_checkpoint(path, int(state["position"]["step"]))
         self._final_state = {k: state[k] for k in ("ema", "config", "position", "world_size") if k in state}
         self._final_state.update(mlflow_run_id=self.run_id, source_checkpoint=path.name)
+
+    def stopped(self, reason: str, step: int, checkpoint: Path | None, seconds: float | None = None) -> None:
+        """A stop signal ended the run at `step`: the stop.* tags, and a line saying how to resume."""
+        self.tracker.set_tags({"stop.reason": reason, "stop.step": str(step),
+                               "stop.checkpoint": str(checkpoint) if checkpoint else "none"})
+        if checkpoint is not None:
+            self.message(f"stopped by {reason} at step {step}; checkpoint {checkpoint} saved and verified in "
+                         f"{seconds or 0:.1f} s. Run the same command again to resume (train.resume=auto)")
 
     def message(self, text: str) -> None:
         if self._bar is not None:
@@ -162,10 +209,10 @@ class Reporter(NullReporter):
     def _log_model(self) -> list[str]:
         """The final EMA weights as an MLflow model, when training completed; lines for the description."""
         state = self._final_state
-        if not (self.cfg.tracking.log_model and isinstance(self.tracker, Tracker) and state is not None
+        if not (self.cfg.tracking.log_model and state is not None
                 and state["position"]["step"] >= self.cfg.train.steps):
             return []
-        from glow_dist.mlflow_model import log_glow_model
+        from glow_dist.tracking.mlflow_model import log_glow_model
 
         uri = log_glow_model(self.tracker, state, self.run_dir / "tracking" / "model",
                              register_as=self.cfg.tracking.register_as)
@@ -174,7 +221,13 @@ class Reporter(NullReporter):
             lines.append(f"- registered as `{self.cfg.tracking.register_as}` (see the run's `registered_model` tag)")
         return lines
 
+    def results(self, line: str) -> None:
+        """The run's final line, and where to look at it."""
+        self.message(line)
+        self.message(f"results: {self.tracker.describe()}")
+
     def finish(self, status: str = "FINISHED") -> None:
+        """Close the run: FINISHED (the final model is logged), KILLED or FAILED."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -183,5 +236,5 @@ class Reporter(NullReporter):
         if status == "FINISHED":
             lines += self._log_model()
         if lines and self._note:
-            self.tracker.set_tags({NOTE_TAG: run_info.with_results(self._note, lines)})
+            self.tracker.set_tags({NOTE_TAG: metadata.with_results(self._note, lines)})
         self.tracker.finish(status)

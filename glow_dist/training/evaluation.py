@@ -1,6 +1,8 @@
-"""Test-set bits/dim over the whole split with every rank's share summed, and a per-pixel baseline.
+"""Test-set bits/dim over the whole split with every rank's share summed, a per-pixel baseline, and the trainer's
+evaluation policy (both weights scored; sample grids from the better ones).
 
     bpd = evaluate_bpd(model, test_loader, n_bits, reduce_fn=dist.allreduce_sum)
+    evaluator = Evaluator(cfg, model, ema); metrics = evaluator.both(test_loader); model, why = evaluator.for_samples()
 
 Works single-process (reduce_fn=None) and distributed: each rank sums over its disjoint share, one all-reduce adds
 the shares, so the result is the average over every test sample exactly once.
@@ -11,8 +13,11 @@ from collections.abc import Iterable
 
 import torch
 
-from glow_dist.model import bits_per_dim_from_log_prob, preprocess, quantize
+from glow_dist.config import Config
+from glow_dist.distributed import gateway as dist
+from glow_dist.model import Glow, bits_per_dim_from_log_prob, preprocess, quantize
 from glow_dist.model.layers import Reducer
+from glow_dist.training.ema import EMA
 
 
 @torch.no_grad()
@@ -75,3 +80,44 @@ def independent_pixel_bpd(train_counts: torch.Tensor, test_batches: Iterable[tup
 def uniform_bound(n_bits: int) -> float:
     """Bits/dim of the uniform distribution over the bins: the score of a model that learned nothing."""
     return float(n_bits)
+
+
+class Evaluator:
+    """Scores the EMA and the raw weights on the test split (collective: every rank calls it) and remembers the
+    last scores, which decide the weights of the sample grids (`tracking.sample_weights`)."""
+
+    def __init__(self, cfg: Config, model: Glow, ema: EMA):
+        self.cfg, self.model, self.ema = cfg, model, ema
+        self.last: dict[str, float] | None = None
+
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], weights: str = "ema") -> float:
+        """Test bits/dim of the EMA (`weights="ema"`) or raw (`"raw"`) weights over every rank's share."""
+        model = {"ema": self.ema.model, "raw": self.model}[weights]
+        return evaluate_bpd(model, batches, self.cfg.model.n_bits, reduce_fn=dist.allreduce_sum,
+                            y_condition=self.cfg.model.y_condition, max_batches=self.cfg.train.max_eval_batches,
+                            seed=self.cfg.train.seed)
+
+    def both(self, test: object) -> dict[str, float]:
+        """`bits_per_dim/test_ema` and `bits_per_dim/test_raw` on a loader's epoch 0. While the EMA copy is the raw
+        weights (no update since its reset, or decay 0), one pass scores both."""
+        ema = self.evaluate(test.epoch(0), "ema")
+        raw = ema if self.ema.updates == 0 or self.ema.decay == 0 else self.evaluate(test.epoch(0), "raw")
+        self.last = {"ema": ema, "raw": raw}
+        return {"bits_per_dim/test_ema": ema, "bits_per_dim/test_raw": raw}
+
+    def sample_weights(self) -> str:
+        """`ema` or `raw`: tracking.sample_weights, or for `best` whichever scored lower at the last evaluation
+        (the EMA before any evaluation of this process, e.g. right after a resume)."""
+        choice = self.cfg.tracking.sample_weights
+        if choice != "best":
+            return choice
+        return "raw" if self.last and self.last["raw"] < self.last["ema"] else "ema"
+
+    def for_samples(self, step: int) -> tuple[Glow, str]:
+        """The model to draw sample grids from, and a line saying which weights and why."""
+        weights = self.sample_weights()
+        why = f"tracking.sample_weights={self.cfg.tracking.sample_weights}"
+        if self.last:
+            why += f"; test bits/dim EMA {self.last['ema']:.4f}, raw {self.last['raw']:.4f}"
+        note = f"samples at step {step} from the {'EMA' if weights == 'ema' else 'raw'} weights ({why})"
+        return (self.ema.model if weights == "ema" else self.model), note

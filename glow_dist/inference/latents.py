@@ -1,6 +1,6 @@
 """What users do with a trained Glow: exact encoding, decoding, interpolation and attribute manipulation.
 
-    loaded = load_model("runs/celeba")                         # EMA weights, eval mode, GPU when there is one
+    loaded = load_model("runs/celeba")          # glow_dist.inference.loading: EMA weights, eval mode, GPU if any
     images, names = load_images(["a.png", "b.png"], loaded.model.cfg)
     zs = encode_images(loaded.model, images)                   # one (N, C, H, W) latent per level, finest first
     assert torch.equal(decode_latents(loaded.model, zs), quantized(images, loaded.model.cfg.n_bits))
@@ -15,62 +15,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from glow_dist.checkpoint import CheckpointError, open_checkpoint
-from glow_dist.config import Config, ModelConfig, from_dict, to_dict
-from glow_dist.decoder import Decoder, as_decoder
-from glow_dist.ema import ema_weights
-from glow_dist.model import Glow, build_model, postprocess, preprocess, quantize
+from glow_dist.config import ModelConfig, architecture_differences, from_dict, to_dict
+from glow_dist.files import write_atomic
+from glow_dist.inference.decoding import Decoder, as_decoder
+from glow_dist.inference.loading import LoadedModel
+from glow_dist.model import Glow, bin_values, postprocess, preprocess, quantize
 
 Latents = list[torch.Tensor]
 
 
 class LatentError(ValueError):
     """A request the model cannot serve (unknown attribute, bad label, foreign latents, missing image)."""
-
-
-class LoadedModel(NamedTuple):
-    model: Glow           # EMA weights (or raw, if asked), eval mode, on the GPU when there is one
-    config: Config        # the checkpoint's saved config
-    path: Path            # the checkpoint file (resolved from a run directory)
-    step: int
-    sha256: str           # of the checkpoint file: identifies the weights in caches and latent files
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_model(checkpoint: str | Path, device: torch.device | None = None, weights: str = "ema") -> LoadedModel:
-    """The EMA weights (or `weights="model"`: the raw ones) of a checkpoint file, or of a run directory's newest
-    one, in eval mode."""
-    path, state = open_checkpoint(checkpoint)
-    return model_from_state(path, state, device, weights)
-
-
-def model_from_state(path: Path, state: dict, device: torch.device | None = None, weights: str = "ema") -> LoadedModel:
-    """`load_model` on a checkpoint already opened (open_checkpoint verified it against its sidecar)."""
-    cfg = from_dict(state["config"], source=f"{path} (saved config)")
-    model = build_model(cfg.model)
-    try:
-        model.load_state_dict(ema_weights(state[weights]))  # the EMA state also holds its update count
-    except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: its {weights} weights do not fit the model its config describes: {e}") \
-            from None
-    model.eval().requires_grad_(False).to(device or default_device())
-    # open_checkpoint verified the file against this sidecar, so it is the file's true digest.
-    sha = path.with_name(path.name + ".sha256").read_text().split()[0]
-    return LoadedModel(model, cfg, path, int(state["position"]["step"]), sha)
 
 
 def load_images(paths: Sequence[str | Path], cfg: ModelConfig) -> tuple[torch.Tensor, list[str]]:
@@ -99,7 +61,7 @@ def load_images(paths: Sequence[str | Path], cfg: ModelConfig) -> tuple[torch.Te
 
 def quantized(images: torch.Tensor, n_bits: int) -> torch.Tensor:
     """uint8 images as the model sees them: each value at its bin's 8-bit value (what a decode gives back)."""
-    return (quantize(images, n_bits) * 2 ** (8 - n_bits)).to(torch.uint8)
+    return bin_values(quantize(images, n_bits), n_bits)
 
 
 def check_label(model: Glow, label: int | None) -> None:
@@ -133,7 +95,7 @@ def encode_images(model: Glow, images: torch.Tensor, batch_size: int = 64) -> La
 @torch.no_grad()
 def decode_latents(model: Glow | Decoder, zs: Latents, batch_size: int = 64) -> torch.Tensor:
     """uint8 (N, C, H, W) images of latents (one tensor per level); `model` may be a Decoder (compiled or
-    CUDA-graphed decoding, see glow_dist.decoder)."""
+    CUDA-graphed decoding, see glow_dist.inference.decoding)."""
     decoder = as_decoder(model)
     check_latent_shapes(decoder.model, [tuple(z.shape[1:]) for z in zs], "latents")
     return postprocess(decoder.decode(zs, batch_size=batch_size), decoder.model.cfg.n_bits).cpu()
@@ -231,17 +193,14 @@ def attribute_direction(loaded: LoadedModel, data_root: str | Path, attribute: s
                           f"of {root}; it has {counts[1]} positive and {counts[-1]} negative")
     direction = [(p / counts[1] - n / counts[-1]).float() for p, n in zip(sums[1], sums[-1], strict=True)]
     if cache:
-        _save_atomic({"key": key, "direction": direction, "counts": counts}, path)
+        _save_cache({"key": key, "direction": direction, "counts": counts}, path)
     return direction
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
+def _save_cache(obj: dict, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)  # a concurrent reader sees the old file or the new one, never half of one
+        write_atomic(path, lambda f: torch.save(obj, f))  # a concurrent reader sees the old file or the new one
     except OSError as e:  # a read-only checkpoint folder costs a recomputation next time, nothing more
         print(f"note: could not cache the attribute direction in {path.parent}: {e}", file=sys.stderr)
 
@@ -274,8 +233,8 @@ def load_latents(path: str | Path, loaded: LoadedModel) -> tuple[Latents, list[s
     zs = [torch.from_numpy(data[k]).float() for k in levels]
     check_latent_shapes(loaded.model, [z.shape[1:] for z in zs], f"latents in {path}")
     if "model_config" in data:
-        saved, ours = json.loads(str(data["model_config"])), to_dict(loaded.config)["model"]
-        changed = [f"{k}: {saved.get(k)!r} vs {v!r}" for k, v in ours.items() if k != "memory" and saved.get(k) != v]
+        saved = from_dict({"model": json.loads(str(data["model_config"]))}, f"latents in {path}")
+        changed = architecture_differences(saved, loaded.config)
         if changed:
             raise LatentError(f"latents in {path} come from another model (latents vs checkpoint: "
                               f"{', '.join(changed)}); use the checkpoint that made them")
@@ -288,8 +247,3 @@ def load_latents(path: str | Path, loaded: LoadedModel) -> tuple[Latents, list[s
               f"{loaded.path}; decoding with other weights does not give the encoded images back", file=sys.stderr)
     names = [str(n) for n in data["names"]] if "names" in data else [f"{i:04d}" for i in range(len(zs[0]))]
     return zs, names
-
-
-def grid_columns(n: int) -> int:
-    """Columns of a roughly square grid of n tiles."""
-    return math.ceil(math.sqrt(n))

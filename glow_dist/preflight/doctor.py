@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from glow_dist.config import Config
+from glow_dist.config import Config, tracking_store
+from glow_dist.distributed.gateway import horovod_build, launched_by_horovod
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 JPEG_MEAN_ABS_BOUND = 2.0  # mean |DALI - PIL| per pixel for the probe JPEGs (IDCT rounding differs, by design)
@@ -33,10 +34,6 @@ class Check:
 
     def line(self, prefix: str = "") -> str:
         return f"{prefix}{self.status}  {self.name:<11} {self.detail}"
-
-
-def _launched() -> bool:
-    return "HOROVOD_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
 
 
 def check_torch() -> Check:
@@ -110,14 +107,12 @@ def check_horovod() -> Check:
     import torch
 
     try:
-        import horovod
-        import horovod.torch as hvd
+        version, built = horovod_build()
     except ImportError as e:
-        status = FAIL if _launched() else SKIP
+        status = FAIL if launched_by_horovod() else SKIP
         return Check("horovod", status, f"not importable ({e}); single-process only; `make horovod` builds it")
-    built = {name: getattr(hvd, f"{name.lower()}_built")() for name in ("Gloo", "MPI", "NCCL", "CUDA")}
     have = ", ".join(f"{k}{'+' if v else '-'}" for k, v in built.items())
-    detail = f"{horovod.__version__}: PyTorch; controllers and ops: {have}"
+    detail = f"{version}: PyTorch; controllers and ops: {have}"
     if torch.cuda.is_available() and not built["NCCL"]:
         return Check("horovod", FAIL, detail + "; this node has GPUs but Horovod has no NCCL: rebuild with "
                                                "launch/install-horovod.sh against the CUDA torch")
@@ -130,9 +125,9 @@ def check_allreduce() -> Check:
     """Under a launcher: every rank adds rank+1 on its own device; the sum must be n(n+1)/2 everywhere."""
     import torch
 
-    from glow_dist import dist
+    from glow_dist.distributed import gateway as dist
 
-    if not _launched():
+    if not launched_by_horovod():
         return Check("allreduce", SKIP, "not under horovodrun (run `horovodrun -np N glow-dist doctor`)")
     dist.init()
     device = dist.pin_device()
@@ -221,8 +216,7 @@ def check_webdataset() -> Check:
 
 def tracking_uri(cfg: Config) -> str:
     """The URI the trainer's tracker would use (tracking.uri, else $MLFLOW_TRACKING_URI, else the local store)."""
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    return uri or f"sqlite:///{Path(cfg.tracking.local_dir).resolve() / 'mlflow.db'}"
+    return tracking_store(cfg.tracking)[0]
 
 
 def check_mlflow(cfg: Config, timeout: float) -> Check:
@@ -302,7 +296,7 @@ def run_checks(cfg: Config, data: str | None, check_shape: bool, timeout: float,
 
 
 def rank_prefix() -> str:
-    if not _launched():
+    if not launched_by_horovod():
         return ""
     rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
     size = os.environ.get("HOROVOD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "?"))

@@ -1,25 +1,23 @@
-"""What a run page says about a run: standard MLflow tags, params that matter, the name, the description, the data.
+"""What a run page says about a run: standard MLflow tags, params that matter, the name, the description.
 
-Everything here is computed on rank 0 when a run starts (or is resumed) and handed to the Tracker; nothing talks to
-MLflow. The tag names are MLflow's own (mlflow/utils/mlflow_tags.py), so the UI fills "Created by", "Source" and
-"Git commit" and shows the description on the run's overview.
+Everything here is computed on rank 0 when a run starts (or is resumed) and handed to the Tracker; nothing here
+calls MLflow (glow_dist/tracking/client.py does). The tag names are MLflow's own (mlflow/utils/mlflow_tags.py), so
+the UI fills "Created by", "Source" and "Git commit" and shows the description on the run's overview.
 """
 from __future__ import annotations
 
 import getpass
-import hashlib
 import importlib.metadata
-import json
 import platform
 import shlex
 import subprocess
 import sys
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from glow_dist.config import Config, flatten
+from glow_dist.model import parameter_count
 
 # Config keys that change how a run is displayed or where it is stored, not what it computes.
 UI_ONLY_KEYS = ("train.progress", "tracking.uri", "tracking.local_dir", "tracking.experiment", "tracking.run_name")
@@ -71,18 +69,29 @@ def default_run_name(cfg: Config, world_size: int, cuda: bool, now: datetime | N
     return f"{config_name(cfg)}-{world_size}{'gpu' if cuda else 'ranks'}-{now:%Y%m%d-%H%M%S}"
 
 
+def git_tags() -> dict[str, str]:
+    """The checkout's commit, branch and dirty flag as tags: MLflow's own (the UI's Git commit) and ours."""
+    git = git_state()
+    if not git:
+        return {"git_commit": "unknown"}
+    return {"mlflow.source.git.commit": git["commit"], "mlflow.source.git.branch": git["branch"],
+            "git_commit": git["commit"], "git_dirty": git["dirty"]}
+
+
 def source_tags(entry_point: str = "glow-dist train") -> dict[str, str]:
     """MLflow's standard source tags: who ran what from which commit (the UI's Created by / Source / Git commit)."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = "unknown"
-    tags = {"mlflow.user": user, "mlflow.source.name": entry_point, "mlflow.source.type": "LOCAL"}
-    git = git_state()
-    if git:
-        tags.update({"mlflow.source.git.commit": git["commit"], "mlflow.source.git.branch": git["branch"],
-                     "git_commit": git["commit"], "git_dirty": git["dirty"]})
-    return tags
+    return {"mlflow.user": user, "mlflow.source.name": entry_point, "mlflow.source.type": "LOCAL", **git_tags()}
+
+
+def gpu_type() -> str:
+    """Name of this rank's GPU, or "cpu" without CUDA."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def _version(*distributions: str) -> str:
@@ -130,13 +139,6 @@ def hardware_params(world_size: int, hosts: int | None = None) -> dict[str, str]
     return {**params, "hw.gpu": "none", "hw.gpu_count": "0", "hw.cpu": cpu}
 
 
-def parameter_count(cfg: Config) -> int:
-    """Trainable parameters of the config's model, counted on PyTorch's meta device (no memory, any size)."""
-    from glow_dist.plan import meta_model
-
-    return sum(p.numel() for p in meta_model(cfg.model).parameters())
-
-
 def read_manifest_or_none(root: str | Path) -> dict | None:
     try:
         from glow_dist.data.manifest import read_manifest
@@ -156,7 +158,7 @@ def run_params(cfg: Config, world_size: int, hosts: int | None = None) -> dict[s
     params: dict[str, Any] = {k: v for k, v in flatten(cfg).items()
                               if k not in UI_ONLY_KEYS and v not in ("", None, [])}
     params.update({"world_size": world_size, "global_batch_size": world_size * cfg.train.batch_size,
-                   "model.parameters": parameter_count(cfg)})
+                   "model.parameters": parameter_count(cfg.model)})
     manifest = read_manifest_or_none(cfg.data.root)
     if manifest is not None:
         params.update({"data.train_images": split_count(manifest, "train"),
@@ -164,10 +166,10 @@ def run_params(cfg: Config, world_size: int, hosts: int | None = None) -> dict[s
     return {**params, **environment_params(), **hardware_params(world_size, hosts)}
 
 
-def description(cfg: Config, world_size: int, params: int, manifest: dict | None, run_id: str | None,
-                command: str) -> str:
+def description(cfg: Config, world_size: int, manifest: dict | None, run_id: str | None, command: str) -> str:
     """The run's markdown description (mlflow.note.content): what was trained, and how to resume and sample it."""
     m, o, t = cfg.model, cfg.optim, cfg.train
+    params = parameter_count(m)
     data = f"`{cfg.data.root}`"
     if manifest is not None:
         data += f": {split_count(manifest, 'train'):,} train / {split_count(manifest, 'test'):,} test images"
@@ -206,37 +208,3 @@ def with_evaluation(note: str, line: str) -> str:
     results = note.partition(DESCRIPTION_RESULT_MARK)[2]
     kept = [x for x in results.splitlines() if x.startswith("- ") and not x.startswith("- `glow-dist evaluate`")]
     return with_results(note, [*kept, line])
-
-
-def shards_dataset(root: str | Path, split: str, manifest: dict) -> Any:
-    """One split of a prepared data set as an `mlflow.data` Dataset: source = the folder, digest = the shards'
-    sha256 values from the manifest, profile = counts and image shape."""
-    from mlflow.data.dataset import Dataset
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-
-    class ShardDataset(Dataset):
-        def _compute_digest(self) -> str:
-            shards = manifest["splits"].get(split, {}).get("shards", [])
-            joined = "".join(s.get("sha256", s.get("file", "")) for s in shards)
-            return hashlib.sha256(joined.encode()).hexdigest()[:16]
-
-        def to_dict(self) -> dict[str, str]:
-            return {**super().to_dict(), "profile": json.dumps(self.profile), "schema": json.dumps(self.schema)}
-
-        @property
-        def profile(self) -> dict:
-            return {"num_images": split_count(manifest, split), "image_size": manifest.get("image_size"),
-                    "channels": manifest.get("channels"), "source": manifest.get("source"),
-                    "shards": len(manifest["splits"].get(split, {}).get("shards", []))}
-
-        @property
-        def schema(self) -> dict:
-            return {"image": f"uint8[{manifest.get('channels')},{manifest.get('image_size')},"
-                              f"{manifest.get('image_size')}] (png/jpeg in WebDataset tar shards)",
-                    "cls": "int (-1: unlabeled)"}
-
-    name = f"{Path(root).resolve().name}-{split}"
-    with warnings.catch_warnings():   # "can be interpreted in multiple ways": both candidates are the local one
-        warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source(str(Path(root).resolve()))
-    return ShardDataset(source, name=name)

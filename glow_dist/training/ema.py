@@ -39,19 +39,15 @@ import copy
 import torch
 from torch import nn
 
-UPDATES_KEY = "ema_updates"  # in state_dict(): the number of updates so far (an int64 scalar tensor)
+from glow_dist.checkpoint import EMA_UPDATES_KEY
+
+UPDATES_KEY = EMA_UPDATES_KEY  # in state_dict(): the number of updates so far (an int64 scalar tensor)
 WARMUP_OFFSET = 20           # d_n = min(decay, (1 + n) / (WARMUP_OFFSET + n)); 20 measured better than 10
 
 
 def warmup_decay(decay: float, updates: int) -> float:
     """The decay used by update number `updates` (0-based): min(decay, (1 + n) / (20 + n))."""
     return min(decay, (1.0 + updates) / (WARMUP_OFFSET + updates))
-
-
-def ema_weights(state: dict) -> dict:
-    """The model weights of an EMA state (new with its update count, or old: the bare weights), loadable as a
-    Glow state dict."""
-    return {k: v for k, v in state.items() if k != UPDATES_KEY}
 
 
 class EMA:
@@ -98,7 +94,7 @@ class EMA:
         return f"decay {self.decay:g} with warm-up, {self.updates} updates, current decay {self.current_decay:.4f}"
 
     def state_dict(self) -> dict:
-        """The averaged weights (a Glow state dict) plus UPDATES_KEY; `ema_weights` strips the count again."""
+        """The averaged weights (a Glow state dict) plus UPDATES_KEY (`checkpoint.model_weights` strips it)."""
         return {**self.model.state_dict(), UPDATES_KEY: torch.tensor(self.updates, dtype=torch.int64)}
 
     def load_state_dict(self, state: dict, default_updates: int | None = None) -> None:
@@ -111,5 +107,5 @@ class EMA:
         else:
             raise ValueError(f"EMA state without {UPDATES_KEY!r} (written before the warm-up): pass default_updates, "
                              "the number of optimizer steps it has averaged")
-        self.model.load_state_dict(ema_weights(state))
+        self.model.load_state_dict({k: v for k, v in state.items() if k != UPDATES_KEY})
         self.updates = updates

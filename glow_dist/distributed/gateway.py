@@ -1,13 +1,14 @@
-"""Distribution helpers: the one place that talks to Horovod.
+"""The Horovod gateway: the one place that talks to Horovod (its elastic mode: glow_dist/distributed/elastic.py).
 
 Everything else calls these functions and never imports horovod. Under `horovodrun` every process is one rank;
 as a plain process (no launcher) Horovod runs as a world of size 1 over Gloo, so the same code path is used.
 When Horovod is not installed at all, a single-process stand-in with the same semantics is used instead, so
 `glow-dist train` works on a laptop without a Horovod build.
 
+    from glow_dist.distributed import gateway as dist
     dist.init()
     device = dist.pin_device()
-    model = Glow(cfg.model).to(device)
+    model = build_model(cfg.model, cfg.runtime).to(device)
     optimizer = dist.distributed_optimizer(torch.optim.Adamax(model.parameters()), model, fp16_allreduce=False)
     dist.broadcast_parameters(model)
     dist.broadcast_optimizer_state(optimizer)
@@ -29,14 +30,21 @@ from typing import Any, NamedTuple
 
 import torch
 
-from glow_dist.config import BACKGROUND_PRIORITIES
-
 _hvd: ModuleType | None = None   # horovod.torch once init() succeeded; None means single process
 
 
-def _launched_by_horovod() -> bool:
+def launched_by_horovod() -> bool:
     # horovodrun / mpirun set these for every rank; a plain process has none of them.
     return "HOROVOD_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+
+
+def horovod_build() -> tuple[str, dict[str, bool]]:
+    """(version, {Gloo, MPI, NCCL, CUDA: built in}) of the installed Horovod; ImportError when there is none."""
+    import horovod
+    import horovod.torch as hvd
+
+    return horovod.__version__, {name: getattr(hvd, f"{name.lower()}_built")() for name in ("Gloo", "MPI", "NCCL",
+                                                                                            "CUDA")}
 
 
 def init(background_priority: str = "auto") -> None:
@@ -46,14 +54,12 @@ def init(background_priority: str = "auto") -> None:
     `background_priority`: "low", "normal", or "auto" (low when this rank computes on the CPU); see `_quiet_waits`.
     """
     global _hvd
-    if background_priority not in BACKGROUND_PRIORITIES:
-        raise ValueError(f"background_priority must be one of {BACKGROUND_PRIORITIES}, got {background_priority!r}")
     if _hvd is not None:
         return
     try:
         import horovod.torch as hvd
     except ImportError:
-        if _launched_by_horovod():
+        if launched_by_horovod():
             raise RuntimeError(
                 "launched by horovodrun but horovod.torch cannot be imported; build it with `make horovod`"
             ) from None
@@ -62,7 +68,7 @@ def init(background_priority: str = "auto") -> None:
     try:
         hvd.init()
     except Exception as e:
-        if _launched_by_horovod():
+        if launched_by_horovod():
             raise
         print(f"[dist] horovod init failed ({e}); running as a single process without Horovod", flush=True)
         return
@@ -129,31 +135,32 @@ def _restore_spinning_waits() -> None:
     _spinning_synchronize.clear()
 
 
-def _backend() -> ModuleType | None:
-    if _hvd is None and _launched_by_horovod():
+def horovod_module() -> ModuleType | None:
+    """horovod.torch once init() succeeded; None in a single process without Horovod."""
+    if _hvd is None and launched_by_horovod():
         # Guard against forgetting init(): every rank would otherwise believe it is rank 0 of 1.
-        raise RuntimeError("glow_dist.dist.init() must be called before any other distributed helper")
+        raise RuntimeError("glow_dist.distributed.gateway.init() must be called before any other distributed helper")
     return _hvd
 
 
 def rank() -> int:
-    hvd = _backend()
+    hvd = horovod_module()
     return hvd.rank() if hvd else 0
 
 
 def size() -> int:
-    hvd = _backend()
+    hvd = horovod_module()
     return hvd.size() if hvd else 1
 
 
 def local_rank() -> int:
-    hvd = _backend()
+    hvd = horovod_module()
     return hvd.local_rank() if hvd else 0
 
 
 def local_size() -> int:
     """Ranks on this host: they share its CPU cores."""
-    hvd = _backend()
+    hvd = horovod_module()
     return hvd.local_size() if hvd else 1
 
 
@@ -164,7 +171,7 @@ def is_main() -> bool:
 
 def host_count() -> int:
     """Number of distinct hosts taking part (for run tags); collective, so call it on every rank."""
-    hvd = _backend()
+    hvd = horovod_module()
     if hvd is None:
         return 1
     return len(set(hvd.allgather_object(socket.gethostname(), name="dist.host_count")))
@@ -181,7 +188,7 @@ def pin_device() -> torch.device:
 
 def allreduce_sum(tensor: torch.Tensor, name: str = "dist.allreduce_sum") -> torch.Tensor:
     """Elementwise sum over ranks (a new tensor; the input is unchanged)."""
-    hvd = _backend()
+    hvd = horovod_module()
     if hvd is None:
         return tensor.clone()
     return hvd.allreduce(tensor, op=hvd.Sum, name=name)
@@ -189,7 +196,7 @@ def allreduce_sum(tensor: torch.Tensor, name: str = "dist.allreduce_sum") -> tor
 
 def allreduce_mean(tensor: torch.Tensor, name: str = "dist.allreduce_mean") -> torch.Tensor:
     """Elementwise mean over ranks (a new tensor; the input is unchanged)."""
-    hvd = _backend()
+    hvd = horovod_module()
     if hvd is None:
         return tensor.clone()
     return hvd.allreduce(tensor, op=hvd.Average, name=name)
@@ -217,7 +224,7 @@ def all_any(flag: bool | torch.Tensor) -> bool:
 
 def broadcast_parameters(module: torch.nn.Module) -> None:
     """Copy rank 0's parameters and buffers (state_dict, so ActNorm's `initialized` flag too) to every rank."""
-    hvd = _backend()
+    hvd = horovod_module()
     if hvd is None:
         return
     state = module.state_dict()
@@ -235,7 +242,7 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     Skipped when rank 0's state is empty (a fresh start): Horovod would otherwise initialize the state with a
     zero-gradient step, which applies weight decay once and advances Adam's step count.
     """
-    hvd = _backend()
+    hvd = horovod_module()
     if hvd is None:
         return
     if broadcast_object(len(optimizer.state) == 0):  # rank 0 decides, so every rank takes the same branch
@@ -253,7 +260,7 @@ def broadcast_training_state(model: torch.nn.Module, optimizer: torch.optim.Opti
 
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` (any picklable value) on every rank."""
-    hvd = _backend()
+    hvd = horovod_module()
     if hvd is None:
         return obj
     return hvd.broadcast_object(obj, root_rank=0, name="dist.broadcast_object")
@@ -261,7 +268,7 @@ def broadcast_object(obj: Any) -> Any:
 
 def barrier() -> None:
     """Wait until every rank arrives here."""
-    hvd = _backend()
+    hvd = horovod_module()
     if hvd is not None:
         hvd.barrier()
 
@@ -274,7 +281,7 @@ def distributed_optimizer(
     Use `clip_and_step` instead of `optimizer.step()`: it synchronizes once, clips the averaged gradient and
     takes the collective skip decision for non-finite steps. Single process: the optimizer is returned as is.
     """
-    hvd = _backend()
+    hvd = horovod_module()
     if hvd is None:
         return optimizer
     # fp16 halves the bytes on the wire; the averaged gradient is cast back to the parameter dtype.
@@ -325,48 +332,6 @@ def clip_and_step(
         with skip_sync() if skip_sync is not None else nullcontext():
             optimizer.step()
     return StepResult(grad_norm.detach(), skipped, stop)
-
-
-# ---- Horovod elastic (dist.elastic=true) -------------------------------------------------------------------------
-# Under `horovodrun --host-discovery-script ... --min-np ... --max-np ...` workers may die or join. Every worker runs
-# the training function inside `elastic_run`; a lost peer (HorovodInternalError) or a host change noticed at a commit
-# (HostsUpdatedInterrupt) restarts Horovod with the new world, rolls the state back to its last commit, runs the
-# reset callbacks and broadcasts rank 0's state to everyone (including new workers) before calling it again.
-
-
-def elastic_launched() -> bool:
-    """True in a worker started by an elastic horovodrun (one given a host discovery script)."""
-    return _hvd is not None and os.environ.get("HOROVOD_ELASTIC") == "1"
-
-
-def elastic_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: torch.nn.Module,
-                  **fields: Any) -> Any:
-    """Horovod's TorchState over the model, the (distributed) optimizer, the EMA copy and plain picklable `fields`
-    (readable and assignable as attributes). `commit()` copies them to host memory (and raises if hosts changed);
-    `restore()` returns to the last commit; `sync()` broadcasts rank 0's copy, as the other broadcasts here do:
-    bool buffers (ActNorm's `initialized`) as uint8, and no zero-gradient optimizer step on a fresh start."""
-    hvd = _backend()
-    if hvd is None:
-        raise RuntimeError("elastic_state needs Horovod: run under horovodrun with --host-discovery-script")
-    import horovod.torch.elastic as hvd_elastic
-    from horovod.common.elastic import ObjectState
-
-    class GlowState(hvd_elastic.TorchState):
-        def sync(self) -> None:
-            broadcast_training_state(self.model, self.optimizer, self.ema)
-            ObjectState.sync(self)  # the plain fields; skips TorchState.sync, whose broadcasts reject bool tensors
-
-    return GlowState(model=model, optimizer=optimizer, ema=ema, **fields)
-
-
-def elastic_run(fn: Any) -> Any:
-    """`fn(state, ...)` under Horovod elastic: re-run from the last commit, on the new world, after every change."""
-    hvd = _backend()
-    if hvd is None:
-        raise RuntimeError("elastic_run needs Horovod: run under horovodrun with --host-discovery-script")
-    import horovod.torch.elastic as hvd_elastic
-
-    return hvd_elastic.run(fn)
 
 
 def reset_gradient_hooks(optimizer: torch.optim.Optimizer) -> None:

@@ -1,8 +1,10 @@
-"""Sampling and decoding: one interface, three ways to run it (`tracking.sample_mode`, the commands' `--decode-mode`).
+"""Sampling and decoding: one interface, three ways to run it (`runtime.sample_mode`, the commands' `--decode-mode`),
+and the sample grids that the trainer logs and `glow-dist sample` writes.
 
     decoder = Decoder(model, mode="auto")
     x = decoder.sample(16, temperature=0.7, seed=0)    # continuous images, about [-0.5, 0.5]
     x = decoder.decode(zs)                             # the inverse of model.encode, zs finest level first
+    grid = temperature_grid(decoder, [0, 0.7, 1], per_row=16)   # uint8 rows, one per temperature
 
 Both run one pure function of tensors: `Glow.decode_noise(eps, temperature, y)` (sampling, with the standard-normal
 draws made beforehand from a generator seeded by `seed`, so every mode and every batch split sees the same draws) and
@@ -19,33 +21,26 @@ draws made beforehand from a generator seeded by `seed`, so every mode and every
   compiled call took minutes, for ~30% less CPU time per decode after it; a command or a run decodes a few times).
 
 Never silently wrong: the first call of each compiled or graphed shape is compared with the eager function on the
-same inputs, and a failure to compile or capture, or a mismatch, switches the decoder to eager with one log line.
+same inputs, and a failure to compile or capture, or a mismatch, switches the decoder to eager with one log line
+(the capture and its check are glow_dist.runtime.capture_graph, shared with the graphed training step).
 """
 from __future__ import annotations
 
+import math
 import sys
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from glow_dist.config import DECODE_MODES
-from glow_dist.model import Glow
+from glow_dist.model import Glow, postprocess
+from glow_dist.runtime import capture_graph, first_mismatch, resolve_mode
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
-
-
-def resolve_decode_mode(asked: str, device: torch.device) -> tuple[str, str]:
-    """(mode, reason): the mode `asked` runs as on `device`, and why, when it is not the one asked for."""
-    if asked not in DECODE_MODES:
-        raise ValueError(f"decode mode must be one of {', '.join(DECODE_MODES)}, got {asked!r}")
-    if asked == "auto":
-        return ("graphed" if device.type == "cuda" else "eager"), ""
-    if asked == "graphed" and device.type != "cuda":
-        return "eager", f"CUDA graphs need a CUDA device (the model is on {device.type})"
-    return asked, ""
 
 
 def _sample_fn(model: Glow, inputs: list[torch.Tensor], temperature: torch.Tensor,
@@ -68,7 +63,7 @@ class _Graph:
         self.inputs = [x.clone() for x in inputs]
         self.temperature = temperature.clone()
         self.y = y.clone() if y is not None else None
-        self.graph = torch.cuda.CUDAGraph()
+        self.graph: torch.cuda.CUDAGraph | None = None   # set by the capture
         self.out: torch.Tensor | None = None
 
     def load(self, inputs: list[torch.Tensor], temperature: torch.Tensor, y: torch.Tensor | None) -> None:
@@ -87,7 +82,7 @@ class Decoder:
     def __init__(self, model: Glow, mode: str = "auto", log: Callable[[str], None] = _stderr, max_graphs: int = 4):
         self.model, self.asked, self.log, self.max_graphs = model, mode, log, max_graphs
         self.device = next(model.parameters()).device
-        self.mode, reason = resolve_decode_mode(mode, self.device)
+        self.mode, reason = resolve_mode(mode, self.device)
         if reason:
             log(f"[decode] mode={mode}: running eager, because {reason}")
         self._compiled = {kind: torch.compile(fn, dynamic=False) for kind, fn in _FUNCTIONS.items()} \
@@ -149,8 +144,10 @@ class Decoder:
             return _FUNCTIONS[kind](self.model, [x[:m] for x in inputs], t, y[:m] if y is not None else None)
         return out[:m]
 
-    def _fall_back(self, why: str) -> None:
-        self.log(f"[decode] mode={self.asked}: running eager, because {why}")
+    def _fall_back(self, why: str | None) -> None:
+        """Decode eagerly from now on; `why` is logged (None: already logged by the capture)."""
+        if why is not None:
+            self.log(f"[decode] mode={self.asked}: running eager, because {why}")
         self.mode = "eager"
         self._compiled.clear()
         self._graphs.clear()
@@ -164,7 +161,7 @@ class Decoder:
             self._fall_back(f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             return None
         if key not in self._checked:
-            mismatch = _mismatch(_FUNCTIONS[kind](self.model, inputs, t, y), out)
+            mismatch = first_mismatch([_FUNCTIONS[kind](self.model, inputs, t, y)], [out], atol=1e-4)
             if mismatch:
                 self._fall_back(f"the compiled {kind} differs from eager ({mismatch})")
                 return None
@@ -190,39 +187,78 @@ class Decoder:
     def _capture(self, kind: str, inputs: list[torch.Tensor], t: torch.Tensor,
                  y: torch.Tensor | None) -> _Graph | None:
         fn = _FUNCTIONS[kind]
-        try:
-            graph = _Graph(inputs, t, y)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup_passes):
-                    eager = fn(self.model, graph.inputs, graph.temperature, graph.y)
-            torch.cuda.current_stream().wait_stream(side)
-            # thread_local: the trainer's other threads (DALI's GPU decoding, Horovod's background loop) may use
-            # CUDA on their own streams while rank 0 captures its sample grids; only this thread's calls are checked.
-            with torch.cuda.graph(graph.graph, capture_error_mode="thread_local"):
-                graph.out = fn(self.model, graph.inputs, graph.temperature, graph.y)
-            graph.graph.replay()
-            torch.cuda.synchronize()
-        except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly, and say why
-            self._fall_back(f"the CUDA graph capture failed: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}")
+        graph = _Graph(inputs, t, y)
+        captured = capture_graph(lambda: fn(self.model, graph.inputs, graph.temperature, graph.y),
+                                 warmup_passes=self.warmup_passes, log=self.log,
+                                 what=f"[decode] mode={self.asked} ({kind})", tensors=lambda out: [out])
+        if captured is None:
+            self._fall_back(None)
             return None
-        mismatch = _mismatch(eager, graph.out)
-        if mismatch:
-            self._fall_back(f"the graph's replay differs from the eager {kind} it was captured from ({mismatch})")
-            return None
+        graph.graph, graph.out = captured
         self.log(f"[decode] graphed: {kind} captured for batch {len(inputs[0])}")
         return graph
-
-
-def _mismatch(expected: torch.Tensor, got: torch.Tensor, rtol: float = 1e-3, atol: float = 1e-4) -> str:
-    """'' when `got` equals `expected` within fp32/TF32 tolerance (and both are finite where expected is)."""
-    if torch.allclose(got, expected, rtol=rtol, atol=atol, equal_nan=True):
-        return ""
-    return f"max difference {(got - expected).abs().nan_to_num(float('inf')).max().item():.3g}"
 
 
 def as_decoder(model_or_decoder: Glow | Decoder, mode: str = "eager") -> Decoder:
     """A Decoder as given, or a new one of `mode` for a bare model (the functions below take either)."""
     return model_or_decoder if isinstance(model_or_decoder, Decoder) else Decoder(model_or_decoder, mode)
+
+
+# ---- sample grids ---------------------------------------------------------------------------------------------------
+
+def display_scale(image_size: int) -> int:
+    """How much to enlarge tiles so that tiny images (8x8 digits) show at about 64 pixels."""
+    return max(1, 64 // image_size)
+
+
+def image_grid(images: torch.Tensor, ncols: int, pad: int = 1) -> np.ndarray:
+    """uint8 (N, C, H, W) -> one (rows*H, ncols*W, C) uint8 array with `pad` black pixels between tiles."""
+    n, c, h, w = images.shape
+    rows = (n + ncols - 1) // ncols
+    grid = np.zeros((rows * (h + pad) + pad, ncols * (w + pad) + pad, c), dtype=np.uint8)
+    arr = images.permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(n):
+        r, col = divmod(i, ncols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = arr[i]
+    return grid
+
+
+def grid_columns(n: int) -> int:
+    """Columns of a roughly square grid of n tiles."""
+    return math.ceil(math.sqrt(n))
+
+
+def sample_images(model: Glow | Decoder, n: int, temperature: float, labels: torch.Tensor | None = None,
+                  seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+    """n uint8 images at `temperature`, from a fixed seed so grids of different steps are comparable.
+
+    `model` is a Glow (decoded eagerly) or a Decoder of one (compiled or CUDA-graphed; keep one for repeated calls:
+    it compiles or captures once). `batch_size` bounds how many are decoded at once (a 256x256 model cannot take 64
+    in one pass); the draws, and so the images, do not depend on it.
+    """
+    decoder = as_decoder(model)
+    return postprocess(decoder.sample(n, temperature, labels=labels, seed=seed, batch_size=batch_size),
+                       decoder.model.cfg.n_bits)
+
+
+def temperature_grid(model: Glow | Decoder, temperatures: list[float], per_row: int, seed: int = 0,
+                     labels: torch.Tensor | None = None, ncols: int | None = None,
+                     batch_size: int | None = None) -> np.ndarray:
+    """`per_row` samples for each temperature, one row each (`ncols` < per_row wraps a row onto several)."""
+    decoder = as_decoder(model)
+    rows = [sample_images(decoder, per_row, t, labels=labels, seed=seed, batch_size=batch_size)
+            for t in temperatures]
+    return image_grid(torch.cat(rows), ncols=ncols or per_row)
+
+
+def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
+    """Write an (H, W, C) uint8 array; `scale` enlarges tiny images (8x8 digits) with nearest neighbour."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    image.save(path)
+    return path

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from glow_dist.config import Config, ModelConfig
+from glow_dist.config import Config, ModelConfig, RuntimeConfig
 from glow_dist.data.manifest import MANIFEST, read_manifest, train_batches
-from glow_dist.model import build_model
+from glow_dist.model import meta_model
 from glow_dist.model.layers import FlowStep, InvConv1x1, InvConv1x1LU
 
 # Per parameter, a training rank holds fp32 weights, gradients, two Adam(ax) moments and the EMA copy.
@@ -42,7 +42,7 @@ class Plan:
     forward_flops: int            # per image
     train_flops_plain: int        # per image, forward + backward
     train_flops_checkpoint: int   # per image, forward + backward + the recomputed forward of every step
-    activation_bytes: dict[str, int]  # per rank at train.batch_size, by model.memory mode
+    activation_bytes: dict[str, int]  # per rank at train.batch_size, by runtime.memory mode
     state_bytes: int              # per rank: weights, gradients, optimizer moments, EMA, buffers
     batch_size: int               # per rank
     global_batch: int
@@ -50,12 +50,6 @@ class Plan:
     dataset_source: str           # where dataset_size came from
     steps_per_epoch: int | None
     epochs: float | None          # train.steps in epochs
-
-
-def meta_model(cfg: ModelConfig) -> nn.Module:
-    """The model with meta tensors only: the real module tree (LU init included) without allocating weights."""
-    with torch.device("meta"):
-        return build_model(cfg)
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -69,7 +63,7 @@ def measure_activations(cfg: ModelConfig, batch: int) -> dict[str, int]:
     Both also keep what is saved outside the steps, and rebuild one step's activations at a time during backward.
     """
     # Class labels are only read by tiny linear layers, and the label range check cannot run on meta tensors.
-    model = meta_model(dataclasses.replace(cfg, memory="plain", y_condition=False))
+    model = meta_model(dataclasses.replace(cfg, y_condition=False), RuntimeConfig(memory="plain"))
     weights = {_storage_key(t) for t in [*model.parameters(), *model.buffers()]}
     saved: dict[int, tuple[int, int | None]] = {}   # storage -> (bytes, index of the flow step that saved it)
     inputs: dict[int, int] = {}                      # storage -> bytes, of each flow step's input
@@ -115,7 +109,7 @@ def measure_activations(cfg: ModelConfig, batch: int) -> dict[str, int]:
 
 def measure_flops(cfg: ModelConfig, memory: str) -> tuple[int, int]:
     """(forward, forward + backward) FLOPs for one image; with memory=checkpoint backward includes the recompute."""
-    model = meta_model(dataclasses.replace(cfg, memory=memory, y_condition=False))
+    model = meta_model(dataclasses.replace(cfg, y_condition=False), RuntimeConfig(memory=memory))
     x = torch.empty(1, cfg.channels, cfg.image_size, cfg.image_size, device="meta", requires_grad=False)
     counter = FlopCounterMode(display=False)
     with counter:
@@ -180,13 +174,13 @@ def format_plan(plan: Plan, cfg: Config, title: str) -> str:
         epochs = f"{plan.steps_per_epoch:,}; train.steps={cfg.train.steps:,} is {plan.epochs:,.1f} epochs"
     rows = [
         ("model", f"{m.image_size}x{m.image_size}x{m.channels}, {m.n_bits} bits, L={m.levels} K={m.steps} "
-                  f"width={m.width}, {m.coupling} coupling, {m.invconv} 1x1 convs, memory={m.memory}"),
+                  f"width={m.width}, {m.coupling} coupling, {m.invconv} 1x1 convs, memory={cfg.runtime.memory}"),
         ("parameters", f"{plan.parameters:,} ({plan.parameters / 1e6:.1f}M) in {plan.conv_layers} conv layers "
                        f"+ {plan.invconv_layers} invertible 1x1 convs"),
         ("flops/image", f"forward {_flops(plan.forward_flops)}; train step {_flops(plan.train_flops_plain)} plain, "
                         f"{_flops(plan.train_flops_checkpoint)} with checkpointing (recompute)"),
         ("activations", f"per rank at batch {plan.batch_size}: {activations} "
-                        f"(saved for backward; this config: {m.memory})"),
+                        f"(saved for backward; this config: {cfg.runtime.memory})"),
         ("model state", f"per rank: {_bytes(plan.state_bytes)} (weights, grads, 2 optimizer moments, EMA, buffers)"),
         ("batch", f"{plan.batch_size} per rank x {plan.world_size} ranks = {plan.global_batch} global; "
                   f"ActNorm init {cfg.train.init_batch_size} per rank = {cfg.train.init_batch_size * plan.world_size}"),
