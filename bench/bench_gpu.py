@@ -6,14 +6,15 @@
     .venv/bin/python bench/bench_gpu.py --cpu                    # ATen operators per training step, every variant
 
 On CUDA, for the paper's CIFAR-10 (32x32, L=3, K=32, width 512, affine, 8-bit) and CelebA-HQ (256x256, L=6, K=32,
-width 512, additive, 5-bit) architectures at several batch sizes and for each variant, it runs the trainer's own
-step (`glow_dist.training.step.build_train_step`: dequantize, forward, bits/dim, backward, clip_and_step with Adamax, EMA)
+width 512, additive, 5-bit) architectures at several batch sizes and for each variant, it runs the trainer's own step
+(`glow_dist.training.step.build_train_step`: dequantize, forward, bits/dim, backward, clip_and_step with Adamax, EMA)
 and prints ms/step (median of the timed steps), img/s, achieved TFLOP/s (FLOPs of one forward + backward counted by
 `torch.utils.flop_counter.FlopCounterMode`, convolutions and matmuls), its fraction of an 8192^2 fp32 matmul with
 TF32 measured in the same run, and peak memory over the timed steps (the peak is reset after warm-up, so cuDNN's
 autotuning trials do not count). Then sampling ms/image of the CelebA-HQ architecture at batch 1, 8 and 32 for each
-decoding mode (`glow_dist.inference.decoding.Decoder`: eager, compiled, graphed), with the first call's time (compile/capture).
-Everything goes to a JSON file too (--json). A variant that does not fit in memory prints OOM and the run goes on.
+decoding mode (`glow_dist.inference.decoding.Decoder`: eager, compiled, graphed), with the first call's time
+(compile/capture). Everything goes to a JSON file too (--json). A variant that does not fit in memory prints OOM and
+the run goes on.
 
 On a CPU (or with --cpu) it prints, per variant, the ATen operators dispatched by one training step
 (`opcount.OpCounter`): on a GPU nearly each is a kernel launch, the cost that made the step launch-bound
@@ -32,15 +33,16 @@ import time
 
 import torch
 from bench_train import matmul_flops_per_s, sync
+from opcount import OpCounter
 from torch.utils.flop_counter import FlopCounterMode
 
 from glow_dist.config import Config, ModelConfig, load_config
 from glow_dist.inference.decoding import Decoder
-from glow_dist.training.ema import EMA
 from glow_dist.model import build_model, preprocess
-from opcount import OpCounter
-from glow_dist.training.step import apply_tf32, build_train_step, noise_generator
-from glow_dist.training.trainer import make_optimizer
+from glow_dist.runtime import apply_tf32
+from glow_dist.training.ema import EMA
+from glow_dist.training.optimizer import LearningRate, make_optimizer
+from glow_dist.training.step import build_train_step, noise_generator
 
 ARCHS: dict[str, tuple[ModelConfig, list[int]]] = {
     "cifar10": (ModelConfig(image_size=32, channels=3, levels=3, steps=32, width=512, coupling="affine",
@@ -56,23 +58,21 @@ CPU_SAMPLE_ARCH = dataclasses.replace(ARCHS["celeba_hq_256"][0], image_size=64, 
 
 # name -> config overrides (on top of the device defaults: NCHW and fp32 on CUDA).
 VARIANTS: dict[str, list[str]] = {
-    "eager": ["train.step_mode=eager"],
-    "compiled": ["train.step_mode=compiled"],
-    "graphed": ["train.step_mode=graphed"],
-    "graphed+bf16": ["train.step_mode=graphed", "model.autocast=bf16"],
-    "bf16": ["train.step_mode=eager", "model.autocast=bf16"],
-    "nhwc": ["train.step_mode=eager", "model.channels_last=true"],
-    "checkpoint": ["train.step_mode=eager", "model.memory=checkpoint"],
-    "invertible": ["train.step_mode=eager", "model.memory=invertible"],
+    "eager": ["runtime.step_mode=eager"],
+    "compiled": ["runtime.step_mode=compiled"],
+    "graphed": ["runtime.step_mode=graphed"],
+    "graphed+bf16": ["runtime.step_mode=graphed", "runtime.autocast=bf16"],
+    "bf16": ["runtime.step_mode=eager", "runtime.autocast=bf16"],
+    "nhwc": ["runtime.step_mode=eager", "runtime.channels_last=true"],
+    "checkpoint": ["runtime.step_mode=eager", "runtime.memory=checkpoint"],
+    "invertible": ["runtime.step_mode=eager", "runtime.memory=invertible"],
 }
 
 
 def make_cfg(model: ModelConfig, overrides: list[str], batch: int) -> Config:
-    cfg = load_config(None, [f"train.batch_size={batch}", "optim.warmup_steps=0", *overrides])
-    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
-    for key in ("autocast", "memory", "channels_last"):  # the variant's choice wins over the architecture's default
-        fields[key] = getattr(cfg.model, key)
-    cfg.model = ModelConfig(**fields)
+    """The architecture `model`, run as the variant's `runtime.*` overrides say."""
+    cfg = load_config(None, [f"train.batch_size={batch}", "optim.warmup_steps=0", "optim.lr=1e-4", *overrides])
+    cfg.model = model
     return cfg
 
 
@@ -83,18 +83,19 @@ class Setup:
         torch.manual_seed(0)
         m = cfg.model
         self.cfg, self.device = cfg, device
-        self.model = build_model(m).to(device)
+        self.model = build_model(m, cfg.runtime).to(device)
         shape = (cfg.train.batch_size, m.channels, m.image_size, m.image_size)
         self.images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
         self.labels = torch.zeros(shape[0], dtype=torch.long, device=device)
         self.model.initialize(preprocess(self.images, m.n_bits, generator=noise_generator(device, 0, -1, 0)))
-        self.optimizer = make_optimizer(cfg, self.model)
+        self.optimizer = make_optimizer(cfg.optim, self.model)
+        LearningRate(cfg.optim, world_size=1).apply(self.optimizer, step=0)
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.step = build_train_step(cfg, self.model, self.optimizer, self.ema, device=device, log=log.append)
         self.calls = 0
 
     def __call__(self) -> None:
-        self.step(self.images, self.labels, lr=1e-4, step=self.calls)
+        self.step(self.images, self.labels, step=self.calls)
         self.calls += 1
 
 
@@ -105,10 +106,9 @@ def tf32_matmul_flops(device: torch.device) -> float:
 
 def step_flops(model_cfg: ModelConfig, batch: int, device: torch.device) -> int:
     """Convolution and matmul FLOPs of one forward + backward of the plain fp32 model (what every variant does)."""
-    plain = dataclasses.replace(model_cfg, memory="plain", autocast="none")
     torch.manual_seed(0)
-    model = build_model(plain).to(device)
-    x = torch.rand(batch, plain.channels, plain.image_size, plain.image_size, device=device) - 0.5
+    model = build_model(model_cfg).to(device)  # the default runtime: plain memory, fp32
+    x = torch.rand(batch, model_cfg.channels, model_cfg.image_size, model_cfg.image_size, device=device) - 0.5
     counter = FlopCounterMode(display=False)
     with counter:
         model.log_prob(x).mean().backward()

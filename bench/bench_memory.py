@@ -10,8 +10,8 @@ perturbed from their identity init, ActNorm initialized from the batch) and runs
    `torch.autograd.graph.saved_tensors_hooks`; the peak of the live ones (one count per storage, weights excluded)
    over forward *and* backward is reported, so invertible mode's one-step recomputation during backward counts.
    Non-reentrant checkpointing saves through its own inner hooks, which hide it from ours; for that mode the
-   column shows `glow_dist.preflight.plan`'s figure instead (every step's input plus what is saved outside the steps, plus the
-   largest single step's saved tensors, measured on the meta device).
+   column shows `glow_dist.preflight.plan`'s figure instead (every step's input plus what is saved outside the
+   steps, plus the largest single step's saved tensors, measured on the meta device).
 2. Peak memory (what the allocator really held): on CPU, the process's peak RSS (VmHWM, reset through
    /proc/self/clear_refs) minus its RSS just before the pass. Gradients already exist from pass 1, so the delta is
    activations plus temporaries. glibc's dynamic mmap threshold is pinned (MALLOC_MMAP_THRESHOLD_) so freed tensors
@@ -29,7 +29,6 @@ float32 against float64).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -40,7 +39,7 @@ import time
 
 import torch
 
-from glow_dist.config import ModelConfig
+from glow_dist.config import ModelConfig, RuntimeConfig
 from glow_dist.model import Glow, bits_per_dim_from_log_prob
 from glow_dist.preflight.plan import measure_activations
 
@@ -48,9 +47,9 @@ MODES = ("plain", "checkpoint", "invertible")
 MIB = 2**20
 
 
-def bench_config(steps: int, memory: str) -> ModelConfig:
+def bench_config(steps: int) -> ModelConfig:
     return ModelConfig(image_size=64, channels=3, levels=4, steps=steps, width=256, coupling="affine", invconv="lu",
-                       n_bits=8, memory=memory)
+                       n_bits=8)
 
 
 class SavedTensorPeak:
@@ -102,7 +101,7 @@ def _backward(model: Glow, x: torch.Tensor) -> None:
 def _trained_model(cfg: ModelConfig, x: torch.Tensor, device: torch.device, steps: int) -> Glow:
     """The trainer's starting point (identity-like init, ActNorm from the batch) after `steps` Adamax steps."""
     torch.manual_seed(0)
-    model = Glow(dataclasses.replace(cfg, memory="plain")).to(device)
+    model = Glow(cfg).to(device)  # plain memory
     model.initialize(x)
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
     for _ in range(steps):
@@ -115,9 +114,9 @@ def _trained_model(cfg: ModelConfig, x: torch.Tensor, device: torch.device, step
     return model
 
 
-def _perturbed_model(cfg: ModelConfig, x: torch.Tensor, device: torch.device) -> Glow:
+def _perturbed_model(cfg: ModelConfig, memory: str, x: torch.Tensor, device: torch.device) -> Glow:
     torch.manual_seed(0)
-    model = Glow(cfg).to(device)
+    model = Glow(cfg, RuntimeConfig(memory=memory)).to(device)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # off the identity init, so the couplings (and their inverses) do real work
         for p in model.parameters():
@@ -127,7 +126,7 @@ def _perturbed_model(cfg: ModelConfig, x: torch.Tensor, device: torch.device) ->
 
 
 def _copy(model: Glow, steps: int, memory: str, dtype: torch.dtype) -> Glow:
-    other = Glow(bench_config(steps, memory)).to(next(model.parameters()).device, dtype)
+    other = Glow(bench_config(steps), RuntimeConfig(memory=memory)).to(next(model.parameters()).device, dtype)
     other.load_state_dict(model.state_dict())
     return other
 
@@ -144,9 +143,9 @@ def _rel_err(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
 
 def child(memory: str, steps: int, batch: int, train_steps: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = bench_config(steps, memory)
+    cfg = bench_config(steps)
     x = (torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(2)) - 0.5).to(device)
-    model = _perturbed_model(cfg, x, device)
+    model = _perturbed_model(cfg, memory, x, device)
     weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
 
     tracker = SavedTensorPeak(weights)

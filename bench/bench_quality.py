@@ -279,13 +279,14 @@ def ema_study_worker(outfile: Path, overrides: list[str], budgets: list[int]) ->
 
     trainer = Trainer(load_config(base_config(outfile.parent), overrides))
     decay = trainer.cfg.optim.ema_decay
-    extra = {f"no warm-up {decay:g} (before)": PlainEMA(trainer.model, decay),
-             f"bias-corrected {decay:g}": BiasCorrectedEMA(trainer.model, decay)}
+    model, ema, evaluator = trainer.state.model, trainer.state.ema, trainer.evaluator
+    extra = {f"no warm-up {decay:g} (before)": PlainEMA(model, decay),
+             f"bias-corrected {decay:g}": BiasCorrectedEMA(model, decay)}
     for offset in (k for k in (4, 10, 20, 40) if k != WARMUP_OFFSET):
-        extra[f"warm-up {decay:g}, (1+n)/({offset}+n)"] = WarmupEMA(trainer.model, decay, offset)
+        extra[f"warm-up {decay:g}, (1+n)/({offset}+n)"] = WarmupEMA(model, decay, offset)
     for avg in extra.values():  # start where the trainer's own EMA starts: at the ActNorm-initialized weights
-        avg.model.load_state_dict(trainer.model.state_dict())
-    update, evaluate_both = trainer.ema.update, trainer.evaluate_both
+        avg.model.load_state_dict(model.state_dict())
+    update, evaluate_both = ema.update, evaluator.both
     scores: dict[str, dict[int, float]] = {name: {} for name in extra}
     trainers = f"warm-up {decay:g}, (1+n)/({WARMUP_OFFSET}+n) (the trainer's)"
     scores[trainers], scores["raw"] = {}, {}
@@ -295,9 +296,9 @@ def ema_study_worker(outfile: Path, overrides: list[str], budgets: list[int]) ->
         for avg in extra.values():
             avg.update(model)
 
-    def evaluate_all() -> dict[str, float]:
-        result = evaluate_both()
-        step = trainer.position.step
+    def evaluate_all(test) -> dict[str, float]:
+        result = evaluate_both(test)
+        step = trainer.state.position.step
         if step in budgets:
             scores[trainers][step] = result["bits_per_dim/test_ema"]
             scores["raw"][step] = result["bits_per_dim/test_raw"]
@@ -306,7 +307,7 @@ def ema_study_worker(outfile: Path, overrides: list[str], budgets: list[int]) ->
                                                   seed=trainer.cfg.train.seed)
         return result
 
-    trainer.ema.update, trainer.evaluate_both = update_all, evaluate_all
+    ema.update, evaluator.both = update_all, evaluate_all
     trainer.fit()
     outfile.write_text(json.dumps(scores))
 

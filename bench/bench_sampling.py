@@ -6,8 +6,8 @@
 The model is L=6, K=32, width 512, additive coupling, 5 bits, learned top prior (175M parameters) with fresh
 weights (random 1x1 rotations, zero-initialized coupling outputs, as at the start of training): the cost of a pass
 does not depend on the weights' values. After one warm-up run per device, each cell is the median of --repeats runs of
-`glow_dist.inference.decoding.sample_images` (the code behind `glow-dist sample` and the trainer's grids) at T=0.7, in eval
-mode under no_grad. The paper reports about 130 ms per 256x256 image on one 1080 Ti.
+`glow_dist.inference.decoding.sample_images` (the code behind `glow-dist sample` and the trainer's grids) at
+T=0.7, in eval mode under no_grad. The paper reports about 130 ms per 256x256 image on one 1080 Ti.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import time
 import torch
 
 from glow_dist.config import ModelConfig
-from glow_dist.model import build_model
 from glow_dist.inference.decoding import sample_images
+from glow_dist.model import build_model
 
 CELEBA_HQ = ModelConfig(image_size=256, channels=3, levels=6, steps=32, width=512, coupling="additive", n_bits=5,
                         learn_top=True)

@@ -4,8 +4,9 @@
     .venv/bin/python bench/bench_scaling.py --nps 1 2 --repeats 3 --batch 8
 
 Each run launches bench/scaling_worker.py under `horovodrun --gloo` (the trainer's step with the real
-glow_dist.distributed.gateway helpers on synthetic data). Runs alternate between the world sizes (`--repeats` times each) so
-that load from elsewhere hits all of them; the median images/s is reported. Speedup is images/s over np=1's.
+glow_dist.distributed.gateway helpers on synthetic data). Runs alternate between the world sizes (`--repeats`
+times each) so that load from elsewhere hits all of them; the median images/s is reported. Speedup is images/s
+over np=1's.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from glow_dist.config import BACKGROUND_PRIORITIES
+from glow_dist.config import choices
 
 WORKER = Path(__file__).with_name("scaling_worker.py")
 
@@ -54,7 +55,7 @@ def main() -> None:
                         help="HOROVOD_CYCLE_TIME for the runs (default: Horovod's, 1 ms)")
     parser.add_argument("--spin-waits", action="store_true",
                         help="wait for collectives by spinning, as Horovod's synchronize() does (the old behaviour)")
-    parser.add_argument("--background-priority", choices=BACKGROUND_PRIORITIES, default="auto",
+    parser.add_argument("--background-priority", choices=choices("dist.background_priority"), default="auto",
                         help="dist.init's priority for Horovod's threads (auto: low on CPU ranks)")
     args = parser.parse_args()
     cycle = "Horovod's default" if args.cycle_time_ms is None else f"{args.cycle_time_ms:g} ms"

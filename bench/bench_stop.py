@@ -27,30 +27,29 @@ from pathlib import Path
 
 import torch
 
-from glow_dist.checkpoint import rng_state, save_checkpoint, verify_checkpoint
-from glow_dist.config import load_config, to_dict
-from glow_dist.training.ema import EMA
+from glow_dist.checkpoint import save_checkpoint, verify_checkpoint
+from glow_dist.config import load_config
 from glow_dist.model import build_model
 from glow_dist.preflight.plan import make_plan
-from glow_dist.training.trainer import make_optimizer
+from glow_dist.training.ema import EMA
+from glow_dist.training.optimizer import make_optimizer
+from glow_dist.training.state import Position, TrainingState
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def celeba_state(config: Path) -> dict:
-    """The trainer's checkpoint dict (Trainer.checkpoint_state) for the config, at the full size."""
+    """The trainer's checkpoint dict (TrainingState.checkpoint) for the config, at the full size."""
     cfg = load_config(config)
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    optimizer = make_optimizer(cfg, model)
+    optimizer = make_optimizer(cfg.optim, model)
     for p in model.parameters():  # the optimizer's state as after a step: both moments at full size
         optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.randn_like(p),
                               "exp_inf": torch.rand_like(p)}
-    ema = EMA(model, cfg.optim.ema_decay)
-    return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "position": {"step": 1000, "epoch": 1, "batch_in_epoch": 325, "skipped_steps": 0,
-                         "consecutive_skips": 0, "lr_scale": 1.0, "rollbacks": 0},
-            "rng": rng_state(), "config": to_dict(cfg), "mlflow_run_id": "0" * 32, "world_size": 40}
+    state = TrainingState(cfg, model, optimizer, EMA(model, cfg.optim.ema_decay))
+    state.position = Position(step=1000, epoch=1, batch_in_epoch=325)
+    return state.checkpoint(run_id="0" * 32, world_size=40)
 
 
 def disk_of(path: Path) -> str:

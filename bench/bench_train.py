@@ -19,7 +19,6 @@ On CUDA, timings synchronize the device and the matmul reference is the same fp3
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import time
@@ -28,20 +27,20 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from glow_dist.config import ModelConfig, RuntimeConfig
 from glow_dist.distributed import gateway as dist
-from glow_dist.config import ModelConfig
 from glow_dist.model import Glow, bits_per_dim_from_log_prob
 
 REFERENCE = ModelConfig(image_size=32, channels=3, levels=3, steps=8, width=512, coupling="additive", invconv="lu",
-                        n_bits=8, memory="plain")
+                        n_bits=8)
 
-# name -> ModelConfig overrides of the defaults (fp32, NHWC activations, plain backprop). Each optimization is a
-# model option, so the trainer gets it from the config.
+# name -> RuntimeConfig overrides of the defaults (fp32, NHWC activations on CPU, plain backprop). Each optimization
+# is a runtime option, so the trainer gets it from the config.
 VARIANTS: dict[str, dict] = {
     "default": {},
-    "nchw": {"channels_last": False},   # the default before channels_last was
+    "nchw": {"channels_last": "false"},   # the default before channels_last was
     "bf16": {"autocast": "bf16"},
-    "nchw+bf16": {"channels_last": False, "autocast": "bf16"},
+    "nchw+bf16": {"channels_last": "false", "autocast": "bf16"},
     "compile": {"compile": True},
     "checkpoint": {"memory": "checkpoint"},
     "invertible": {"memory": "invertible"},
@@ -76,10 +75,11 @@ def matmul_flops_per_s(device: torch.device, n: int = 2048, reps: int = 3, warmu
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def make_step(cfg: ModelConfig, batch: int, device: torch.device, seed: int = 0) -> Callable[[], None]:
+def make_step(cfg: ModelConfig, batch: int, device: torch.device, seed: int = 0,
+              runtime: RuntimeConfig | None = None) -> Callable[[], None]:
     """A closure running one training step of a fresh, ActNorm-initialized model on a fixed batch."""
     torch.manual_seed(seed)
-    model = Glow(cfg).to(device)
+    model = Glow(cfg, runtime).to(device)
     x = torch.rand(batch, cfg.channels, cfg.image_size, cfg.image_size, device=device) - 0.5
     model.initialize(x)
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
@@ -96,9 +96,8 @@ def make_step(cfg: ModelConfig, batch: int, device: torch.device, seed: int = 0)
 
 def count_step_flops(cfg: ModelConfig, batch: int, device: torch.device) -> int:
     """Convolution and matmul FLOPs of one forward + backward of the plain fp32 model."""
-    plain = dataclasses.replace(cfg, memory="plain", compile=False, autocast="none", channels_last=False)
     torch.manual_seed(0)
-    model = Glow(plain).to(device)
+    model = Glow(cfg, RuntimeConfig(channels_last="false")).to(device)
     x = torch.rand(batch, cfg.channels, cfg.image_size, cfg.image_size, device=device) - 0.5
     model.initialize(x)
     counter = FlopCounterMode(display=False)
@@ -127,7 +126,7 @@ def main() -> None:
 
     steps, warm_s = {}, {}
     for name in args.variants:
-        step = make_step(dataclasses.replace(cfg, **VARIANTS[name]), args.batch, device)
+        step = make_step(cfg, args.batch, device, runtime=RuntimeConfig(**VARIANTS[name]))
         start = time.perf_counter()
         for _ in range(args.warmup):
             step()

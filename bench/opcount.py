@@ -55,10 +55,3 @@ def _is_view(func: torch._ops.OpOverload) -> bool:
     # A view returns an alias of an input and writes nothing: e.g. aten.view, aten.t, aten.expand, aten.slice.
     returns_alias = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
     return returns_alias and not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
-
-
-def count_ops(fn, *args, **kwargs) -> OpCounter:  # noqa: ANN001 - any callable
-    """Run fn(*args, **kwargs) once under an OpCounter and return the counter."""
-    with OpCounter() as counter:
-        fn(*args, **kwargs)
-    return counter

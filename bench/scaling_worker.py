@@ -14,8 +14,8 @@ import time
 
 import torch
 
+from glow_dist.config import ModelConfig, choices
 from glow_dist.distributed import gateway as dist
-from glow_dist.config import BACKGROUND_PRIORITIES, ModelConfig
 from glow_dist.model import Glow, bits_per_dim_from_log_prob
 
 
@@ -27,9 +27,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=8, help="K")
     parser.add_argument("--fp16-allreduce", action="store_true", help="gradients cross as fp16 (dist.fp16_allreduce)")
-    parser.add_argument("--background-priority", choices=BACKGROUND_PRIORITIES, default="auto")
+    parser.add_argument("--background-priority", choices=choices("dist.background_priority"), default="auto")
     parser.add_argument("--spin-waits", action="store_true",
-                        help="wait the way Horovod's synchronize() does (spinning), as glow_dist.distributed.gateway did before")
+                        help="wait the way Horovod's synchronize() does (spinning), as the gateway did before")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dist.init(args.background_priority)

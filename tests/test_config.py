@@ -3,7 +3,19 @@ from pathlib import Path
 
 import pytest
 
-from glow_dist.config import Config, ConfigError, dump_yaml, flatten, from_dict, load_config, save_config
+from glow_dist.config import (
+    Config,
+    ConfigError,
+    architecture_differences,
+    choices,
+    dump_yaml,
+    flatten,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+    validate,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,8 +103,44 @@ def test_old_spellings_of_keys_whose_type_changed_still_load(tmp_path):
     """Configs written before a key changed type (bool -> choice) keep their meaning, in YAML and on the CLI."""
     old = write(tmp_path, "model:\n  channels_last: true\ntrain:\n  tf32: false\ntracking:\n  log_checkpoints: true\n")
     cfg = load_config(old)
-    assert (cfg.model.channels_last, cfg.train.tf32, cfg.tracking.log_checkpoints) == ("true", "false", "all")
+    assert (cfg.runtime.channels_last, cfg.runtime.tf32, cfg.tracking.log_checkpoints) == ("true", "false", "all")
     cfg = load_config(None, ["model.channels_last=off", "train.tf32=AUTO", "tracking.log_checkpoints=no"])
-    assert (cfg.model.channels_last, cfg.train.tf32, cfg.tracking.log_checkpoints) == ("false", "auto", "none")
+    assert (cfg.runtime.channels_last, cfg.runtime.tf32, cfg.tracking.log_checkpoints) == ("false", "auto", "none")
+    cfg = load_config(None, ["runtime.channels_last=on"])
+    assert cfg.runtime.channels_last == "true"
+
+
+def test_moved_keys_still_load_at_their_new_place(tmp_path):
+    """Speed-only keys left `model` (and train/tracking) for `runtime`; the class-loss weight went to `optim`.
+    Old config files, old overrides and checkpoints' saved configs still load, into the new place."""
+    old = write(tmp_path, "model:\n  memory: checkpoint\n  compile: true\n  weight_y: 0.5\n"
+                          "train:\n  step_mode: eager\ntracking:\n  sample_mode: compiled\n")
+    cfg = load_config(old, ["model.autocast=bf16", "model.invertible_segment=4"])
+    assert (cfg.runtime.memory, cfg.runtime.compile, cfg.runtime.step_mode, cfg.runtime.sample_mode,
+            cfg.runtime.autocast, cfg.runtime.invertible_segment, cfg.optim.weight_y) == \
+        ("checkpoint", True, "eager", "compiled", "bf16", 4, 0.5)
+    assert "memory" not in to_dict(cfg)["model"]
+
+
+def test_every_choice_is_declared_once_and_checked_in_validate():
+    """A choice key's options come from its field; validate() refuses a bad value set after loading."""
+    assert choices("runtime.step_mode") == ("auto", "eager", "compiled", "graphed")
+    assert choices("data.decode") == ("auto", "cpu", "gpu")
+    cfg = load_config(None)
+    cfg.runtime.sample_mode = "fast"
+    with pytest.raises(ConfigError, match="runtime.sample_mode' must be one of auto, eager, compiled, graphed"):
+        validate(cfg)
+    for bad, key in [("train.stop_exit_code=300", "stop_exit_code"), ("dist.commit_every=0", "commit_every")]:
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, [bad])
+
+
+def test_architecture_differences_ignore_everything_but_the_architecture():
+    a = load_config(None)
+    b = load_config(None, ["runtime.memory=invertible", "runtime.channels_last=true", "runtime.compile=true",
+                           "optim.lr=0.5", "train.steps=3"])
+    assert architecture_differences(a, b) == []
+    c = load_config(None, ["model.width=64"])
+    assert architecture_differences(a, c) == ["model.width: 512 vs 64"]
     with pytest.raises(ConfigError, match="log_checkpoints' must be one of none, last, all, every_n"):
         load_config(None, ["tracking.log_checkpoints=sometimes"])

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from opcount import OpCounter
 
 from glow_dist.config import ConfigError, load_config
-from glow_dist.inference.decoding import Decoder, resolve_decode_mode
+from glow_dist.inference.decoding import Decoder, sample_images
 from glow_dist.model import Glow, build_model
-from opcount import OpCounter
-from glow_dist.inference.decoding import sample_images
+from glow_dist.runtime import resolve_mode
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPERATURES = (0.0, 0.7, 1.0)
@@ -115,15 +115,15 @@ def test_graphed_mode_falls_back_to_eager_on_cpu_with_one_log_line():
     decoder = Decoder(trained_like_model(), "graphed", log=logs.append)
     assert decoder.mode == "eager"
     assert len(logs) == 1 and "CUDA graphs need a CUDA device" in logs[0]
-    assert resolve_decode_mode("auto", torch.device("cpu")) == ("eager", "")
-    assert resolve_decode_mode("auto", torch.device("cuda")) == ("graphed", "")
+    assert resolve_mode("auto", torch.device("cpu")) == ("eager", "")
+    assert resolve_mode("auto", torch.device("cuda")) == ("graphed", "")
 
 
 def test_sample_mode_config_key():
-    assert load_config(None).tracking.sample_mode == "auto"
-    assert load_config(None, ["tracking.sample_mode=graphed"]).tracking.sample_mode == "graphed"
-    with pytest.raises(ConfigError, match="tracking.sample_mode"):
-        load_config(None, ["tracking.sample_mode=fast"])
+    assert load_config(None).runtime.sample_mode == "auto"
+    assert load_config(None, ["runtime.sample_mode=graphed"]).runtime.sample_mode == "graphed"
+    with pytest.raises(ConfigError, match="runtime.sample_mode"):
+        load_config(None, ["runtime.sample_mode=fast"])
 
 
 @pytest.mark.gpu

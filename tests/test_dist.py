@@ -1,4 +1,5 @@
-"""glow_dist.distributed.gateway with real Horovod: two ranks under horovodrun (Gloo), one plain process, and no Horovod at all.
+"""glow_dist.distributed.gateway with real Horovod: two ranks under horovodrun (Gloo), one plain process, and no
+Horovod at all.
 
 tests/scripts/dist_check.py does the work on every rank; here its outputs are compared with each other and
 with a single-process reference that averages the ranks' gradients, clips and steps by hand.

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from glow_dist.checkpoint import model_weights
 from glow_dist.commands.evaluate_cmd import describe_weights
-from glow_dist.training.ema import EMA, UPDATES_KEY, ema_weights, warmup_decay
+from glow_dist.training.ema import EMA, UPDATES_KEY, warmup_decay
 
 
 def _model(value: float) -> nn.Module:
@@ -77,7 +78,7 @@ def test_state_round_trip_continues_identically():
         a.update(live)
     state = a.state_dict()
     assert int(state[UPDATES_KEY]) == 3 and state[UPDATES_KEY].dtype == torch.int64
-    assert set(ema_weights(state)) == set(live.state_dict())  # loadable as the model's own state dict
+    assert set(model_weights({"ema": state})) == set(live.state_dict())  # loadable as the model's own state dict
     b = EMA(_model(7.0), decay=0.99)
     b.load_state_dict(state)
     assert b.updates == 3

@@ -19,15 +19,9 @@ from PIL import Image
 
 from glow_dist.cli import main as cli
 from glow_dist.data import iter_samples
-from glow_dist.inference.latents import (
-    attribute_direction,
-    decode_latents,
-    encode_images,
-    load_model,
-    quantized,
-    shift,
-)
 from glow_dist.inference.decoding import temperature_grid
+from glow_dist.inference.latents import attribute_direction, decode_latents, encode_images, quantized, shift
+from glow_dist.inference.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--config", "configs/debug.yaml", "train.threads=1", "train.progress=false", "train.eval_every=1000",

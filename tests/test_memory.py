@@ -1,11 +1,10 @@
 """Memory modes and step options: invertible recomputation against plain backprop, memory flat in depth."""
-import dataclasses
 
 import pytest
 import torch
-from test_model import randomize, tiny_cfg
+from test_model import randomize, tiny_model
 
-from glow_dist.config import ModelConfig, load_config
+from glow_dist.config import ConfigError, ModelConfig, RuntimeConfig, load_config
 from glow_dist.model import Glow
 
 
@@ -18,8 +17,8 @@ def _grads(model: Glow, x: torch.Tensor) -> list[torch.Tensor]:
 def _pair(memory: str, dtype: torch.dtype = torch.float32, scale: float = 0.1, **kw) -> tuple[Glow, Glow]:
     """A randomized plain model and a `memory` model with the same weights."""
     torch.manual_seed(0)
-    plain = randomize(Glow(tiny_cfg(**kw)), scale=scale).to(dtype)
-    other = Glow(tiny_cfg(memory=memory, **kw)).to(dtype)
+    plain = randomize(tiny_model(**kw), scale=scale).to(dtype)
+    other = tiny_model(memory=memory, **kw).to(dtype)
     other.load_state_dict(plain.state_dict())
     return plain, other
 
@@ -95,7 +94,7 @@ def test_invertible_memory_is_constant_in_depth():
     for memory in ("plain", "invertible"):
         for steps in (2, 6):
             torch.manual_seed(0)
-            saved[memory, steps] = _saved_bytes(randomize(Glow(tiny_cfg(steps=steps, memory=memory))), x)
+            saved[memory, steps] = _saved_bytes(randomize(tiny_model(steps=steps, memory=memory)), x)
     assert saved["invertible", 2] == saved["invertible", 6]           # O(1) steps per level, forward and backward
     assert saved["plain", 6][0] > 2.5 * saved["plain", 2][0] > 0       # plain grows with K
     assert saved["invertible", 6][1] < saved["plain", 6][1] / 3
@@ -103,8 +102,8 @@ def test_invertible_memory_is_constant_in_depth():
 
 def test_invertible_mode_initializes_and_decodes():
     torch.manual_seed(1)
-    plain = Glow(tiny_cfg())
-    inv = Glow(tiny_cfg(memory="invertible"))
+    plain = tiny_model()
+    inv = tiny_model(memory="invertible")
     inv.load_state_dict(plain.state_dict())
     x = torch.rand(16, 3, 8, 8) - 0.5
     plain.initialize(x)
@@ -119,19 +118,20 @@ def test_invertible_mode_initializes_and_decodes():
 
 
 def test_memory_modes_in_config():
-    assert load_config(None, ["model.memory=invertible"]).model.memory == "invertible"
-    assert load_config(None, ["model.autocast=bf16", "model.channels_last=true"]).model.autocast == "bf16"
-    with pytest.raises(ValueError, match="memory"):
-        Glow(tiny_cfg(memory="reversible"))
+    assert load_config(None, ["runtime.memory=invertible"]).runtime.memory == "invertible"
+    assert load_config(None, ["runtime.autocast=bf16", "runtime.channels_last=true"]).runtime.autocast == "bf16"
+    assert load_config(None, ["model.memory=checkpoint"]).runtime.memory == "checkpoint"  # the old place still loads
+    with pytest.raises(ConfigError, match="runtime.memory"):
+        load_config(None, ["runtime.memory=reversible"])
 
 
 @pytest.mark.parametrize("memory", ["plain", "invertible"])
 def test_channels_last_gives_the_same_model(memory):
     torch.manual_seed(0)
-    plain = randomize(Glow(tiny_cfg(channels_last=False)), scale=0.1)
-    nhwc = Glow(tiny_cfg(memory=memory, channels_last=True, channels_last_min_size=1))  # NHWC in every level
+    plain = randomize(tiny_model(channels_last=False), scale=0.1)
+    nhwc = tiny_model(memory=memory, channels_last=True, channels_last_min_size=1)  # NHWC in every level
     nhwc.load_state_dict(plain.state_dict())
-    assert all(level.memory_format == torch.channels_last for level in nhwc.levels)
+    assert all(level.format_for(torch.empty(0)) == torch.channels_last for level in nhwc.levels)
     x = torch.rand(2, 3, 8, 8) - 0.5
     torch.testing.assert_close(nhwc.log_prob(x), plain.log_prob(x))
     grads = _grads(nhwc, x)
@@ -147,15 +147,16 @@ def test_channels_last_gives_the_same_model(memory):
 
 def test_channels_last_only_where_feature_maps_are_large_enough():
     cfg = ModelConfig(image_size=32, channels=3, levels=3, steps=1, width=8)  # levels at 16x16, 8x8, 4x4
-    formats = [level.memory_format for level in Glow(cfg).levels]
+    cpu = torch.empty(0)
+    formats = [level.format_for(cpu) for level in Glow(cfg).levels]
     assert formats == [torch.channels_last, torch.channels_last, torch.contiguous_format]
-    off = dataclasses.replace(cfg, channels_last=False)
-    assert all(level.memory_format == torch.contiguous_format for level in Glow(off).levels)
+    off = RuntimeConfig(channels_last="false")
+    assert all(level.format_for(cpu) == torch.contiguous_format for level in Glow(cfg, off).levels)
 
 
 def test_bf16_coupling_stays_exactly_invertible_with_fp32_logdet():
     torch.manual_seed(2)
-    model = randomize(Glow(tiny_cfg(autocast="bf16"))).eval()
+    model = randomize(tiny_model(autocast="bf16")).eval()
     x = torch.rand(2, 3, 8, 8) - 0.5
     with torch.no_grad():
         out = model(x)
@@ -166,16 +167,16 @@ def test_bf16_coupling_stays_exactly_invertible_with_fp32_logdet():
 
 
 def test_segmented_invertible_equals_plain_and_keeps_one_output_per_segment():
-    """model.invertible_segment=2 over 6 steps: 3 recomputed segments per level, still exact in float64."""
+    """runtime.invertible_segment=2 over 6 steps: 3 recomputed segments per level, still exact in float64."""
     plain, inv = _pair("invertible", torch.float64, steps=6, invertible_segment=2)
     x = torch.rand(3, 3, 8, 8, dtype=torch.float64) - 0.5
     for (name, _), g, h in zip(plain.named_parameters(), _grads(plain, x), _grads(inv, x), strict=True):
         torch.testing.assert_close(h, g, rtol=1e-9, atol=1e-11, msg=name)
     x32 = x.float()
     torch.manual_seed(0)
-    whole = _saved_bytes(randomize(Glow(tiny_cfg(steps=6, memory="invertible", invertible_segment=0))), x32)
+    whole = _saved_bytes(randomize(tiny_model(steps=6, memory="invertible", invertible_segment=0)), x32)
     torch.manual_seed(0)
-    segmented = _saved_bytes(randomize(Glow(tiny_cfg(steps=6, memory="invertible", invertible_segment=2))), x32)
+    segmented = _saved_bytes(randomize(tiny_model(steps=6, memory="invertible", invertible_segment=2)), x32)
     torch.manual_seed(0)
-    plain_bytes = _saved_bytes(randomize(Glow(tiny_cfg(steps=6))), x32)
+    plain_bytes = _saved_bytes(randomize(tiny_model(steps=6)), x32)
     assert whole[0] < segmented[0] < plain_bytes[0] / 2  # two more outputs per level, not six steps' graphs

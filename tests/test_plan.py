@@ -29,7 +29,7 @@ def test_celeba_hq_config_is_near_the_papers_200m_parameters():
     cfg = load_config(REPO / "configs" / "celeba_hq_256.yaml")
     params = sum(p.numel() for p in meta_model(cfg.model).parameters())
     assert 150e6 < params < 230e6, params
-    assert cfg.model.memory == "checkpoint" and cfg.train.batch_size == 1 and cfg.train.init_batch_size == 4
+    assert cfg.runtime.memory == "checkpoint" and cfg.train.batch_size == 1 and cfg.train.init_batch_size == 4
 
 
 def test_forward_flops_equal_the_convolutions_counted_from_module_shapes(monkeypatch: pytest.MonkeyPatch):

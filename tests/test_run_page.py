@@ -169,8 +169,8 @@ def test_model_loads_back_into_glow_dist_and_pyfunc(trained: dict) -> None:
 
 
 def test_loading_the_model_code_prints_no_mlflow_type_hint_warning() -> None:
-    """The trainer imports glow_dist.tracking.mlflow_model when it logs the model (and pyfunc when it loads it): MLflow's
-    "Add type hints to the `predict` method" warning must not land in the user's training output."""
+    """The trainer imports glow_dist.tracking.mlflow_model when it logs the model (and pyfunc when it loads it):
+    MLflow's "Add type hints to the `predict` method" warning must not land in the user's training output."""
     out = subprocess.run([sys.executable, "-W", "default", "-c", "import glow_dist.tracking.mlflow_model"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

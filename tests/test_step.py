@@ -1,4 +1,4 @@
-"""The training-step component (glow_dist/step.py): every mode takes the eager step's step, fewer operators.
+"""The training-step component (glow_dist/training/step.py): every mode takes the eager step's step, fewer operators.
 
 CPU tests use the tiny debug model; `gpu` tests run only where CUDA is present (conftest skips them elsewhere).
 """
@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from glow_dist.distributed import gateway as dist
-from glow_dist.config import Config, load_config
-from glow_dist.training.ema import EMA
-from glow_dist.model import build_model, preprocess
 from opcount import OpCounter
-from glow_dist.training.step import build_train_step, noise_generator, resolve_step_mode
-from glow_dist.training.trainer import check_same_architecture, make_optimizer
+
+from glow_dist.config import Config, load_config
+from glow_dist.distributed import gateway as dist
+from glow_dist.model import build_model, preprocess
+from glow_dist.runtime import resolve_mode
+from glow_dist.training.ema import EMA
+from glow_dist.training.optimizer import LearningRate, make_optimizer
+from glow_dist.training.state import TrainingState
+from glow_dist.training.step import build_train_step, capture_blockers, noise_generator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +40,7 @@ class Setup:
     def __init__(self, cfg: Config, device: str = "cpu", seed: int = 0):
         self.logs: list[str] = []
         torch.manual_seed(seed)
-        self.model = build_model(cfg.model).to(device)
+        self.model = build_model(cfg.model, cfg.runtime).to(device)
         images, _ = batch(cfg, 16, seed=99, device=device)
         self.model.initialize(preprocess(images, cfg.model.n_bits, generator=noise_generator(
             torch.device(device), 0, -1, 0)))
@@ -46,7 +48,8 @@ class Setup:
             g = torch.Generator().manual_seed(seed + 1)
             for p in self.model.parameters():
                 p.add_(0.02 * torch.randn(p.shape, generator=g).to(device))
-        self.optimizer = make_optimizer(cfg, self.model)
+        self.optimizer = make_optimizer(cfg.optim, self.model)
+        self.schedule = LearningRate(cfg.optim, world_size=1)
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.faults: set[tuple[int, int]] = set()
         self.step = build_train_step(cfg, self.model, self.optimizer, self.ema, device=torch.device(device),
@@ -57,7 +60,8 @@ class Setup:
         out = []
         for i in range(steps):
             images, labels = batch(self.cfg, seed=i, device=device)
-            bpd, result = self.step(images, labels, lr=1e-3, step=i)
+            self.schedule.apply(self.optimizer, i)
+            bpd, result = self.step(images, labels, step=i)
             out.append((float(bpd), result.skipped))
         return out
 
@@ -75,7 +79,7 @@ def assert_same_training(a: Setup, b: Setup, rtol: float = 1e-4, atol: float = 1
 @pytest.fixture(scope="module")
 def compiled_and_eager() -> tuple[Setup, Setup, list, list]:
     """One compiled and one eager setup trained 3 steps from the same weights (compiling once for the module)."""
-    eager, compiled = Setup(debug_cfg("train.step_mode=eager")), Setup(debug_cfg("train.step_mode=compiled"))
+    eager, compiled = Setup(debug_cfg("runtime.step_mode=eager")), Setup(debug_cfg("runtime.step_mode=compiled"))
     assert compiled.step.mode == "compiled" and eager.step.mode == "eager"
     return eager, compiled, eager.run(3), compiled.run(3)
 
@@ -96,7 +100,7 @@ def test_compiled_step_dispatches_fewer_operators(compiled_and_eager):
     counts = {}
     for setup in (eager, compiled):
         with OpCounter() as ops:
-            setup.step(images, labels, lr=1e-3, step=5)
+            setup.step(images, labels, step=5)
         counts[setup.step.mode] = ops.total + ops.views
     # A count, not a timing: the fused forward/backward and the multi-tensor optimizer leave a fraction of eager's.
     assert counts["compiled"] < 0.5 * counts["eager"], counts
@@ -108,18 +112,18 @@ def test_injected_fault_skips_the_step_and_the_ema(compiled_and_eager):
         ema_before = [p.clone() for p in setup.ema.model.parameters()]
         setup.faults.add((7, 0))
         images, labels = batch(setup.cfg, seed=7)
-        bpd, result = setup.step(images, labels, lr=1e-3, step=7)
+        bpd, result = setup.step(images, labels, step=7)
         assert result.skipped and torch.isfinite(bpd), setup.step.mode  # the loss, not the reported bpd, is NaN
         assert (7, 0) not in setup.faults  # one-shot
         for name, value in setup.model.state_dict().items():
             assert torch.equal(value, before[name]), (setup.step.mode, name)
         assert all(torch.equal(a, b) for a, b in zip(ema_before, setup.ema.model.parameters(), strict=True))
-        _, result = setup.step(images, labels, lr=1e-3, step=8)
+        _, result = setup.step(images, labels, step=8)
         assert not result.skipped
 
 
 def test_graphed_mode_falls_back_to_eager_on_cpu_with_one_log_line():
-    setup = Setup(debug_cfg("train.step_mode=graphed"))
+    setup = Setup(debug_cfg("runtime.step_mode=graphed"))
     assert setup.step.mode == "eager"
     assert len(setup.logs) == 1 and "CUDA" in setup.logs[0] and "eager" in setup.logs[0], setup.logs
     setup.run(2)
@@ -127,37 +131,46 @@ def test_graphed_mode_falls_back_to_eager_on_cpu_with_one_log_line():
 
 
 def test_step_mode_resolution():
+    def resolve(cfg: Config, device: torch.device) -> tuple[str, str]:
+        return resolve_mode(cfg.runtime.step_mode, device, capture_blockers(cfg))
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_step_mode(debug_cfg(), cpu) == ("eager", "")
-    assert resolve_step_mode(debug_cfg(), cuda) == ("graphed", "")
-    for override, words in [("model.memory=checkpoint", "model.memory=checkpoint"),
-                            ("model.memory=invertible", "model.memory=invertible"),
+    assert resolve(debug_cfg(), cpu) == ("eager", "")
+    assert resolve(debug_cfg(), cuda) == ("graphed", "")
+    for override, words in [("runtime.memory=checkpoint", "runtime.memory=checkpoint"),
+                            ("runtime.memory=invertible", "runtime.memory=invertible"),
                             ("dist.elastic=true", "elastic")]:
-        mode, reason = resolve_step_mode(debug_cfg(override), cuda)
+        mode, reason = resolve(debug_cfg(override), cuda)
         assert mode == "eager" and words in reason
-    assert resolve_step_mode(debug_cfg("train.step_mode=compiled"), cpu) == ("compiled", "")
+    assert resolve(debug_cfg("runtime.step_mode=compiled"), cpu) == ("compiled", "")
 
 
 def test_old_boolean_spellings_and_checkpoints_of_either_layout_load():
-    assert load_config(None, ["model.channels_last=false"]).model.channels_last == "false"
-    assert load_config(None, ["model.channels_last=True"]).model.channels_last == "true"
-    assert load_config(None, []).model.channels_last == "auto"
-    with pytest.raises(ValueError, match="model.channels_last"):
-        load_config(None, ["model.channels_last=sometimes"])
-    old = load_config(None, [])
-    saved = {"model": {**old.model.__dict__, "channels_last": True, "autocast": "none", "compile": False}}
-    check_same_architecture(load_config(None, []), saved, "an old checkpoint")  # speed-only keys may differ
-    with pytest.raises(ValueError, match="model.width"):
-        check_same_architecture(load_config(None, ["model.width=8"]), saved, "an old checkpoint")
+    assert load_config(None, ["runtime.channels_last=false"]).runtime.channels_last == "false"
+    assert load_config(None, ["runtime.channels_last=True"]).runtime.channels_last == "true"
+    assert load_config(None, []).runtime.channels_last == "auto"
+    with pytest.raises(ValueError, match="runtime.channels_last"):
+        load_config(None, ["runtime.channels_last=sometimes"])
+    cfg = load_config(REPO / "configs/debug.yaml")
+    setup = Setup(cfg)
+    saved = TrainingState(cfg, setup.model, setup.optimizer, setup.ema).checkpoint(None, 1)
+    # A checkpoint of the old layout: speed-only keys inside `model`, with other values: it resumes.
+    saved["config"]["model"].update(memory="invertible", channels_last=True, autocast="none", compile=False)
+    TrainingState(cfg, setup.model, setup.optimizer, setup.ema).load(saved, "an old checkpoint")
+    other = load_config(REPO / "configs/debug.yaml", ["model.width=8"])
+    with pytest.raises(ValueError, match="model.width: 16 vs 8"):
+        TrainingState(other, setup.model, setup.optimizer, setup.ema).load(saved, "an old checkpoint")
 
 
 def test_channels_last_auto_is_nhwc_on_cpu_and_nchw_on_cuda():
-    model = build_model(debug_cfg("model.channels_last_min_size=1").model)
+    cfg = debug_cfg("runtime.channels_last_min_size=1")
+    model = build_model(cfg.model, cfg.runtime)
     x = torch.zeros(1, 4, 4, 4)
     level = model.levels[0]
     assert level.format_for(x) == torch.channels_last
     assert level._formats["cuda"] == torch.contiguous_format
-    forced = build_model(debug_cfg("model.channels_last=true", "model.channels_last_min_size=1").model)
+    cfg = debug_cfg("runtime.channels_last=true", "runtime.channels_last_min_size=1")
+    forced = build_model(cfg.model, cfg.runtime)
     assert forced.levels[0]._formats["cuda"] == torch.channels_last
 
 
@@ -173,11 +186,11 @@ def test_gradient_hooks_suspended_is_a_no_op_without_horovod():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["compiled", "graphed"])
-@pytest.mark.parametrize("overrides", [(), ("model.coupling=additive",), ("model.autocast=bf16",),
+@pytest.mark.parametrize("overrides", [(), ("model.coupling=additive",), ("runtime.autocast=bf16",),
                                        ("model.y_condition=true", "model.num_classes=10")])
 def test_fast_paths_give_the_eager_loss_gradients_and_weights_on_cuda(mode, overrides):
-    eager = Setup(debug_cfg("train.step_mode=eager", "train.tf32=false", *overrides), device="cuda")
-    fast = Setup(debug_cfg(f"train.step_mode={mode}", "train.tf32=false", *overrides), device="cuda")
+    eager = Setup(debug_cfg("runtime.step_mode=eager", "runtime.tf32=false", *overrides), device="cuda")
+    fast = Setup(debug_cfg(f"runtime.step_mode={mode}", "runtime.tf32=false", *overrides), device="cuda")
     torch.backends.cudnn.allow_tf32 = False  # fp32 tolerance needs fp32 convolutions on both sides
     try:
         bpd_eager, bpd_fast = eager.run(4, device="cuda"), fast.run(4, device="cuda")
@@ -185,7 +198,7 @@ def test_fast_paths_give_the_eager_loss_gradients_and_weights_on_cuda(mode, over
         torch.backends.cudnn.allow_tf32 = True
     assert fast.step.mode == mode, fast.logs
     # fp32 tolerance; with bf16 couplings Inductor may keep intermediates in fp32 where eager rounds to bf16.
-    rtol = 1e-2 if "model.autocast=bf16" in overrides else 1e-4
+    rtol = 1e-2 if "runtime.autocast=bf16" in overrides else 1e-4
     for (a, _), (b, _) in zip(bpd_eager, bpd_fast, strict=True):
         assert a == pytest.approx(b, rel=rtol / 10)
     for ga, gb in zip(eager.grads(), fast.grads(), strict=True):
@@ -195,39 +208,39 @@ def test_fast_paths_give_the_eager_loss_gradients_and_weights_on_cuda(mode, over
 
 @pytest.mark.gpu
 def test_graphed_fault_injection_stop_vote_and_checkpoint_interchange_on_cuda(tmp_path):
-    graphed = Setup(debug_cfg("train.step_mode=graphed"), device="cuda")
+    graphed = Setup(debug_cfg("runtime.step_mode=graphed"), device="cuda")
     graphed.run(2, device="cuda")
     assert graphed.step.mode == "graphed", graphed.logs
     before = copy.deepcopy(graphed.model.state_dict())
     graphed.faults.add((2, 0))
     images, labels = batch(graphed.cfg, seed=2, device="cuda")
-    _, result = graphed.step(images, labels, lr=1e-3, step=2, stop_requested=True)
+    _, result = graphed.step(images, labels, step=2, stop_requested=True)
     assert result.skipped and result.stop
     assert all(torch.equal(v, before[k]) for k, v in graphed.model.state_dict().items())
-    _, result = graphed.step(images, labels, lr=1e-3, step=3)  # the NaN factor was reset
+    _, result = graphed.step(images, labels, step=3)  # the NaN factor was reset
     assert not result.skipped
     # A checkpoint written under graphed mode resumes under eager with the same next step.
     path = tmp_path / "state.pt"
     torch.save({"model": graphed.model.state_dict(), "optimizer": graphed.optimizer.state_dict(),
                 "ema": graphed.ema.state_dict()}, path)
-    eager = Setup(debug_cfg("train.step_mode=eager"), device="cuda")
+    eager = Setup(debug_cfg("runtime.step_mode=eager"), device="cuda")
     state = torch.load(path, map_location="cuda")
     eager.model.load_state_dict(state["model"])
     eager.optimizer.load_state_dict(state["optimizer"])
     eager.ema.load_state_dict(state["ema"])
     images, labels = batch(graphed.cfg, seed=4, device="cuda")
-    bpd_g, _ = graphed.step(images, labels, lr=1e-3, step=4)
-    bpd_e, _ = eager.step(images, labels, lr=1e-3, step=4)
+    bpd_g, _ = graphed.step(images, labels, step=4)
+    bpd_e, _ = eager.step(images, labels, step=4)
     assert float(bpd_g) == pytest.approx(float(bpd_e), rel=1e-4)
     assert_same_training(eager, graphed, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.gpu
 def test_graphed_step_runs_a_different_batch_shape_eagerly_on_cuda():
-    setup = Setup(debug_cfg("train.step_mode=graphed"), device="cuda")
+    setup = Setup(debug_cfg("runtime.step_mode=graphed"), device="cuda")
     setup.run(1, device="cuda")
     images, labels = batch(setup.cfg, n=3, device="cuda")
-    bpd, result = setup.step(images, labels, lr=1e-3, step=1)
+    bpd, result = setup.step(images, labels, step=1)
     assert torch.isfinite(bpd) and not result.skipped
     assert sum("differs from the captured" in line for line in setup.logs) == 1
     setup.run(2, device="cuda")  # back to replays

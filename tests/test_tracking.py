@@ -20,7 +20,8 @@ from PIL import Image
 
 from glow_dist import tracking
 from glow_dist.config import Config, flatten
-from glow_dist.tracking.client import NullTracker, Tracker, make_tracker, run_tags
+from glow_dist.tracking.client import Tracker, make_tracker
+from glow_dist.tracking.reporter import NullReporter, make_reporter
 
 SERVER_START_TIMEOUT_S = 120   # a cold start runs the sqlite migrations; slow on a busy 2-core machine
 
@@ -90,10 +91,10 @@ def test_log_and_read_back_through_server(mlflow_server: str, tmp_path: Path) ->
     params = {**flatten(cfg), **{f"extra.p{i}": i for i in range(150)}, "extra.long": "x" * 7000}  # > 100: batched
     image = np.random.default_rng(0).integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
     (tmp_path / "notes.txt").write_text("hello")
-    with make_tracker(cfg, is_main=True) as tracker:
+    with make_tracker(cfg) as tracker:
         assert isinstance(tracker, Tracker) and tracker.run_id
         tracker.log_params(params)
-        tracker.set_tags(run_tags(host_count=2, gpu_type="cpu", git_commit="abc123"))
+        tracker.set_tags({"hosts": "2", "mlflow.source.git.commit": "abc123"})
         for step in range(1, 6):
             tracker.log_metrics({"bits_per_dim/train": 8.0 / step, "train/lr": 1e-3}, step=step)
         tracker.log_image(image, "samples/t0.7.png")
@@ -121,13 +122,13 @@ def test_log_and_read_back_through_server(mlflow_server: str, tmp_path: Path) ->
 @pytest.mark.slow
 def test_resume_same_run(mlflow_server: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cfg = _cfg(tmp_path, mlflow_server)
-    first = make_tracker(cfg, is_main=True)
+    first = make_tracker(cfg)
     first.log_params({"train.steps": 100})
     first.log_metrics({"loss": 1.0}, step=1)
     first.finish("KILLED")
     assert MlflowClient(mlflow_server).get_run(first.run_id).info.status == "KILLED"
 
-    second = make_tracker(cfg, is_main=True, run_id=first.run_id)
+    second = make_tracker(cfg, run_id=first.run_id)
     assert second.run_id == first.run_id
     second.log_params({"train.steps": 200, "train.new": 1})  # a changed value is kept as it was, with a warning
     second.log_metrics({"loss": 0.5}, step=2)
@@ -144,7 +145,7 @@ def test_resume_same_run(mlflow_server: str, tmp_path: Path, capsys: pytest.Capt
 def test_default_local_sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = _cfg(tmp_path, uri="")
-    tracker = make_tracker(cfg, is_main=True)
+    tracker = make_tracker(cfg)
     tracker.log_metrics({"loss": 2.0}, step=3)
     tracker.log_image(np.zeros((4, 4, 1), dtype=np.uint8), "grid.png")
     tracker.finish()
@@ -157,11 +158,12 @@ def test_default_local_sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert list((tmp_path / "mlflow" / "artifacts").rglob("grid.png")), "artifact did not land in local_dir"
 
 
-def test_null_tracker_on_other_ranks(tmp_path: Path) -> None:
-    tracker = make_tracker(_cfg(tmp_path, "http://127.0.0.1:1"), is_main=False)
-    assert isinstance(tracker, NullTracker) and not isinstance(tracker, Tracker) and tracker.run_id is None
-    tracker.log_metrics({"loss": 1.0}, step=1)
-    tracker.finish()
+def test_null_reporter_on_other_ranks(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "http://127.0.0.1:1")
+    report = make_reporter(cfg, main=False, run_id=None, world_size=2, start_step=0)
+    assert type(report) is NullReporter and report.run_id is None
+    report.metrics({"loss": 1.0}, step=1)
+    report.finish()
     assert not (tmp_path / "run").exists()
 
 
@@ -169,7 +171,7 @@ def test_unreachable_server_never_stops_training(tmp_path: Path, capfd: pytest.C
     uri = f"http://127.0.0.1:{_free_port()}"   # nothing listens there
     cfg = _cfg(tmp_path, uri)
     start = time.monotonic()
-    tracker = make_tracker(cfg, is_main=True)
+    tracker = make_tracker(cfg)
     tracker.log_params(flatten(cfg))
     for step in range(200):
         tracker.log_metrics({"loss": float(step)}, step=step)
@@ -232,7 +234,7 @@ def test_server_goes_away_and_comes_back(mlflow_server: str, tmp_path: Path, mon
     relay = Relay(mlflow_server)
     relay.open()
     try:
-        tracker = make_tracker(_cfg(tmp_path, relay.uri), is_main=True)
+        tracker = make_tracker(_cfg(tmp_path, relay.uri))
         tracker.log_metrics({"loss": 0.0}, step=0)
         relay.close()
         start = time.monotonic()
@@ -256,7 +258,7 @@ def test_server_goes_away_and_comes_back(mlflow_server: str, tmp_path: Path, mon
 def test_env_defaults_keep_dead_servers_cheap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")   # a user's own choice is kept
-    make_tracker(_cfg(tmp_path, f"http://127.0.0.1:{_free_port()}"), is_main=True).finish()
+    make_tracker(_cfg(tmp_path, f"http://127.0.0.1:{_free_port()}")).finish()
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
 
 
@@ -320,11 +322,11 @@ def test_checkpoint_rotation_in_mlflow_survives_a_resume(mlflow_server: str, tmp
                              f"tracking.local_dir={tmp_path / 'mlflow'}", "train.keep_checkpoints=2",
                              f"tracking.log_checkpoints={policy}", "tracking.system_metrics=false", *extra])
     paths = _fake_checkpoints(tmp_path / "run", [1, 2, 3, 4, 5])
-    first = make_tracker(cfg, is_main=True)
+    first = make_tracker(cfg)
     for step, path in zip([1, 2, 3], paths[:3], strict=True):
         first.log_checkpoint(path, step)
     first.finish("KILLED")
-    second = make_tracker(cfg, is_main=True, run_id=first.run_id)   # a new process: rotation reads MLflow's list
+    second = make_tracker(cfg, run_id=first.run_id)   # a new process: rotation reads MLflow's list
     for step, path in zip([4, 5], paths[3:], strict=True):
         second.log_checkpoint(path, step)
     second.finish()

@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from glow_dist.checkpoint import save_checkpoint
 from glow_dist.config import load_config
-from glow_dist.training.ema import UPDATES_KEY
 from glow_dist.model import build_model
+from glow_dist.training.ema import UPDATES_KEY
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def test_two_ranks_train_in_lockstep_and_log_to_mlflow(tmp_path, digits_shards, 
     run_dir = tmp_path / "run"
     overrides = BASE + [f"data.root={digits_shards}", f"train.run_dir={run_dir}", f"tracking.uri={mlflow_server}",
                         "tracking.experiment=test-train", "tracking.sample_temperatures=0,0.7,1",
-                        "model.channels_last_min_size=1"]  # NHWC in every level: Horovod all-reduces its gradients
+                        "runtime.channels_last_min_size=1"]  # NHWC in every level: Horovod all-reduces its gradients
     r0, r1 = run_check(2, tmp_path / "out", overrides)
 
     # Parameters, buffers and EMA are bit-identical on both ranks after training.

@@ -14,7 +14,7 @@ Function, so their gradients reach the usual AccumulateGrad nodes (and thus Horo
 
 The rebuilt inputs differ from the originals by float rounding that the inverse amplifies step after step; in
 float64 the gradients equal plain backprop's to ~1e-12. In float32 a deep flow whose forward contracts (its inverse
-expands) can amplify rounding without bound, so the chain is cut into segments (`model.invertible_segment` steps)
+expands) can amplify rounding without bound, so the chain is cut into segments (`runtime.invertible_segment` steps)
 that each keep their output: memory O(K / segment) small tensors plus one step's graph, error bounded by a segment.
 ActNorm's data-dependent init must have run before (it runs in `Glow.initialize`, under no_grad, where this path
 is not used).

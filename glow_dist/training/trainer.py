@@ -125,15 +125,19 @@ class Trainer:
         self.start(loaded and loaded.run_id, loaded and loaded.path, fresh=loaded is None)
         return TrainingLoop(self).run(stop)
 
-    def init_actnorm(self) -> None:
-        """Data-dependent ActNorm init from every rank's init batch (noise fixed by (seed, rank)); the statistics
-        are all-reduced, so the init equals one on all ranks' batches together."""
+    def init_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's ActNorm init batch, dequantized with noise fixed by (seed, rank)."""
         cfg = self.cfg
         init_data = make_loader(cfg.data, cfg.model, "train", batch_size=cfg.train.init_batch_size, rank=self.rank,
                                 world_size=self.world, device=self.device, seed=cfg.train.seed)
         images, labels = next(iter(init_data.epoch(0)))
         x = preprocess(images, cfg.model.n_bits, generator=noise_generator(self.device, cfg.train.seed, -1, self.rank))
-        self.state.model.initialize(x, labels if cfg.model.y_condition else None, reduce_fn=dist.allreduce_sum)
+        return x, labels if cfg.model.y_condition else None
+
+    def init_actnorm(self) -> None:
+        """Data-dependent ActNorm init from every rank's init batch; the statistics are all-reduced, so the init
+        equals one on all ranks' batches together."""
+        self.state.model.initialize(*self.init_batch(), reduce_fn=dist.allreduce_sum)
         self.state.ema.reset(self.state.model)
 
     def log_evaluation(self, step: int, extra: dict[str, float] | None = None) -> dict[str, float]:

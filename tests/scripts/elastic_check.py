@@ -24,8 +24,8 @@ def main() -> None:
     trainer.fit()
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"final": trainer.model.state_dict(), "ema": trainer.ema.state_dict(),
-                "position": vars(trainer.position), "world": trainer.world}, out / f"rank{trainer.rank}.pt")
+    torch.save({"final": trainer.state.model.state_dict(), "ema": trainer.state.ema.state_dict(),
+                "position": vars(trainer.state.position), "world": trainer.world}, out / f"rank{trainer.rank}.pt")
 
 
 if __name__ == "__main__":

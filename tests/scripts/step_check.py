@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from glow_dist.distributed import gateway as dist
 from glow_dist.config import load_config
-from glow_dist.training.ema import EMA
+from glow_dist.distributed import gateway as dist
 from glow_dist.model import build_model, preprocess
+from glow_dist.training.ema import EMA
+from glow_dist.training.optimizer import make_optimizer
 from glow_dist.training.step import build_train_step
-from glow_dist.training.trainer import make_optimizer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,9 +28,9 @@ def main() -> None:
     dist.init()
     torch.set_num_threads(1)
     rank = dist.rank()
-    cfg = load_config(REPO / "configs/debug.yaml", ["optim.grad_clip=0", "train.step_mode=compiled"])
+    cfg = load_config(REPO / "configs/debug.yaml", ["optim.grad_clip=0", "runtime.step_mode=compiled"])
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.runtime)
     g = torch.Generator().manual_seed(100 + rank)  # rank-dependent data
     m = cfg.model
 
@@ -38,7 +38,7 @@ def main() -> None:
         return torch.randint(0, 256, (n, m.channels, m.image_size, m.image_size), generator=g, dtype=torch.uint8)
 
     model.initialize(preprocess(images(16), m.n_bits), reduce_fn=dist.allreduce_sum)
-    optimizer = dist.distributed_optimizer(make_optimizer(cfg, model), model)
+    optimizer = dist.distributed_optimizer(make_optimizer(cfg.optim, model), model)
     ema = EMA(model, cfg.optim.ema_decay)
     dist.broadcast_training_state(model, optimizer, ema.model)
 
@@ -52,7 +52,9 @@ def main() -> None:
 
     # 2. The compiled step, 3 steps on this rank's data.
     step = build_train_step(cfg, model, optimizer, ema, device=torch.device("cpu"), rank=rank)
-    bpds = [float(step(images(), None, lr=1e-3, step=i)[0]) for i in range(3)]
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-3
+    bpds = [float(step(images(), None, step=i)[0]) for i in range(3)]
     torch.save({"local": local, "reduced": reduced, "skipped": result.skipped, "mode": step.mode, "bpds": bpds,
                 "model": model.state_dict(), "ema": ema.state_dict()}, out_dir / f"rank{rank}.pt")
 

@@ -21,15 +21,15 @@ def main() -> None:
     args, overrides = parser.parse_known_args()  # the rest are section.key=value overrides
     trainer = Trainer(load_config(args.config, overrides))
     init_x, _ = trainer.init_batch()
-    after_init = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    before = trainer.evaluate()
+    after_init = {k: v.clone() for k, v in trainer.state.model.state_dict().items()}
+    before = trainer.evaluator.evaluate(trainer.test_data.epoch(0))
     final = trainer.fit()
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"init_x": init_x.cpu(), "after_init": after_init, "final": trainer.model.state_dict(),
-                "ema": trainer.ema.state_dict(), "test_bpd_before": before,
+    torch.save({"init_x": init_x.cpu(), "after_init": after_init, "final": trainer.state.model.state_dict(),
+                "ema": trainer.state.ema.state_dict(), "test_bpd_before": before,
                 "test_bpd_after": final["bits_per_dim/test_ema"], "final_metrics": final,
-                "position": vars(trainer.position), "world": trainer.world, "run_id": trainer.report.run_id},
+                "position": vars(trainer.state.position), "world": trainer.world, "run_id": trainer.report.run_id},
                out / f"rank{trainer.rank}.pt")
 
 
