@@ -225,3 +225,20 @@ def test_user_errors_are_one_clear_line(runs, zero_data, test_images, tmp_path, 
         assert cli(args) == 2, args
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_latents_of_a_model_that_differs_only_in_runtime_choices_decode(runs, test_images, tmp_path):
+    """Latents written by a model with other speed-only choices (the old layout kept them inside `model_config`:
+    channels_last, compile, memory) decode with this checkpoint: only the architecture has to match."""
+    latents = tmp_path / "l.npz"
+    assert cli(["encode", "--checkpoint", str(runs["main"]), "--images", str(test_images[0]), "--out",
+                str(latents)]) == 0
+    with np.load(latents) as f:
+        arrays = {k: f[k] for k in f.files}
+    saved = json.loads(str(arrays["model_config"]))
+    saved.update(channels_last="true", compile=True, memory="invertible", autocast="bf16")
+    arrays["model_config"] = np.array(json.dumps(saved))
+    np.savez(latents, **arrays)
+    assert cli(["decode", "--checkpoint", str(runs["main"]), "--latents", str(latents), "--out",
+                str(tmp_path / "d")]) == 0
+    assert np.array_equal(read_png(tmp_path / "d" / f"{test_images[0].stem}.png"), expected(test_images[0]))
