@@ -219,28 +219,15 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise fail()
-    if typ is int:
-        if isinstance(value, bool):
+    if typ in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise fail()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                raise fail() from None
-        raise fail()
-    if typ is float:
-        if isinstance(value, bool):
+        if typ is int and isinstance(value, float):
             raise fail()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise fail() from None
-        raise fail()
+        try:
+            return typ(value)
+        except ValueError:
+            raise fail() from None
     if typ is str:
         if isinstance(value, str):
             return value

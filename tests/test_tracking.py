@@ -18,9 +18,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from glow_dist import tracking
 from glow_dist.config import Config, flatten
-from glow_dist.tracking.client import Tracker, make_tracker
+from glow_dist.tracking import outbox
+from glow_dist.tracking.client import Tracker, checkpoints_to_keep, make_tracker
 from glow_dist.tracking.reporter import NullReporter, make_reporter
 
 SERVER_START_TIMEOUT_S = 120   # a cold start runs the sqlite migrations; slow on a busy 2-core machine
@@ -230,7 +230,7 @@ class Relay:
 @pytest.mark.slow
 def test_server_goes_away_and_comes_back(mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          capfd: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(tracking, "FIRST_RETRY_S", 0.5)   # retry soon, so the test need not wait 30 s
+    monkeypatch.setattr(outbox, "FIRST_RETRY_S", 0.5)   # retry soon, so the test need not wait 30 s
     relay = Relay(mlflow_server)
     relay.open()
     try:
@@ -266,12 +266,12 @@ def test_env_defaults_keep_dead_servers_cheap(tmp_path: Path, monkeypatch: pytes
 
 def test_checkpoint_policies_keep_what_they_say() -> None:
     steps = [100, 200, 300, 400, 500]
-    assert tracking.checkpoints_to_keep(steps, "none") == set()
-    assert tracking.checkpoints_to_keep(steps, "last") == {500}
-    assert tracking.checkpoints_to_keep(steps, "all", keep=2) == {400, 500}
-    assert tracking.checkpoints_to_keep(steps, "all", keep=0) == set(steps)
-    assert tracking.checkpoints_to_keep(steps, "every_n", every=200) == {200, 400, 500}
-    assert tracking.checkpoints_to_keep([], "last") == set()
+    assert checkpoints_to_keep(steps, "none") == set()
+    assert checkpoints_to_keep(steps, "last") == {500}
+    assert checkpoints_to_keep(steps, "all", keep=2) == {400, 500}
+    assert checkpoints_to_keep(steps, "all", keep=0) == set(steps)
+    assert checkpoints_to_keep(steps, "every_n", every=200) == {200, 400, 500}
+    assert checkpoints_to_keep([], "last") == set()
 
 
 @pytest.mark.parametrize(("old", "new"), [(True, "all"), (False, "none"), ("true", "all"), ("no", "none")])

@@ -29,14 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
-import sys
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,13 +42,9 @@ import numpy as np
 
 from glow_dist.config import Config, dump_yaml, tracking_store
 from glow_dist.tracking.metadata import default_run_name, source_tags, split_count, with_evaluation
+from glow_dist.tracking.outbox import MAX_BUFFERED_METRICS, Outbox, warn
 
-MAX_BUFFERED_METRICS = 100_000       # values held while the server is away (metrics.jsonl keeps everything)
-MAX_BUFFERED_ARTIFACTS = 1_000
-FIRST_RETRY_S, MAX_RETRY_S = 30.0, 600.0
-_PARAM_BATCH, _METRIC_BATCH, _PARAM_VALUE_LEN = 100, 1000, 6000   # MLflow's limits (mlflow/utils/validation.py)
-# Errors that mean "not reachable right now": keep the data and retry. Anything else MLflow raises is a rejection.
-_TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+_PARAM_VALUE_LEN = 6000   # MLflow's limit on a param's value (mlflow/utils/validation.py): longer ones are cut
 _CHECKPOINT_ARTIFACT = re.compile(r"^checkpoints/ckpt-(\d{8})\.pt$")
 RUN_VIEW = "?workflowType=machine_learning"   # MLflow 3's UI opens runs in its GenAI view unless told otherwise
 
@@ -97,24 +90,13 @@ def log_evaluation(cfg: Config, run_id: str | None, step: int, metrics: dict[str
             f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}{RUN_VIEW}")
 
 
-def _warn(message: str) -> None:
-    print(f"[tracking] WARNING: {message}", file=sys.stderr, flush=True)
-
-
-def _is_transient(error: Exception) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    return not isinstance(error, MlflowException) or error.error_code in _TRANSIENT_CODES
-
-
 class Tracker:
-    """An MLflow run plus a local metrics.jsonl; survives an unreachable or vanished tracking server. Only rank 0
-    has one (glow_dist/tracking/reporter.py is the rank-0 boundary)."""
+    """An MLflow run plus a local metrics.jsonl; survives an unreachable or vanished tracking server (the Outbox
+    keeps and retries what the server has not taken yet). Only rank 0 has one (glow_dist/tracking/reporter.py is
+    the rank-0 boundary)."""
 
     def __init__(self, cfg: Config, run_id: str | None = None, run_name: str | None = None,
                  tags: dict[str, str] | None = None) -> None:
-        from mlflow.tracking import MlflowClient
-
         # A dead server must cost seconds, not MLflow's default of 7 retries with backoff and 120 s timeouts;
         # setdefault keeps values the user chose. (Names from mlflow/environment_variables.py, MLflow 3.x.)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -122,161 +104,38 @@ class Tracker:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # garbage in launcher logs
         self._cfg = cfg.tracking
         self._keep_checkpoints = cfg.train.keep_checkpoints
-        self._run_name = cfg.tracking.run_name or run_name
-        self._create_tags = {**source_tags(), **(tags or {})}   # set when this run is created, not on resume
-        self._run_dir = Path(cfg.train.run_dir)
-        self._staging = self._run_dir / "tracking"   # files handed to MLflow live here until uploaded
+        run_dir = Path(cfg.train.run_dir)
+        self._staging = run_dir / "tracking"   # files handed to MLflow live here until uploaded
         self._staging.mkdir(parents=True, exist_ok=True)
-        self.metrics_file = (self._run_dir / "metrics.jsonl").resolve()
-        self.uri, self._artifact_location = self._resolve_uri()
-        self._client = MlflowClient(tracking_uri=self.uri)
-        self.run_id = run_id
-        self.experiment_id: str | None = None
-        self._run_ready = False           # the run exists (created or resumed) on the server
-        self._online = False
-        self._next_retry = 0.0
-        self._retry_delay = FIRST_RETRY_S
-        self._finished = False
-        self._existing_params: dict[str, str] = {}
-        self._params: dict[str, str] = {}
-        self._tags: dict[str, str] = {}
-        self._metrics: deque = deque(maxlen=MAX_BUFFERED_METRICS)
-        # Uploads, images, deletions and other calls, in order: (what, call, file that must still exist or None).
-        self._calls: deque[tuple[str, Callable[[], Any], Path | None]] = deque(maxlen=MAX_BUFFERED_ARTIFACTS)
+        self.metrics_file = (run_dir / "metrics.jsonl").resolve()
+        uri, local = tracking_store(cfg.tracking)
+        if local is not None:
+            local.mkdir(parents=True, exist_ok=True)   # everything of the local store stays in tracking.local_dir
         self._dropped_warned = False
-        self._system_metrics: Any = None
-        self._flush(force=True)
+        self._outbox = Outbox(cfg.tracking, uri, (local / "artifacts").as_uri() if local else None, run_id,
+                              cfg.tracking.run_name or run_name, {**source_tags(), **(tags or {})}, self.metrics_file)
+        self._outbox.flush(force=True)
 
-    def _resolve_uri(self) -> tuple[str, str | None]:
-        uri, local = tracking_store(self._cfg)
-        if local is None:
-            return uri, None
-        local.mkdir(parents=True, exist_ok=True)
-        return uri, (local / "artifacts").as_uri()   # everything of the local store stays in tracking.local_dir
+    @property
+    def run_id(self) -> str | None:
+        return self._outbox.run_id
 
-    # ---- connection and buffering -------------------------------------------------------------------------
-    def _connect(self) -> None:
-        from mlflow.exceptions import MlflowException
+    @property
+    def uri(self) -> str:
+        return self._outbox.uri
 
-        exp = self._client.get_experiment_by_name(self._cfg.experiment)
-        if exp is None:
-            try:
-                self.experiment_id = self._client.create_experiment(
-                    self._cfg.experiment, artifact_location=self._artifact_location)
-            except MlflowException as e:  # another job created it between our two calls
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                self.experiment_id = self._client.get_experiment_by_name(self._cfg.experiment).experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
-        if exp is None or "mlflow.experimentKind" not in exp.tags:
-            # The experiment page then opens on training runs, not MLflow 3's GenAI default.
-            self._client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
-        if self.run_id is not None:
-            try:
-                run = self._client.get_run(self.run_id)
-                self._existing_params = dict(run.data.params)
-                self._client.update_run(self.run_id, status="RUNNING")
-                self._run_ready = True
-                self._start_system_metrics(resume=True)
-                return
-            except MlflowException as e:
-                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    raise
-                _warn(f"run {self.run_id} is not in {self.uri}; starting a new run (tag resumed_from)")
-                self._tags["resumed_from"] = self.run_id
-        run = self._client.create_run(self.experiment_id, run_name=self._run_name or None, tags=self._create_tags)
-        self.run_id = run.info.run_id
-        self._run_ready = True
-        self._start_system_metrics(resume=False)
+    @property
+    def experiment_id(self) -> str | None:
+        return self._outbox.experiment_id
 
-    def _start_system_metrics(self, resume: bool) -> None:
-        """MLflow's own sampler (`system/...` metrics every 10 s), when asked for and psutil is there."""
-        if not self._cfg.system_metrics or self._system_metrics is not None:
-            return
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-        except ImportError as e:  # psutil missing: say it once, train anyway
-            print(f"[tracking] no system metrics ({e}); `pip install psutil nvidia-ml-py` to get them", flush=True)
-            return
-        # MLflow logs at INFO that it skips GPU metrics without NVML; that is expected on CPU ranks.
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-        self._system_metrics = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
-        self._system_metrics.start()
+    @property
+    def client(self) -> Any:
+        """The MlflowClient of this run's server (calls through it should go through `call`, to be retried)."""
+        return self._outbox.client
 
-    def _attempt(self, what: str, call: Any, *args: Any, **kwargs: Any) -> bool:
-        """Run call(*args, **kwargs); on failure warn (once per outage) and schedule a retry. True on success."""
-        try:
-            call(*args, **kwargs)
-        except Exception as e:
-            if not _is_transient(e) and self._run_ready:
-                _warn(f"MLflow rejected {what} ({e}); dropped it (metrics.jsonl still has every metric)")
-                return True   # retrying cannot help; move on to the rest of the buffer
-            if self._online or self._next_retry == 0.0:
-                _warn(
-                    f"MLflow tracking at {self.uri} is unreachable ({str(e).splitlines()[0][:300]}). Training "
-                    f"continues; metrics are buffered and retried, and all are written to {self.metrics_file}. "
-                    "Fix: start the server (or check the network), or set tracking.uri / MLFLOW_TRACKING_URI to "
-                    "a reachable one; tracking.uri='' with MLFLOW_TRACKING_URI unset uses the local sqlite store."
-                )
-            else:
-                self._retry_delay = min(self._retry_delay * 2, MAX_RETRY_S)  # back off while it stays away
-            self._online = False
-            self._next_retry = time.monotonic() + self._retry_delay
-            return False
-        if not self._online:
-            if self._next_retry:
-                print(f"[tracking] MLflow at {self.uri} reachable again; sending buffered data", flush=True)
-            self._online, self._retry_delay = True, FIRST_RETRY_S
-        return True
-
-    def _flush(self, force: bool = False) -> None:
-        """Send what is buffered; while offline, only when the retry time has come (or `force`)."""
-        if self._finished or (not self._online and not force and time.monotonic() < self._next_retry):
-            return
-        if not self._run_ready and not (self._attempt("run creation", self._connect) and self._run_ready):
-            return
-        from mlflow.entities import Param, RunTag
-
-        self._drop_changed_params()
-        while self._params:
-            keys = list(self._params)[:_PARAM_BATCH]
-            batch = [Param(k, self._params[k]) for k in keys]
-            if not self._attempt("params", self._client.log_batch, self.run_id, params=batch):
-                return
-            self._existing_params.update({k: self._params.pop(k) for k in keys})
-        while self._tags:
-            keys = list(self._tags)[:_PARAM_BATCH]
-            batch = [RunTag(k, self._tags[k]) for k in keys]
-            if not self._attempt("tags", self._client.log_batch, self.run_id, tags=batch):
-                return
-            for k in keys:
-                self._tags.pop(k)
-        while self._metrics:
-            batch = [self._metrics[i] for i in range(min(_METRIC_BATCH, len(self._metrics)))]
-            if not self._attempt("metrics", self._client.log_batch, self.run_id, metrics=batch):
-                return
-            for _ in batch:
-                self._metrics.popleft()
-        while self._calls:
-            what, call, needs = self._calls[0]
-            if (needs is None or needs.exists()) and not self._attempt(what, call):
-                return
-            self._calls.popleft()   # a file deleted meanwhile (rotated checkpoint) is simply skipped
-
-    def _drop_changed_params(self) -> None:
-        # MLflow params are write-once: a resumed run with a changed value would be rejected. Keep the original.
-        changed = [k for k, v in self._params.items() if k in self._existing_params and self._existing_params[k] != v]
-        if changed:
-            _warn(f"params changed since the run started, kept the original values: {', '.join(changed)} "
-                  "(the new config is in the config.yaml artifact)")
-        for k in [k for k in self._params if k in self._existing_params]:
-            self._params.pop(k)
-
-    # ---- the trainer-facing API ---------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        self._params.update({k: str(v)[:_PARAM_VALUE_LEN] for k, v in params.items()})
-        self._flush()
+        self._outbox.params.update({k: str(v)[:_PARAM_VALUE_LEN] for k, v in params.items()})
+        self._outbox.flush()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -287,27 +146,28 @@ class Tracker:
         # (non-finite values appear as NaN/Infinity, which Python's json reads back).
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps({"step": step, "time_ms": now_ms, "metrics": values}) + "\n")
-        if len(self._metrics) + len(values) > MAX_BUFFERED_METRICS and not self._dropped_warned:
-            _warn(f"over {MAX_BUFFERED_METRICS} metric values buffered; dropping the oldest from the MLflow "
-                  f"buffer (they stay in {self.metrics_file})")
+        buffered = self._outbox.metrics
+        if len(buffered) + len(values) > MAX_BUFFERED_METRICS and not self._dropped_warned:
+            warn(f"over {MAX_BUFFERED_METRICS} metric values buffered; dropping the oldest from the MLflow "
+                 f"buffer (they stay in {self.metrics_file})")
             self._dropped_warned = True
-        self._metrics.extend(Metric(k, v, now_ms, step) for k, v in values.items())
-        self._flush()
+        buffered.extend(Metric(k, v, now_ms, step) for k, v in values.items())
+        self._outbox.flush()
 
-    def call(self, what: str, fn: Callable[[], Any]) -> None:
-        """Run fn() against the server now, or later in order with everything else when it is away."""
-        self._calls.append((what, fn, None))
-        self._flush()
+    def call(self, what: str, fn: Callable[[], Any], needs: Path | None = None) -> None:
+        """Run fn() against the server now, or later in order with everything else when it is away (skipped if the
+        file `needs` is gone by then)."""
+        self._outbox.calls.append((what, fn, needs))
+        self._outbox.flush()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path).resolve()
 
         def upload() -> None:
-            log = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
+            log = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
             log(self.run_id, str(path), artifact_path)
 
-        self._calls.append((f"artifact {path}", upload, path))
-        self._flush()
+        self.call(f"artifact {path}", upload, path)
 
     def log_image(self, image: str | Path | np.ndarray, artifact_file: str | None = None, key: str | None = None,
                   step: int | None = None) -> None:
@@ -329,11 +189,10 @@ class Tracker:
 
         def upload() -> None:
             with Image.open(staged) as img:
-                self._client.log_image(self.run_id, img.copy(), key=key, step=step or 0, timestamp=timestamp)
+                self.client.log_image(self.run_id, img.copy(), key=key, step=step or 0, timestamp=timestamp)
             staged.unlink(missing_ok=True)
 
-        self._calls.append((f"image {key} step {step}", upload, staged))
-        self._flush()
+        self.call(f"image {key} step {step}", upload, staged)
 
     def log_checkpoint(self, path: str | Path, step: int | None = None) -> None:
         """Upload a checkpoint and its checksum under `checkpoints/`, then delete the uploaded checkpoints that
@@ -348,7 +207,7 @@ class Tracker:
 
     def _rotate_checkpoints(self) -> None:
         # Read the run's checkpoint list from MLflow itself, so checkpoints uploaded before a resume rotate too.
-        names = [a.path for a in self._client.list_artifacts(self.run_id, "checkpoints")]
+        names = [a.path for a in self.client.list_artifacts(self.run_id, "checkpoints")]
         steps = {int(m.group(1)): p for p in names if (m := _CHECKPOINT_ARTIFACT.match(p))}
         keep = checkpoints_to_keep(list(steps), self._cfg.log_checkpoints, self._cfg.log_checkpoints_every,
                                    self._keep_checkpoints)
@@ -357,15 +216,15 @@ class Tracker:
             return
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        repo = get_artifact_repository(self._client.get_run(self.run_id).info.artifact_uri, tracking_uri=self.uri)
+        repo = get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri, tracking_uri=self.uri)
         for path in stale:
             for name in (path + ".sha256", path):   # sidecar first, as the local rotation does
                 if name == path or name in names:
                     repo.delete_artifacts(name)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._tags.update({k: str(v) for k, v in tags.items()})
-        self._flush()
+        self._outbox.tags.update({k: str(v) for k, v in tags.items()})
+        self._outbox.flush()
 
     def log_config(self, cfg: Config) -> None:
         """The resolved config as a `config.yaml` artifact at the root of the run."""
@@ -378,28 +237,17 @@ class Tracker:
         from mlflow.entities import DatasetInput, InputTag
 
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
-        self.call(f"dataset {dataset.name}", lambda: self._client.log_inputs(self.run_id, datasets=[entity]))
+        self.call(f"dataset {dataset.name}", lambda: self.client.log_inputs(self.run_id, datasets=[entity]))
 
     def finish(self, status: str = "FINISHED") -> None:
         """Send what is left (one last try) and close the run with FINISHED, FAILED or KILLED."""
-        if self._finished:
-            return
-        if self._system_metrics is not None:
-            self._system_metrics.finish()   # its last samples go in before the run is closed
-            self._system_metrics = None
-        self._flush(force=True)
-        if self._run_ready and self._online:
-            self._attempt("run status", self._client.set_terminated, self.run_id, status=status)
-        pending = len(self._metrics) + len(self._params) + len(self._tags) + len(self._calls)
-        if pending:
-            _warn(f"{pending} tracking items never reached {self.uri}; metrics are all in {self.metrics_file}")
-        self._finished = True
+        self._outbox.close(status)
 
     def url(self) -> str:
         """Address of the run in the MLflow UI's model-training view (for the local store, once `make mlflow-ui`
         is running)."""
         base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
-        if not self._run_ready:
+        if not self._outbox.ready:
             return base
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}{RUN_VIEW}"
 
@@ -409,7 +257,7 @@ class Tracker:
         if self.uri.startswith("sqlite:"):
             where += (f" after `make mlflow-ui` (default tracking.local_dir) or "
                       f"`mlflow ui --backend-store-uri {self.uri}`")
-        if not self._run_ready:
+        if not self._outbox.ready:
             where = f"MLflow at {self.uri} not reachable yet"
         return f"{where}; every metric also in {self.metrics_file}"
 

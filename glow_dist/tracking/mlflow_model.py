@@ -95,7 +95,7 @@ def log_glow_model(tracker: Any, state: dict, staging: Path, register_as: str = 
         mlflow.set_tracking_uri(tracker.uri)
         mlflow.set_experiment(experiment_id=tracker.experiment_id)
         # Created here, not by Model.log, which would copy every run param onto the model; the run has them.
-        model = tracker._client.create_logged_model(tracker.experiment_id, name=MODEL_NAME,
+        model = tracker.client.create_logged_model(tracker.experiment_id, name=MODEL_NAME,
                                                     source_run_id=tracker.run_id, model_type="glow",
                                                     tags={"glow_dist.training.step": str(step)})
         with warnings.catch_warnings():   # no input example: the signature below says what predict takes
@@ -110,7 +110,7 @@ def log_glow_model(tracker: Any, state: dict, staging: Path, register_as: str = 
 
     def register() -> None:
         version = mlflow.register_model(f"models:/{logged['model_id']}" if logged else uri, register_as)
-        tracker._client.set_tag(tracker.run_id, "registered_model", f"{register_as}/{version.version}")
+        tracker.client.set_tag(tracker.run_id, "registered_model", f"{register_as}/{version.version}")
 
     # "Passing a Python object as python_model ... CloudPickle": GlowSampler is pickled by reference to this module,
     # which ships as the model's code.
