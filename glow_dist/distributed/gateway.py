@@ -213,15 +213,6 @@ def allreduce_scalars(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, mean.tolist(), strict=True))
 
 
-def all_any(flag: bool | torch.Tensor) -> bool:
-    """True on every rank when `flag` is true on any rank: turns a local condition into a collective decision.
-
-    `flag` may be a bool tensor on the training device, so the caller need not sync before the vote."""
-    vote = flag.float().reshape(1) if isinstance(flag, torch.Tensor) else torch.tensor([1.0 if flag else 0.0])
-    count = allreduce_sum(vote, name="dist.all_any")
-    return bool(count.item() > 0)
-
-
 def broadcast_parameters(module: torch.nn.Module) -> None:
     """Copy rank 0's parameters and buffers (state_dict, so ActNorm's `initialized` flag too) to every rank."""
     hvd = horovod_module()

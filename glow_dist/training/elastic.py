@@ -54,11 +54,11 @@ class ElasticTraining:
         if fresh:  # data-dependent init once, before the first commit
             t.init_actnorm()
             state.actnorm_done = True
+        t.start(state.run_id, state.resumed, fresh=fresh, elastic=True)  # the reporter is on this world's rank 0
         if state.world != t.world:
             t.report.message(f"world size {state.world} -> {t.world} at step {t.state.position.step}: data "
                              f"resharded, epoch {t.state.position.epoch} goes on at batch "
                              f"{t.state.position.batch_in_epoch}/{t.train_data.batches_per_epoch}")
-        t.start(state.run_id, state.resumed, fresh=fresh, elastic=True)
         state.run_id = dist.broadcast_object(t.report.run_id)  # so any survivor can carry the run on
         t.report.metrics({"world_size": float(t.world)}, t.state.position.step)
         self._commit()
