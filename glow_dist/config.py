@@ -347,11 +347,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}")
 
 
-def architecture_differences(saved: Config, current: Config) -> list[str]:
-    """'model.KEY: A vs B' for each architecture key in which two configs differ; [] when their weights are
-    interchangeable (runtime, data, optimizer and tracking choices never are a difference)."""
+def architecture_differences(saved: Config, current: Config, names: tuple[str, str] = ("checkpoint", "config"),
+                             ) -> list[str]:
+    """'model.KEY: checkpoint A vs config B' for each architecture key in which two configs differ; [] when their
+    weights are interchangeable (runtime, data, optimizer and tracking choices never are a difference)."""
     a, b = dataclasses.asdict(saved.model), dataclasses.asdict(current.model)
-    return [f"model.{k}: {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k]]
+    return [f"model.{k}: {names[0]} {a[k]!r} vs {names[1]} {b[k]!r}" for k in a if a[k] != b[k]]
 
 
 def tracking_store(tracking: TrackingConfig) -> tuple[str, Path | None]:

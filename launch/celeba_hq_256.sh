@@ -29,7 +29,7 @@ export MLFLOW_TRACKING_URI PATH="$BIN:$PATH"
 
 # --gloo: our Horovod build has no MPI (launch/install-horovod.sh); horovodrun exports this environment to every rank.
 # glow-dist-horovodrun is horovodrun with stop signals forwarded to the ranks, so a SIGTERM ends in a checkpoint
-# rather than horovodrun's SIGKILL 5 s later (glow_dist/launcher.py; README, "Stopping and preemption").
+# rather than horovodrun's SIGKILL 5 s later (glow_dist/distributed/launcher.py; README, "Stopping and preemption").
 cmd=(glow-dist-horovodrun -np "$NP" --hostfile "$HOSTFILE" --gloo --network-interfaces "$NIC"
      --start-timeout "$START_TIMEOUT" -p "$SSH_PORT"
      glow-dist train --config "$CONFIG" "data.root=$DATA" "train.run_dir=$RUN_DIR"

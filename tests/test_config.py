@@ -141,6 +141,6 @@ def test_architecture_differences_ignore_everything_but_the_architecture():
                            "optim.lr=0.5", "train.steps=3"])
     assert architecture_differences(a, b) == []
     c = load_config(None, ["model.width=64"])
-    assert architecture_differences(a, c) == ["model.width: 512 vs 64"]
+    assert architecture_differences(a, c) == ["model.width: checkpoint 512 vs config 64"]
     with pytest.raises(ConfigError, match="log_checkpoints' must be one of none, last, all, every_n"):
         load_config(None, ["tracking.log_checkpoints=sometimes"])

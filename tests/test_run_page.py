@@ -149,11 +149,11 @@ def test_model_loads_back_into_glow_dist_and_pyfunc(trained: dict) -> None:
         _run(["sample", "--model", uri, "--n", "4", "--temperature", "0.7", "--out", str(out)], env)
         assert Image.open(out).size == (2 * 9 * 8 + 8, 2 * 9 * 8 + 8)
     # The model's weights are the final checkpoint's EMA weights.
-    from glow_dist.tracking.mlflow_model import download_weights
+    from glow_dist.inference.loading import download_weights
 
     os.environ["MLFLOW_TRACKING_URI"] = trained["uri"]
     try:
-        weights = torch.load(download_weights(f"runs:/{run_id}/model", tmp / "dl"), weights_only=False)
+        weights = torch.load(download_weights(f"runs:/{run_id}/model", dst=tmp / "dl"), weights_only=False)
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
     final = torch.load(trained["run_dir"] / "checkpoints" / "ckpt-00000006.pt", weights_only=False)

@@ -158,7 +158,7 @@ def test_old_boolean_spellings_and_checkpoints_of_either_layout_load():
     saved["config"]["model"].update(memory="invertible", channels_last=True, autocast="none", compile=False)
     TrainingState(cfg, setup.model, setup.optimizer, setup.ema).load(saved, "an old checkpoint")
     other = load_config(REPO / "configs/debug.yaml", ["model.width=8"])
-    with pytest.raises(ValueError, match="model.width: 16 vs 8"):
+    with pytest.raises(ValueError, match="model.width: checkpoint 16 vs config 8"):
         TrainingState(other, setup.model, setup.optimizer, setup.ema).load(saved, "an old checkpoint")
 
 

@@ -6,8 +6,8 @@
 --checkpoint takes a checkpoint file or a run directory (its newest valid checkpoint). --baseline also prints the
 uniform bound (n_bits) and a per-pixel independent histogram model fitted on the training split.
 The output names the weights it scored: `weights: EMA (...)` with the decay and warm-up state, or `weights: raw`.
-The EMA's decay is warmed up (glow_dist/ema.py), so from a few hundred steps on it scores as well as the raw weights
-or better (BENCHMARKS.md, "Model quality"); a checkpoint written before the warm-up existed says so.
+The EMA's decay is warmed up (glow_dist/training/ema.py), so from a few hundred steps on it scores as well as the raw
+weights or better (BENCHMARKS.md, "Model quality"); a checkpoint written before the warm-up existed says so.
 
 --checkpoint (alias --model) also takes a logged MLflow model: models:/NAME/VERSION or runs:/RUN_ID/model.
 

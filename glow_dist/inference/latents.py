@@ -234,10 +234,10 @@ def load_latents(path: str | Path, loaded: LoadedModel) -> tuple[Latents, list[s
     check_latent_shapes(loaded.model, [z.shape[1:] for z in zs], f"latents in {path}")
     if "model_config" in data:
         saved = from_dict({"model": json.loads(str(data["model_config"]))}, f"latents in {path}")
-        changed = architecture_differences(saved, loaded.config)
+        changed = architecture_differences(saved, loaded.config, ("latents", "checkpoint"))
         if changed:
-            raise LatentError(f"latents in {path} come from another model (latents vs checkpoint: "
-                              f"{', '.join(changed)}); use the checkpoint that made them")
+            raise LatentError(f"latents in {path} come from another model ({', '.join(changed)}); use the checkpoint "
+                              "that made them")
     if int(data["n_bits"]) != loaded.model.cfg.n_bits:
         raise LatentError(f"latents in {path} were made with n_bits={int(data['n_bits'])}, this checkpoint's model "
                           f"uses {loaded.model.cfg.n_bits}; use the checkpoint that made them")

@@ -89,8 +89,8 @@ class TrainingState:
         caller decides how it resumes). Refused with the differing keys when it holds another architecture."""
         changed = architecture_differences(from_dict(state["config"], f"{source} (saved config)"), self.cfg)
         if changed:
-            raise ConfigError(f"{source} was trained with a different model (checkpoint vs config: "
-                              f"{', '.join(changed)}); use its config or a new run_dir")
+            raise ConfigError(f"{source} was trained with a different model ({', '.join(changed)}); use its config "
+                              "or a new run_dir")
         self.model.load_state_dict(state["model"])
         # A checkpoint from before the EMA warm-up has no update count: it gets the optimizer steps it took, the
         # count an unbroken run would have reached (see glow_dist/training/ema.py).
