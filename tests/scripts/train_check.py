@@ -21,9 +21,17 @@ def main() -> None:
     args, overrides = parser.parse_known_args()  # the rest are section.key=value overrides
     trainer = Trainer(load_config(args.config, overrides))
     init_x, _ = trainer.init_batch()
-    after_init = {k: v.clone() for k, v in trainer.state.model.state_dict().items()}
-    before = trainer.evaluator.evaluate(trainer.test_data.epoch(0))
+    seen: dict = {}
+    init_actnorm = trainer.init_actnorm
+
+    def init_and_record() -> None:  # fit() initializes ActNorm on a fresh start: record the weights right after
+        init_actnorm()
+        seen["after_init"] = {k: v.clone() for k, v in trainer.state.model.state_dict().items()}
+        seen["before"] = trainer.evaluator.evaluate(trainer.test_data.epoch(0))  # collective, like init
+
+    trainer.init_actnorm = init_and_record
     final = trainer.fit()
+    after_init, before = seen["after_init"], seen["before"]
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"init_x": init_x.cpu(), "after_init": after_init, "final": trainer.state.model.state_dict(),
