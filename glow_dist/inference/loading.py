@@ -25,6 +25,7 @@ from glow_dist.checkpoint import (
     require_entries,
 )
 from glow_dist.config import Config, TrackingConfig, from_dict, tracking_store
+from glow_dist.mlflow_auth import TrackingAuthError, refusal, refused_status
 from glow_dist.model import Glow, build_model
 
 MODEL_URI = re.compile(r"^(models|runs):/")   # the MLflow model URIs every command's --checkpoint/--model takes
@@ -88,6 +89,8 @@ def download_weights(uri: str, tracking: TrackingConfig | None = None, dst: str 
         found = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None,
                                                          tracking_uri=tracking_uri))
     except (MlflowException, OSError) as e:
+        if refused_status(e):
+            raise TrackingAuthError(refusal(tracking_uri, refused_status(e), f"download {uri}")) from None
         raise CheckpointError(f"{uri} could not be downloaded from {tracking_uri}: {str(e).splitlines()[0]}") \
             from None
     files = sorted(found.rglob(WEIGHTS))
