@@ -8,10 +8,16 @@ Layout under a run directory:
 A checkpoint counts only once its sidecar exists, and both are moved into place with os.replace, so a process
 killed mid-write leaves at most a `.tmp-*` file that is never picked up. What a state holds is the trainer's
 business (glow_dist/training/state.py); this module only stores, verifies and finds it. Only rank 0 saves.
+
+Loading never runs code from the file: a checksum proves only that the file is the one its writer meant, and anyone
+who can write a checkpoint can write its sidecar. So it is torch.load(weights_only=True), which builds tensors, numbers,
+strings and containers and refuses every other global the pickle names; checkpoints of earlier versions add numpy
+arrays (their RNG state), allowed by name (glow_dist/safe_pickle.py) and said once in the log.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import time
 from pathlib import Path
@@ -19,13 +25,15 @@ from pathlib import Path
 import torch
 
 from glow_dist.files import fsync_dir, sha256_file, write_atomic
+from glow_dist.safe_pickle import numpy_array_globals
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 EMA_UPDATES_KEY = "ema_updates"   # in a state's "ema" entry: the EMA's update count, beside its weights
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file that is missing, truncated or fails its checksum; the message names the file."""
+    """A checkpoint file that is missing, truncated, fails its checksum, is refused as unsafe, lacks an entry or does
+    not fit its model; the message names the file and what is wrong."""
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -108,14 +116,100 @@ def verify_checkpoint(path: str | Path) -> None:
         )
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose pickle names something outside the allowlist: refused, none of it executed. Never skipped
+    over like a broken file: a file planted in a run directory stops the command, it is not quietly passed by."""
+
+
+_told_numpy = False   # the log says once per process that an earlier version's numpy arrays were read
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Verify `path` against its checksum, then load it; raise CheckpointError naming the file on any failure."""
+    """Verify `path` against its checksum, then load it without running any of its code (the module doc).
+    UnsafeCheckpointError for a pickle that names anything outside the allowlist, CheckpointError naming the file on
+    any other failure."""
     verify_checkpoint(path)
+    allowed = numpy_array_globals()
     try:
-        # weights_only=False: checkpoints of earlier versions hold numpy/python RNG states.
-        return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals([(obj, name) for name, obj in allowed.items()]):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} refused: its pickle names {_refused_globals(path, e, allowed)}, which is not a "
+            "tensor, number, string, container or numpy array. The file may be malicious; none of it was executed. "
+            "Load checkpoints only from people you trust, and delete this one unless its author can explain it"
+        ) from None
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} could not be loaded: {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a glow-dist checkpoint (a dict "
+                              "of model, ema, optimizer, position, config)")
+    global _told_numpy
+    if not _told_numpy and _holds_numpy(state):
+        _told_numpy = True
+        print(f"[checkpoint] {Path(path).name} is from an earlier glow-dist: its numpy arrays (the unused RNG state) "
+              f"were read through an explicit allowlist ({', '.join(sorted(allowed))}); nothing else is allowed",
+              flush=True)
+    return state
+
+
+def _refused_globals(path: str | Path, error: Exception, allowed: dict) -> str:
+    """The globals outside the allowlist that a refused pickle names, for the message (torch's own reason when the
+    pickle could not even be listed)."""
+    try:
+        names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
+    except Exception:
+        names = []
+    if names:
+        return ", ".join(names)
+    reason = next((line for line in str(error).splitlines() if "WeightsUnpickler error" in line), str(error))
+    return f"something the weights-only loader does not allow ({reason.strip()[:200]})"
+
+
+def _holds_numpy(value: object) -> bool:
+    import numpy as np
+
+    if isinstance(value, dict):
+        return any(_holds_numpy(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_numpy(v) for v in value)
+    return isinstance(value, np.ndarray)
+
+
+def require_entries(state: dict, path: str | Path, *names: str) -> None:
+    """CheckpointError naming the first of `names` (each a dict entry: weights, config, position, ...) that `state`
+    lacks or holds as something else."""
+    for name in names:
+        if name not in state:
+            has = ", ".join(sorted(map(str, state))) or "nothing"
+            raise CheckpointError(f"checkpoint {path} has no {name!r} entry (it has {has}); it was not written by "
+                                  "glow-dist train (a logged MLflow model's weights.pt holds only the EMA weights)")
+        if not isinstance(state[name], dict):
+            raise CheckpointError(f"checkpoint {path}: its {name!r} entry is a {type(state[name]).__name__}, not a "
+                                  "dict; it was not written by glow-dist")
+
+
+def check_weights(module: torch.nn.Module, weights: dict, source: str) -> None:
+    """CheckpointError naming the keys in which `weights` differ from `module`'s state dict (missing, unexpected, of
+    another shape), where module.load_state_dict would fail with a page-long message or partway through."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    reshaped = [f"{k} {_shape(weights[k])} vs {tuple(v.shape)}" for k, v in own.items()
+                if k in weights and _shape(weights[k]) != tuple(v.shape)]
+    differences = [f"{what}: {_few(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                               ("shape (checkpoint vs model)", reshaped)) if keys]
+    if differences:
+        raise CheckpointError(f"{source}: the weights do not fit the model ({'; '.join(differences)}); the "
+                              "checkpoint's weights and config disagree, so it was not written by glow-dist train")
+
+
+def _shape(value: object) -> tuple | str:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _few(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
 def model_weights(state: dict, which: str = "ema") -> dict:
@@ -124,10 +218,13 @@ def model_weights(state: dict, which: str = "ema") -> dict:
 
 
 def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict] | None:
-    """Newest checkpoint that verifies and loads, walking back past broken ones; None when none is usable."""
+    """Newest checkpoint that verifies and loads, walking back past broken ones (never past a refused one:
+    UnsafeCheckpointError); None when none is usable."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return path, load_checkpoint(path, map_location)
+        except UnsafeCheckpointError:
+            raise
         except CheckpointError as e:
             print(f"[checkpoint] skipping {path.name}: {e}", flush=True)
     return None

@@ -63,8 +63,10 @@ def _user_error_kind(error: Exception) -> str | None:
     from glow_dist.config import ConfigError
     from glow_dist.data import DataError
     from glow_dist.inference.latents import LatentError
+    from glow_dist.mlflow_auth import TrackingAuthError
 
-    kinds = {ConfigError: "config", CheckpointError: "checkpoint", DataError: "data", LatentError: "input"}
+    kinds = {ConfigError: "config", CheckpointError: "checkpoint", DataError: "data", LatentError: "input",
+             TrackingAuthError: "tracking"}
     return next((name for cls, name in kinds.items() if isinstance(error, cls)), None)
 
 

@@ -1,6 +1,7 @@
 """Helpers shared by the multi-process tests: launching horovodrun and the trainer, comparing weights."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -58,7 +59,28 @@ def run_check(np: int, outdir: Path, overrides: list[str], env: dict | None = No
 
 
 def load_ckpt(run_dir: Path, step: int) -> dict:
-    return torch.load(run_dir / "checkpoints" / f"ckpt-{step:08d}.pt", weights_only=False)
+    # weights_only=True: what the trainer writes must load without any allowlist
+    return torch.load(run_dir / "checkpoints" / f"ckpt-{step:08d}.pt", weights_only=True)
+
+
+class RunsCode:
+    """Pickled, this makes any unpickler that honours it (torch.load(weights_only=False), pickle.load) run
+    `touch marker`: the payload of a planted checkpoint, model or data file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {self.marker}",)
+
+
+def save_with_sidecar(state: object, path: Path) -> Path:
+    """torch.save `state` to `path` with a correct sha256 sidecar, as anyone who can write the one can write both."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
+    return path
 
 
 def assert_identical(a: dict, b: dict) -> None:

@@ -1,5 +1,6 @@
-"""A checkpoint of an earlier layout (tests/data/checkpoint-v0.1: speed-only keys inside `model`, an `rng` entry)
-still loads, evaluates to the same number, samples, and resumes to exactly the weights the old code reached."""
+"""A checkpoint of an earlier layout (tests/data/checkpoint-v0.1: speed-only keys inside `model`, an `rng` entry of
+numpy arrays) still loads without running code, evaluates to the same number, samples, and resumes to exactly the
+weights the old code reached."""
 from __future__ import annotations
 
 import shutil
@@ -9,6 +10,7 @@ import pytest
 import torch
 from helpers import train_cli
 
+from glow_dist import checkpoint
 from glow_dist.cli import main as cli
 from glow_dist.inference.loading import load_model
 
@@ -27,16 +29,22 @@ def old_run(tmp_path: Path) -> Path:
 
 
 def test_old_checkpoint_loads_evaluates_and_samples(old_run: Path, digits_shards: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture) -> None:
-    saved = torch.load(old_run / "checkpoints" / "ckpt-00000002.pt", weights_only=False)
+                                                    capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = torch.load(old_run / "checkpoints" / "ckpt-00000002.pt", weights_only=False)   # the test's own fixture
     assert "memory" in saved["config"]["model"] and "rng" in saved, "the fixture must keep the old layout"
+    monkeypatch.setattr(checkpoint, "_told_numpy", False, raising=False)   # whatever earlier tests here loaded
     loaded = load_model(old_run, torch.device("cpu"))
     assert loaded.config.runtime.memory == "checkpoint" and loaded.step == 2
     for name, value in loaded.model.state_dict().items():
         assert torch.equal(value, saved["ema"][name]), name
     assert cli(["evaluate", "--checkpoint", str(old_run), "--data", str(digits_shards), "--no-tracking"]) == 0
-    assert "test bits/dim: 5.4758" in capsys.readouterr().out  # what the old code printed for it
+    out = capsys.readouterr().out
+    assert "test bits/dim: 5.4758" in out  # what the old code printed for it
     assert cli(["sample", "--checkpoint", str(old_run), "--n", "4", "--out", str(tmp_path / "s.png")]) == 0
+    # Its numpy RNG state was read through the explicit allowlist, said once in the log for all three loads.
+    out += capsys.readouterr().out
+    assert out.count("read through an explicit allowlist (numpy.") == 1, out
 
 
 @pytest.mark.slow

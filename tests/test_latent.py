@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import RunsCode
 from PIL import Image
 
 from glow_dist.cli import main as cli
@@ -157,6 +158,11 @@ def test_manipulate_alpha_zero_reproduces_input_and_caches_direction(runs, zero_
     key = torch.load(cache, weights_only=True)["key"]
     assert key["manifest_sha256"] == hashlib.sha256((changed / "manifest.json").read_bytes()).hexdigest()
     assert key["checkpoint_sha256"] == loaded.sha256 and key["step"] == 30
+
+    # A planted cache file whose pickle would run code is refused unread, and the direction recomputed over it.
+    torch.save({"key": key, "direction": RunsCode(tmp_path / "MARKER")}, cache)
+    attribute_direction(loaded, changed, "is_zero")
+    assert not (tmp_path / "MARKER").exists() and torch.load(cache, weights_only=True)["key"] == key
 
 
 def test_attribute_direction_makes_digits_look_like_zeros(runs, zero_data):

@@ -3,16 +3,13 @@ lints, `make` expands the docker targets as intended, shell scripts parse and pr
 the Kubernetes manifests are consistent, and the MLflow server script serves a real run."""
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -146,32 +143,24 @@ def test_k8s_manifests_parse_and_agree_on_40_ranks():
     claims = {d["metadata"]["name"] for ds in docs.values() for d in ds if d["kind"] == "PersistentVolumeClaim"}
     volumes = worker["template"]["spec"]["volumes"]
     assert {v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v} <= claims
+    # The tracking credentials: MLflow's credentials file from a Secret on the workers, where the ranks run (never
+    # environment of the launcher, which horovodrun would put on the ssh command lines).
+    (secret,) = [v for v in volumes if "secret" in v]
+    assert secret["secret"]["secretName"] == "glow-mlflow-credentials" and secret["secret"]["defaultMode"] == 0o400
+    mounts = worker["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": secret["name"], "mountPath": "/root/.mlflow", "readOnly": True} in mounts
+    launcher_env = spec["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["env"]
+    assert not {"MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME"} & {e["name"] for e in launcher_env}
 
 
 @pytest.mark.slow
 def test_mlflow_server_script_serves_runs_and_artifacts(tmp_path):
     from mlflow.tracking import MlflowClient
+    from test_tracking import Server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_HOME": str(tmp_path / "home"), "HOST": "127.0.0.1", "PORT": str(port),
-           "WORKERS": "1", "MLFLOW": str(BIN / "mlflow")}
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115  (the server keeps writing to it)
-    server = subprocess.Popen(["bash", str(REPO / "launch" / "mlflow-server.sh")], env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    server = Server(tmp_path / "home", script_env={}).start()   # the script's defaults: sqlite, local artifacts
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server not healthy in 120 s"
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        client = MlflowClient(uri)
+        client = MlflowClient(server.uri)
         run = client.create_run(client.create_experiment("launch-test"))
         client.log_metric(run.info.run_id, "bits_per_dim/test_ema", 3.5, step=1)
         (tmp_path / "note.txt").write_text("hello")
@@ -181,16 +170,18 @@ def test_mlflow_server_script_serves_runs_and_artifacts(tmp_path):
         assert [p.name for p in (tmp_path / "home" / "artifacts").rglob("note.txt")] == ["note.txt"]
         assert (tmp_path / "home" / "mlflow.db").is_file()
     finally:
-        # The script execs mlflow, which starts workers and a job consumer: stop its whole process group.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+        server.stop()
+
+
+def test_mlflow_server_script_listens_only_on_loopback_without_authentication(tmp_path):
+    """Anyone who reaches an open server can register the models glow-dist loads: another address needs AUTH=basic
+    or an explicit ALLOW_ANONYMOUS=1."""
+    env = {"MLFLOW_HOME": str(tmp_path), "MLFLOW": "false"}   # `false`: what it would exec fails at once
+    assert "refusing to listen on 0.0.0.0 without authentication" in sh(
+        "bash", "launch/mlflow-server.sh", env={**env, "HOST": "0.0.0.0"}, check=False).stderr
+    for extra in ({"HOST": "0.0.0.0", "ALLOW_ANONYMOUS": "1"}, {}):
+        out = sh("bash", "launch/mlflow-server.sh", env={**env, **extra}, check=False)
+        assert out.returncode == 1 and "refusing" not in out.stderr   # it got as far as exec
 
 
 def test_forward_stop_passes_sigterm_to_the_ranks_and_waits_for_them(tmp_path):

@@ -49,8 +49,11 @@ def make_folder(root: Path, n_per_class: int = 5, corrupt: bool = True) -> Path:
     return root
 
 
-def make_cifar(path: Path, per_batch: int = 4, n_test: int = 3) -> dict[str, np.ndarray]:
-    """A tiny archive in the cifar-10-python.tar.gz layout; returns the pixel rows written."""
+def make_cifar(path: Path, per_batch: int = 4, n_test: int = 3, plant: dict[str, object] | None = None
+               ) -> dict[str, np.ndarray]:
+    """A tiny archive in the cifar-10-python.tar.gz layout (`plant`: an object added to some batches); returns the
+    pixel rows written."""
+    plant = plant or {}
     rng = np.random.default_rng(1)
     batches = {f"data_batch_{i}": per_batch for i in range(1, 6)} | {"test_batch": n_test}
     rows = {}
@@ -59,11 +62,18 @@ def make_cifar(path: Path, per_batch: int = 4, n_test: int = 3) -> dict[str, np.
             rows[name] = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
             content = {b"data": rows[name], b"labels": [int(v) for v in rng.integers(0, 10, n)],
                        b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
-            add_bytes(tf, f"cifar-10-batches-py/{name}", pickle.dumps(content))
+            if name in plant:
+                content[b"notes"] = plant[name]
+            add_bytes(tf, f"cifar-10-batches-py/{name}", numpy1_pickle(content))
         names = "airplane automobile bird cat deer dog frog horse ship truck".split()
         meta = {b"label_names": [c.encode() for c in names]}
         add_bytes(tf, "cifar-10-batches-py/batches.meta", pickle.dumps(meta))
     return rows
+
+
+def numpy1_pickle(obj: object) -> bytes:
+    """A protocol-2 pickle naming numpy 1's module (numpy.core), as the real archive's batches do."""
+    return pickle.dumps(obj, protocol=2).replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
 
 
 def add_bytes(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -155,6 +165,18 @@ def test_cifar10(tmp_path: Path) -> None:
     assert np.array_equal(np.stack(test), expected)  # PNG is lossless and the test split keeps its order
     assert prepare("cifar10", "--src", tmp_path / "cifar-10-python.tar.gz", "--out", tmp_path / "x",
                    "--test-fraction", 0.2) == 2
+
+
+def test_cifar10_archive_whose_pickle_runs_code_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from helpers import RunsCode
+
+    marker = tmp_path / "MARKER"
+    make_cifar(tmp_path / "cifar.tar.gz", plant={"data_batch_3": RunsCode(marker)})
+    code = prepare("cifar10", "--src", tmp_path / "cifar.tar.gz", "--out", tmp_path / "out")
+    assert not marker.exists(), "the archive's code ran"
+    err = capsys.readouterr().err
+    assert code == 2 and "a batch's pickle names posix.system" in err and "none of it was executed" in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_overwrite_protection(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

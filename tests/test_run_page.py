@@ -44,7 +44,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, digits_shards: Path, mlflo
                   f"train.run_dir={run_dir}", f"tracking.uri={mlflow_server}", "tracking.experiment=test-run-page",
                   f"tracking.sample_temperatures={temps}", f"tracking.sample_count={SAMPLE_COUNT}",
                   "tracking.register_as=glow-run-page"], env)
-    run_id = torch.load(run_dir / "checkpoints" / "ckpt-00000006.pt", weights_only=False)["mlflow_run_id"]
+    run_id = torch.load(run_dir / "checkpoints" / "ckpt-00000006.pt", weights_only=True)["mlflow_run_id"]
     evaluate = _run(["evaluate", "--checkpoint", str(run_dir), "--baseline"], env)
     return {"run_id": run_id, "run_dir": run_dir, "train": train, "evaluate": evaluate, "tmp": tmp,
             "client": MlflowClient(mlflow_server), "uri": mlflow_server, "shards": digits_shards}
@@ -153,10 +153,10 @@ def test_model_loads_back_into_glow_dist_and_pyfunc(trained: dict) -> None:
 
     os.environ["MLFLOW_TRACKING_URI"] = trained["uri"]
     try:
-        weights = torch.load(download_weights(f"runs:/{run_id}/model", dst=tmp / "dl"), weights_only=False)
+        weights = torch.load(download_weights(f"runs:/{run_id}/model", dst=tmp / "dl"), weights_only=True)
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
-    final = torch.load(trained["run_dir"] / "checkpoints" / "ckpt-00000006.pt", weights_only=False)
+    final = torch.load(trained["run_dir"] / "checkpoints" / "ckpt-00000006.pt", weights_only=True)
     assert weights["ema"].keys() == final["ema"].keys()
     assert all(torch.equal(weights["ema"][k], final["ema"][k]) for k in final["ema"])
     # mlflow.pyfunc loads it on its own: predict gives samples of the model's shape.

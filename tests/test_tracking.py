@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,23 +34,35 @@ def _free_port() -> int:
 
 
 class Server:
-    """`mlflow server` subprocess with a sqlite backend and proxied artifacts under `root`.
+    """`mlflow server` subprocess with a sqlite backend and proxied artifacts under `root`; with `script_env`, started
+    by launch/mlflow-server.sh with those variables (e.g. AUTH=basic) instead.
 
     conftest.py's session fixture `mlflow_server` starts one for the whole suite (a start takes 10-30 s);
     tests that stop and restart a server make their own.
     """
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
-        self.root, self.port = root, port or _free_port()
+    def __init__(self, root: Path, port: int | None = None, script_env: dict[str, str] | None = None) -> None:
+        self.root, self.port, self.script_env = root, port or _free_port(), script_env
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        # MLflow's job runner (GenAI jobs, 8 processes) serves nothing here and only loads the shared cores.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        if self.script_env is None:
+            return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                    "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                    "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"], env
+        env.update({"MLFLOW_HOME": str(self.root), "HOST": "127.0.0.1", "PORT": str(self.port), "WORKERS": "1",
+                    "MLFLOW": str(Path(sys.executable).parent / "mlflow"), **self.script_env})
+        return ["bash", str(Path(__file__).resolve().parents[1] / "launch" / "mlflow-server.sh")], env
+
     def start(self) -> Server:
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
+        cmd, env = self.command()
+        self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.root / "server.log", "a")  # noqa: SIM115  (the child keeps writing to it)
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # Its own session: mlflow starts workers and a job consumer, and stop() ends them all.
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"mlflow server exited:\n{(self.root / 'server.log').read_text()[-3000:]}"
@@ -64,11 +77,13 @@ class Server:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
 

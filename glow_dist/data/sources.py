@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from glow_dist.data.manifest import DataError
+from glow_dist.safe_pickle import UnsafePickleError, load_arrays_pickle
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -119,7 +120,11 @@ def cifar10_source(archive: str | Path, seed: int) -> Source:
             for member in tf.getmembers():
                 name = Path(member.name).name
                 if member.isfile() and (name.startswith("data_batch_") or name in ("test_batch", "batches.meta")):
-                    batches[name] = pickle.load(tf.extractfile(member), encoding="bytes")  # noqa: S301
+                    # The batches are pickles: read so that they can build arrays and nothing else.
+                    batches[name] = load_arrays_pickle(tf.extractfile(member), encoding="bytes")
+    except UnsafePickleError as e:
+        raise DataError(f"{archive} refused: a batch's pickle names {e}, which a CIFAR-10 batch never holds (only "
+                        "arrays, lists and strings). The file may be malicious; none of it was executed") from None
     except (tarfile.TarError, OSError, EOFError, pickle.UnpicklingError) as e:
         raise DataError(f"{archive} is not a readable CIFAR-10 python archive: {e}") from None
     needed = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]

@@ -163,8 +163,12 @@ def attribute_direction(loaded: LoadedModel, data_root: str | Path, attribute: s
            "split": split}
     path = loaded.path.with_name(loaded.path.name + ".directions") / f"{attribute}.pt"
     if cache and path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("key") == key:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)   # never runs code from the file
+        except Exception as e:   # refused or unreadable: recomputed, and replaced below
+            print(f"note: ignoring the cached direction {path}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+            saved = None
+        if isinstance(saved, dict) and saved.get("key") == key:
             return list(saved["direction"])
     print(f"computing the {attribute!r} direction over the {split} split of {root}", file=sys.stderr)
     sums = {1: None, -1: None}

@@ -5,7 +5,8 @@ logged to MLflow (`models:/NAME/VERSION`, `runs:/RUN_ID/model`, whose `weights.p
     loaded = load_model("models:/glow-celeba/3", weights="model")
 
 A logged model's `weights.pt` is a slim checkpoint (EMA weights, config, step) with its sha256 sidecar, so every
-source ends in the same verified checkpoint read.
+source ends in the same verified checkpoint read, which runs none of the file's code (glow_dist/checkpoint.py). Only
+`weights.pt` of a logged model is read: its pickled pyfunc wrapper and shipped code are never loaded here.
 """
 from __future__ import annotations
 
@@ -15,8 +16,16 @@ from typing import NamedTuple
 
 import torch
 
-from glow_dist.checkpoint import CheckpointError, model_weights, open_checkpoint, recorded_sha256
+from glow_dist.checkpoint import (
+    CheckpointError,
+    check_weights,
+    model_weights,
+    open_checkpoint,
+    recorded_sha256,
+    require_entries,
+)
 from glow_dist.config import Config, TrackingConfig, from_dict, tracking_store
+from glow_dist.mlflow_auth import TrackingAuthError, refusal, refused_status
 from glow_dist.model import Glow, build_model
 
 MODEL_URI = re.compile(r"^(models|runs):/")   # the MLflow model URIs every command's --checkpoint/--model takes
@@ -52,16 +61,18 @@ def load_model(source: str | Path, device: torch.device | None = None, weights: 
 
 
 def model_from_state(path: Path, state: dict, device: torch.device | None = None, weights: str = "ema") -> LoadedModel:
-    """`load_model` on a checkpoint already opened (and so verified against its sidecar)."""
+    """`load_model` on a checkpoint already opened (and so verified against its sidecar); CheckpointError naming
+    what is missing or which weights differ from the model its config describes."""
+    require_entries(state, path, "config", "position", weights)
+    step = state["position"].get("step")
+    if not isinstance(step, int):
+        raise CheckpointError(f"checkpoint {path}: its position has no step number; it was not written by glow-dist")
     cfg = from_dict(state["config"], source=f"{path} (saved config)")
     model = build_model(cfg.model)  # the default runtime: plain memory, every `auto` resolved on this device
-    try:
-        model.load_state_dict(model_weights(state, weights))
-    except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: its {weights} weights do not fit the model its config describes: {e}") \
-            from None
+    check_weights(model, model_weights(state, weights), f"{path} ({weights} weights)")
+    model.load_state_dict(model_weights(state, weights))
     model.eval().requires_grad_(False).to(device or default_device())
-    return LoadedModel(model, cfg, path, int(state["position"]["step"]), recorded_sha256(path))
+    return LoadedModel(model, cfg, path, step, recorded_sha256(path))
 
 
 def download_weights(uri: str, tracking: TrackingConfig | None = None, dst: str | Path | None = None) -> Path:
@@ -78,6 +89,8 @@ def download_weights(uri: str, tracking: TrackingConfig | None = None, dst: str 
         found = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None,
                                                          tracking_uri=tracking_uri))
     except (MlflowException, OSError) as e:
+        if refused_status(e):
+            raise TrackingAuthError(refusal(tracking_uri, refused_status(e), f"download {uri}")) from None
         raise CheckpointError(f"{uri} could not be downloaded from {tracking_uri}: {str(e).splitlines()[0]}") \
             from None
     files = sorted(found.rglob(WEIGHTS))

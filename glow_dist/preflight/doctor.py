@@ -3,8 +3,9 @@
 Checks: torch and its CUDA build, the GPUs and their memory, cuDNN/TF32 state, Horovod's build (frameworks,
 controllers, GPU operations) and, under horovodrun, an all-reduce across every rank on the rank's device, DALI with
 a real decode of a tiny in-memory JPEG batch ("mixed", i.e. on the GPU, when there is one; CPU otherwise) against
-PIL's decode, webdataset, the MLflow tracking URI the config would use, and with `--data` the manifest and one
-sample of every split. FAIL means something this config needs is missing or broken; SKIP means not needed here.
+PIL's decode, webdataset, the MLflow tracking URI the config would use (with the credentials training would send: a
+refusal fails here, before a job starts), and with `--data` the manifest and one sample of every split. FAIL means
+something this config needs is missing or broken; SKIP means not needed here.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from glow_dist.config import Config, tracking_store
 from glow_dist.distributed.gateway import horovod_build, launched_by_horovod
+from glow_dist.mlflow_auth import refusal
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 JPEG_MEAN_ABS_BOUND = 2.0  # mean |DALI - PIL| per pixel for the probe JPEGs (IDCT rounding differs, by design)
@@ -223,19 +225,27 @@ def check_mlflow(cfg: Config, timeout: float) -> Check:
     uri = tracking_uri(cfg)
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        import requests
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
 
+        creds = get_default_host_creds(uri)   # what the trainer's client sends: MLflow's variables or credentials file
         start = time.monotonic()
         try:
-            # /health answers without touching the backend store; the experiments call proves the REST API.
-            requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).raise_for_status()
-            r = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
-                             params={"max_results": 1}, timeout=timeout)
-            r.raise_for_status()
-        except requests.RequestException as e:
-            reason = type(e).__name__ if not str(e) else str(e).split(": ")[-1][:160]
+            # /health answers without touching the backend store or asking who we are; listing experiments proves
+            # the REST API and the credentials.
+            for endpoint, params in (("/health", None), ("/api/2.0/mlflow/experiments/search", {"max_results": 1})):
+                r = http_request(creds, endpoint, "GET", max_retries=0, timeout=timeout, params=params)
+                if r.status_code in (401, 403):
+                    return Check("mlflow", FAIL, refusal(uri, r.status_code, "list experiments"))
+                r.raise_for_status()
+        except Exception as e:   # MLflow wraps the connection error of requests
+            reason = type(e).__name__ if not str(e) else str(e).split(": ")[-1].rstrip("'\")")[:160]
             return Check("mlflow", FAIL, f"{uri} unreachable after {time.monotonic() - start:.1f} s: {reason}")
-        return Check("mlflow", PASS, f"{uri} answers ({(time.monotonic() - start) * 1000:.0f} ms)")
+        who = f" as user {creds.username!r}" if creds.username else ""
+        clear = (parsed.scheme == "http" and creds.password is not None
+                 and parsed.hostname not in ("127.0.0.1", "localhost", "::1"))
+        warning = "; the password goes over plain http: serve it through TLS (README, Security)" if clear else ""
+        return Check("mlflow", PASS, f"{uri} answers{who} ({(time.monotonic() - start) * 1000:.0f} ms){warning}")
     if parsed.scheme in ("sqlite", "file", ""):
         path = Path(parsed.path if parsed.scheme else uri)
         folder = path.parent if parsed.scheme == "sqlite" else path

@@ -9,9 +9,10 @@
     tracker.finish("FINISHED")
 
 Where runs go: `tracking.uri`, else $MLFLOW_TRACKING_URI, else a local sqlite store in `tracking.local_dir`
-(`make mlflow-ui` shows it). Tracking never stops training: when the server cannot be reached, one warning is
-printed, metrics are buffered in memory (bounded) and retried with backoff, and every metric is also appended to
-`<run_dir>/metrics.jsonl`, which is the complete record whatever happens to the server.
+(`make mlflow-ui` shows it). Tracking never stops training once it has started: when the server cannot be reached,
+one warning is printed, metrics are buffered in memory (bounded) and retried with backoff, and every metric is also
+appended to `<run_dir>/metrics.jsonl`, which is the complete record whatever happens to the server. A server that
+refuses the credentials when the run is opened stops training at start (TrackingAuthError, glow_dist/mlflow_auth.py).
 
 A run is created with MLflow's standard tags (mlflow.user, mlflow.source.*, git commit and a git_dirty flag; see
 metadata.py), and MLflow's own system metrics (`system/...`: CPU, memory, disk, network, and GPU utilisation and
@@ -41,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from glow_dist.config import Config, dump_yaml, tracking_store
+from glow_dist.mlflow_auth import refusal, refused_status
 from glow_dist.tracking.metadata import default_run_name, source_tags, split_count, with_evaluation
 from glow_dist.tracking.outbox import MAX_BUFFERED_METRICS, Outbox, warn
 
@@ -84,6 +86,8 @@ def log_evaluation(cfg: Config, run_id: str | None, step: int, metrics: dict[str
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
                          tags=[RunTag(k, str(v)) for k, v in {**tags, "mlflow.note.content": note}.items()])
     except Exception as e:
+        if refused_status(e):
+            return f"MLflow: result not logged: {refusal(uri, refused_status(e), f'log to run {run_id}')}"
         return f"MLflow: result not logged to run {run_id} at {uri} ({str(e).splitlines()[0][:200]})"
     base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
     return (f"MLflow: logged to run {run_id}: "

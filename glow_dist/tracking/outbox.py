@@ -8,7 +8,9 @@ deletions), sent in order while the server answers, kept and retried with backof
 
 A dead server costs seconds: one warning per outage, every call tried once per retry time (30 s, doubling to 10
 minutes), buffers bounded. A rejection (not a transient error) drops that item with a warning instead of blocking
-the rest. Used by glow_dist/tracking/client.py's Tracker only.
+the rest. A server that refuses these credentials or this user when the run is opened (HTTP 401/403) is no outage:
+TrackingAuthError, so training fails at start with what to set (glow_dist/mlflow_auth.py) instead of training for
+days unlogged. Used by glow_dist/tracking/client.py's Tracker only.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from glow_dist.config import TrackingConfig
+from glow_dist.mlflow_auth import TrackingAuthError, refusal, refused_status
 
 MAX_BUFFERED_METRICS = 100_000       # values held while the server is away (metrics.jsonl keeps everything)
 MAX_BUFFERED_CALLS = 1_000
@@ -119,10 +122,19 @@ class Outbox:
         try:
             call(*args, **kwargs)
         except Exception as e:
-            if not _is_transient(e) and self.ready:
+            status = refused_status(e)
+            if status and not self.ready:
+                action = f"open the run in experiment {self.cfg.experiment!r}"
+                raise TrackingAuthError(f"{refusal(self.uri, status, action)}. Training did not start; `glow-dist "
+                                        "doctor` checks the credentials") from None
+            if status != 401 and not _is_transient(e) and self.ready:
                 warn(f"MLflow rejected {what} ({e}); dropped it (metrics.jsonl still has every metric)")
                 return True   # retrying cannot help; move on to the rest of the buffer
-            if self.online or self._next_retry == 0.0:
+            if (self.online or self._next_retry == 0.0) and status:
+                # 401 mid-run (the password was changed on the server): the run is shut out, as in an outage.
+                warn(f"{refusal(self.uri, status, f'send {what}')}. Training continues; metrics are buffered and "
+                     f"retried, and all are written to {self.metrics_file}")
+            elif self.online or self._next_retry == 0.0:
                 warn(
                     f"MLflow tracking at {self.uri} is unreachable ({str(e).splitlines()[0][:300]}). Training "
                     f"continues; metrics are buffered and retried, and all are written to {self.metrics_file}. "

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from glow_dist.checkpoint import CheckpointError, check_weights, model_weights, require_entries
 from glow_dist.config import Config, ConfigError, architecture_differences, from_dict, to_dict
 from glow_dist.distributed import gateway as dist
 from glow_dist.model import Glow
@@ -86,17 +87,28 @@ class TrainingState:
 
     def load(self, state: dict, source: str) -> Loaded:
         """Load a checkpoint's weights, EMA and optimizer into this process (its position is returned, not set: the
-        caller decides how it resumes). Refused with the differing keys when it holds another architecture."""
+        caller decides how it resumes). Refused with the differing keys when it holds another architecture, and
+        with the entry named when one is missing or does not fit (CheckpointError), before anything is loaded."""
+        require_entries(state, source, "config", "model", "ema", "optimizer", "position")
         changed = architecture_differences(from_dict(state["config"], f"{source} (saved config)"), self.cfg)
         if changed:
             raise ConfigError(f"{source} was trained with a different model ({', '.join(changed)}); use its config "
                               "or a new run_dir")
+        check_weights(self.model, state["model"], f"{source} (model weights)")
+        check_weights(self.ema.model, model_weights(state, "ema"), f"{source} (EMA weights)")
+        try:
+            position = Position(**state["position"])
+        except TypeError as e:
+            raise CheckpointError(f"checkpoint {source}: its position entry does not fit ({e})") from None
         self.model.load_state_dict(state["model"])
         # A checkpoint from before the EMA warm-up has no update count: it gets the optimizer steps it took, the
         # count an unbroken run would have reached (see glow_dist/training/ema.py).
-        position = Position(**state["position"])
         self.ema.load_state_dict(state["ema"], default_updates=position.step - position.skipped_steps)
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {source}: its optimizer entry does not fit this optimizer "
+                                  f"(optim.name and the model must match the run's): {e}") from None
         return Loaded(position, state.get("mlflow_run_id"), source, state.get("world_size", 1), self.ema.updates)
 
     def broadcast(self) -> None:
