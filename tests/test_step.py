@@ -14,11 +14,11 @@ from opcount import OpCounter
 from glow_dist.config import Config, load_config
 from glow_dist.distributed import gateway as dist
 from glow_dist.model import build_model, preprocess
-from glow_dist.runtime import resolve_mode
+from glow_dist.runtime import resolve_mode, step_capture_blockers
 from glow_dist.training.ema import EMA
 from glow_dist.training.optimizer import LearningRate, make_optimizer
 from glow_dist.training.state import TrainingState
-from glow_dist.training.step import build_train_step, capture_blockers, noise_generator
+from glow_dist.training.step import build_train_step, noise_generator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,13 +132,15 @@ def test_graphed_mode_falls_back_to_eager_on_cpu_with_one_log_line():
 
 def test_step_mode_resolution():
     def resolve(cfg: Config, device: torch.device) -> tuple[str, str]:
-        return resolve_mode(cfg.runtime.step_mode, device, capture_blockers(cfg))
+        return resolve_mode(cfg.runtime.step_mode, device, step_capture_blockers(cfg))
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve(debug_cfg(), cpu) == ("eager", "")
     assert resolve(debug_cfg(), cuda) == ("graphed", "")
-    for override, words in [("runtime.memory=checkpoint", "runtime.memory=checkpoint"),
-                            ("runtime.memory=invertible", "runtime.memory=invertible"),
+    # Checkpointing is captured (its segments never touch the RNG state: test_memory.py); the paper configs use it.
+    assert resolve(debug_cfg("runtime.memory=checkpoint"), cuda) == ("graphed", "")
+    assert resolve(load_config(REPO / "configs/celeba_hq_256.yaml"), cuda) == ("graphed", "")
+    for override, words in [("runtime.memory=invertible", "runtime.memory=invertible"),
                             ("dist.elastic=true", "elastic")]:
         mode, reason = resolve(debug_cfg(override), cuda)
         assert mode == "eager" and words in reason
