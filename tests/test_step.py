@@ -250,9 +250,11 @@ def test_graphed_step_runs_a_different_batch_shape_eagerly_on_cuda():
 
 
 @pytest.mark.slow
-def test_suspended_hooks_then_clip_and_step_all_reduce_and_compiled_step_under_horovodrun(tmp_path):
-    """Two real Horovod ranks: gradients left by a backward without all-reduce hooks (what a CUDA graph replay
-    leaves) are averaged by clip_and_step, and the compiled step keeps every rank's weights identical."""
+def test_suspended_hooks_grouped_allreduce_compiled_and_graphed_steps_under_horovodrun(tmp_path):
+    """Two real Horovod ranks (tests/scripts/step_check.py): gradients left by a backward without all-reduce hooks
+    (what a CUDA graph replay leaves) are averaged by the grouped all-reduce and clip_and_step; the compiled step keeps
+    every rank's weights identical; the graphed step (stand-in graph) with fp16 compression trains as the eager one;
+    a capture that fails on one rank makes every rank run eager, and each knows why."""
     from helpers import horovodrun
 
     horovodrun(2, str(REPO / "tests/scripts/step_check.py"), str(tmp_path), timeout=600)
@@ -269,3 +271,19 @@ def test_suspended_hooks_then_clip_and_step_all_reduce_and_compiled_step_under_h
     for key in ("model", "ema"):  # ... and yet the same weights everywhere
         for name, value in ranks[0][key].items():
             assert torch.equal(value, ranks[1][key][name]), (key, name)
+    # fp16 all-reduce: the graphed step (4 replays) takes the eager step's steps, and every rank the same.
+    for r in ranks:
+        assert r["fp16_graphed"]["mode"] == "graphed" and r["fp16_graphed"]["replays"] == 5  # 1 in the capture
+        for name, value in r["fp16_eager"]["model"].items():
+            torch.testing.assert_close(r["fp16_graphed"]["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for name, value in ranks[0]["fp16_graphed"]["model"].items():
+        assert torch.equal(value, ranks[1]["fp16_graphed"]["model"][name]), name
+    # Rank 1's capture failed: both run eager, with the same record, and each rank's log line names its rank.
+    want = {"runtime.step_mode": "eager", "runtime.step_mode.fallbacks": "rank 1: the CUDA graph capture failed: "
+            "RuntimeError: operation not permitted when stream is capturing"}
+    for r, dump in enumerate(ranks):
+        assert dump["agreement"]["mode"] == "eager" and dump["agreement"]["tags"] == want
+        assert any(line.startswith(f"[step] rank {r}: runtime.step_mode=graphed: running eager, because ")
+                   for line in dump["agreement"]["logs"]), dump["agreement"]["logs"]
+    for name, value in ranks[0]["agreement"]["model"].items():
+        assert torch.equal(value, ranks[1]["agreement"]["model"][name]), name
