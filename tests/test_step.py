@@ -186,19 +186,46 @@ def test_gradient_hooks_suspended_is_a_no_op_without_horovod():
 
 # ---- CUDA only ---------------------------------------------------------------------------------------------------
 
+@pytest.fixture
+def deterministic_cuda():
+    """fp32 and deterministic cuDNN on both sides of a comparison: TF32, or another algorithm picked by autotuning,
+    or a non-deterministic weight gradient would differ at 1e-3 after a few Adamax steps and hide nothing useful."""
+    b = torch.backends
+    saved = (b.cudnn.deterministic, b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32)
+    b.cudnn.deterministic, b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = True, False, False, False
+    try:
+        yield
+    finally:
+        b.cudnn.deterministic, b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = saved
+
+
+def assert_captured(setup: Setup, mode: str) -> None:
+    """The fast path really ran: a silent fallback to eager would pass every comparison."""
+    assert setup.step.mode == mode, setup.logs
+    assert setup.step.run_tags() == {"runtime.step_mode": mode}, setup.logs
+    if mode == "graphed":
+        assert sum(line.startswith("[step] graphed: forward + backward captured for batch (8, ")
+                   for line in setup.logs) == 1, setup.logs
+    assert not any("running eager" in line for line in setup.logs), setup.logs
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["compiled", "graphed"])
-@pytest.mark.parametrize("overrides", [(), ("model.coupling=additive",), ("runtime.autocast=bf16",),
-                                       ("model.y_condition=true", "model.num_classes=10")])
-def test_fast_paths_give_the_eager_loss_gradients_and_weights_on_cuda(mode, overrides):
+@pytest.mark.parametrize("mode,overrides", [
+    ("compiled", ()), ("graphed", ()),
+    ("compiled", ("model.coupling=additive",)), ("graphed", ("model.coupling=additive",)),
+    ("compiled", ("runtime.autocast=bf16",)), ("graphed", ("runtime.autocast=bf16",)),
+    ("compiled", ("model.y_condition=true", "model.num_classes=10")),
+    ("graphed", ("model.y_condition=true", "model.num_classes=10")),
+    ("graphed", ("model.invconv=plain",)),                  # slogdet and its backward (cuSOLVER) in the graph
+    ("graphed", ("runtime.memory=checkpoint",)),            # the paper configs' memory mode (issue 25, finding 4)
+    ("graphed", ("runtime.compile=true",)),                 # Inductor's kernels captured
+    ("graphed", ("model.coupling=additive", "runtime.memory=checkpoint", "model.n_bits=5")),  # CelebA-HQ's kind
+])
+def test_fast_paths_give_the_eager_loss_gradients_and_weights_on_cuda(mode, overrides, deterministic_cuda):
     eager = Setup(debug_cfg("runtime.step_mode=eager", "runtime.tf32=false", *overrides), device="cuda")
     fast = Setup(debug_cfg(f"runtime.step_mode={mode}", "runtime.tf32=false", *overrides), device="cuda")
-    torch.backends.cudnn.allow_tf32 = False  # fp32 tolerance needs fp32 convolutions on both sides
-    try:
-        bpd_eager, bpd_fast = eager.run(4, device="cuda"), fast.run(4, device="cuda")
-    finally:
-        torch.backends.cudnn.allow_tf32 = True
-    assert fast.step.mode == mode, fast.logs
+    bpd_eager, bpd_fast = eager.run(4, device="cuda"), fast.run(4, device="cuda")
+    assert_captured(fast, mode)
     # fp32 tolerance; with bf16 couplings Inductor may keep intermediates in fp32 where eager rounds to bf16.
     rtol = 1e-2 if "runtime.autocast=bf16" in overrides else 1e-4
     for (a, _), (b, _) in zip(bpd_eager, bpd_fast, strict=True):
@@ -206,6 +233,24 @@ def test_fast_paths_give_the_eager_loss_gradients_and_weights_on_cuda(mode, over
     for ga, gb in zip(eager.grads(), fast.grads(), strict=True):
         torch.testing.assert_close(ga, gb, rtol=rtol, atol=1e-6)
     assert_same_training(eager, fast, rtol=rtol)
+
+
+@pytest.mark.gpu
+def test_graphed_steps_label_check_does_not_wait_for_the_device_on_cuda():
+    """No host sync per step for the label check (issue 25): with the GPU busy, checking a batch's labels returns
+    before the work queued ahead of it is done (a check that read the labels on the host would wait for it)."""
+    setup = Setup(debug_cfg("runtime.step_mode=graphed", "model.y_condition=true", "model.num_classes=10"),
+                  device="cuda")
+    setup.run(2, device="cuda")
+    assert_captured(setup, "graphed")
+    _, labels = batch(setup.cfg, seed=3, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # about a second of GPU time queued ahead
+    setup.model.check_labels(labels, sync=False)
+    after = torch.cuda.Event()
+    after.record()
+    assert not after.query(), "the label check waited for the device"
+    torch.cuda.synchronize()
 
 
 @pytest.mark.gpu
