@@ -237,20 +237,20 @@ class HostReads(TorchDispatchMode):
 
 def test_the_graphed_step_checks_labels_without_reading_them_on_the_host(monkeypatch):
     FakeCuda(monkeypatch)
-    reads = {}
+    reads, steps = {}, {}
+    labels = torch.arange(8) % 10
     for labelled in (False, True):
         cfg = debug_cfg(*(["model.y_condition=true", "model.num_classes=10"] if labelled else []))
         model = trained_like(cfg)
-        step = graphed_step(cfg, model, torch.optim.Adamax(model.parameters(), lr=1e-3))
-        labels = torch.arange(8) % 10
+        steps[labelled] = step = graphed_step(cfg, model, torch.optim.Adamax(model.parameters(), lr=1e-3))
         step(images(cfg, 0), labels, step=0)  # the capture
         with HostReads() as mode:
             step(images(cfg, 1), labels, step=1)
         reads[labelled] = [d for d in mode.dtypes if not d.is_floating_point]  # decisions, not counters
-        if labelled:  # still checked: on the device (a CUDA device-side assert; on a CPU the assert raises at once)
-            with pytest.raises(RuntimeError, match="labels must be in 0..9"):
-                step(images(cfg, 2), torch.full((8,), 10), step=2)
     assert reads[True] == reads[False] == [], reads  # no decision read on the host, labels or not
+    # Still checked: on the device (a CUDA device-side assert; on a CPU the assert raises at once).
+    with pytest.raises(RuntimeError, match="labels must be in 0..9"):
+        steps[True](images(steps[True].cfg, 2), torch.full((8,), 10), step=2)
 
 
 def test_rank_summary_names_each_rank_that_could_not_capture():
