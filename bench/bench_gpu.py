@@ -1,11 +1,18 @@
-"""GPU speed of the training step (issue 13): one command on any CUDA machine; on a CPU, the launch proxy.
+"""GPU speed of the training step (issues 13, 25): one command on any CUDA machine; on a CPU, the launch proxy.
 
-    .venv/bin/python bench/bench_gpu.py                          # CUDA: the full table + bench_gpu.json
-    .venv/bin/python bench/bench_gpu.py --quick                  # CUDA: one batch size per architecture
-    .venv/bin/python bench/bench_gpu.py --variants eager graphed --archs cifar10 --batches 64
+    .venv/bin/python bench/bench_gpu.py                          # CUDA: every table + bench_gpu.json
+    .venv/bin/python bench/bench_gpu.py --quick                  # CUDA: the paper configs as shipped, and a few rows
+    .venv/bin/python bench/bench_gpu.py --variants eager graphed --archs cifar10 --batches 64 --configs
     .venv/bin/python bench/bench_gpu.py --cpu                    # ATen operators per training step, every variant
 
-On CUDA, for the paper's CIFAR-10 (32x32, L=3, K=32, width 512, affine, 8-bit) and CelebA-HQ (256x256, L=6, K=32,
+First the shipped paper configs (configs/cifar10, imagenet32, imagenet64, lsun, lsun_128, celeba_hq_256.yaml)
+exactly as shipped: their architecture, per-rank batch and runtime (runtime.memory=checkpoint, step mode auto, i.e.
+graphed on CUDA), each also with runtime.step_mode=eager (what the graph buys) and, without --quick, with
+runtime.memory=auto (plain where the plan's estimate fits the GPU): ms/step, img/s, the step and memory modes that
+ran, peak memory. --quick adds the architecture table below at one batch size for eager and graphed only, and
+sampling at batch 1 and 8, so that it fits in a few minutes of a first GPU session.
+
+Then, for the paper's CIFAR-10 (32x32, L=3, K=32, width 512, affine, 8-bit) and CelebA-HQ (256x256, L=6, K=32,
 width 512, additive, 5-bit) architectures at several batch sizes and for each variant, it runs the trainer's own step
 (`glow_dist.training.step.build_train_step`: dequantize, forward, bits/dim, backward, clip_and_step with Adamax, EMA)
 and prints ms/step (median of the timed steps), img/s, achieved TFLOP/s (FLOPs of one forward + backward counted by
@@ -19,8 +26,10 @@ the run goes on.
 On a CPU (or with --cpu) it prints, per variant, the ATen operators dispatched by one training step
 (`opcount.OpCounter`): on a GPU nearly each is a kernel launch, the cost that made the step launch-bound
 on an H100. The count depends on the architecture (levels, steps, coupling), not on width, batch or image size, so the
-CPU run uses the CIFAR reference architecture of bench_train.py (L=3, K=8) at width 16, batch 4. Then the operators
-of one sampling call, eager vs compiled, for the CelebA-HQ architecture (L=6, K=32) at width 16 and 64x64.
+CPU run uses the CIFAR reference architecture of bench_train.py (L=3, K=8) at width 16, batch 4. Then the same count
+for each paper config as shipped (its levels, steps, coupling and runtime, so checkpointing's recompute counts) at
+width 16 and batch 1, and the operators of one sampling call, eager vs compiled, for the CelebA-HQ architecture
+(L=6, K=32) at width 16 and 64x64.
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from bench_train import matmul_flops_per_s, sync
@@ -38,8 +48,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from glow_dist.config import Config, ModelConfig, load_config
 from glow_dist.inference.decoding import Decoder
-from glow_dist.model import build_model, preprocess
-from glow_dist.runtime import apply_tf32
+from glow_dist.model import build_model, preprocess, resolved_runtime
+from glow_dist.runtime import apply_tf32, device_memory_bytes
 from glow_dist.training.ema import EMA
 from glow_dist.training.optimizer import LearningRate, make_optimizer
 from glow_dist.training.step import build_train_step, noise_generator
@@ -55,6 +65,15 @@ CPU_ARCH = ModelConfig(image_size=32, channels=3, levels=3, steps=8, width=16, c
 # Sampling's launch proxy: the CelebA-HQ architecture (L=6, K=32, additive), narrow and at 64x64 (the smallest size
 # six squeezes allow); the operators of a decode depend on levels and steps, not on width or size.
 CPU_SAMPLE_ARCH = dataclasses.replace(ARCHS["celeba_hq_256"][0], image_size=64, width=16)
+
+# The shipped paper configs, measured exactly as shipped (configs/NAME.yaml) and with the overrides of each variant.
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PAPER_CONFIGS = ("cifar10", "imagenet32", "imagenet64", "lsun", "lsun_128", "celeba_hq_256")
+SHIPPED_VARIANTS: dict[str, list[str]] = {
+    "as shipped": [],
+    "eager": ["runtime.step_mode=eager"],
+    "memory=auto": ["runtime.memory=auto"],
+}
 
 # name -> config overrides (on top of the device defaults: NCHW and fp32 on CUDA).
 VARIANTS: dict[str, list[str]] = {
@@ -83,11 +102,16 @@ class Setup:
         torch.manual_seed(0)
         m = cfg.model
         self.cfg, self.device = cfg, device
-        self.model = build_model(m, cfg.runtime).to(device)
+        # runtime.memory=auto resolved as the trainer does (one rank per GPU; on a CPU, the whole host)
+        self.runtime, why = resolved_runtime(cfg.runtime, m, cfg.train.batch_size, device_memory_bytes(device))
+        if why:
+            log.append(f"[memory] {why}")
+        self.model = build_model(m, self.runtime).to(device)
         shape = (cfg.train.batch_size, m.channels, m.image_size, m.image_size)
         self.images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
         self.labels = torch.zeros(shape[0], dtype=torch.long, device=device)
-        self.model.initialize(preprocess(self.images, m.n_bits, generator=noise_generator(device, 0, -1, 0)))
+        self.model.initialize(preprocess(self.images, m.n_bits, generator=noise_generator(device, 0, -1, 0)),
+                              self.labels if m.y_condition else None)
         self.optimizer = make_optimizer(cfg.optim, self.model)
         LearningRate(cfg.optim, world_size=1).apply(self.optimizer, step=0)
         self.ema = EMA(self.model, cfg.optim.ema_decay)
@@ -134,7 +158,46 @@ def time_variant(cfg: Config, device: torch.device, warmup: int, steps: int) -> 
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device)
     return {"ms": 1e3 * statistics.median(times), "ms_best": 1e3 * min(times), "warmup_s": warm_s,
-            "peak_gib": peak / 2**30, "mode": setup.step.mode, "log": log}
+            "peak_gib": peak / 2**30, "mode": setup.step.mode, "memory": setup.runtime.memory,
+            "tags": setup.step.run_tags(), "log": log}
+
+
+def shipped_cfg(name: str, variant: str) -> Config:
+    """configs/NAME.yaml exactly as shipped, plus the variant's overrides (none for "as shipped")."""
+    return load_config(CONFIGS / f"{name}.yaml", SHIPPED_VARIANTS[variant])
+
+
+def paper_configs(args: argparse.Namespace, device: torch.device, matmul: float) -> list[dict]:
+    """The shipped paper configs, each as shipped and per variant: ms/step, img/s, modes that ran, peak memory."""
+    rows = []
+    variants = [v for v in args.shipped_variants if not (args.quick and v == "memory=auto")]
+    for name in args.configs:
+        shipped = load_config(CONFIGS / f"{name}.yaml")
+        m, batch = shipped.model, shipped.train.batch_size
+        flops = step_flops(m, batch, device)
+        for variant in variants:
+            row = {"config": name, "batch": batch, "variant": variant, "gflop_per_step": flops / 1e9}
+            try:
+                row.update(time_variant(shipped_cfg(name, variant), device, args.warmup, args.steps))
+                row["img_s"] = batch / (row["ms"] / 1e3)
+                row["fraction_of_tf32_matmul"] = flops / (row["ms"] / 1e3) / matmul
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "OOM"
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(f"  {name} (batch {batch}) {variant}: " + (row.get("error") or
+                  f"{row['ms']:.1f} ms, step {row['mode']}, memory {row['memory']}, {row['img_s']:.1f} img/s, "
+                  f"peak {row['peak_gib']:.2f} GiB"), flush=True)
+    print("\n| paper config (as shipped) | batch/rank | variant | step ran as | memory ran as | ms/step | img/s | "
+          "fraction of TF32 matmul | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['config']} | {r['batch']} | {r['variant']} | | | {r['error']} | | | |")
+            continue
+        print(f"| {r['config']} | {r['batch']} | {r['variant']} | {r['mode']} | {r['memory']} | {r['ms']:.1f} | "
+              f"{r['img_s']:.1f} | {r['fraction_of_tf32_matmul']:.3f} | {r['peak_gib']:.2f} |")
+    return rows
 
 
 def sampling(device: torch.device, batches: list[int], repeats: int, modes: list[str]) -> list[dict]:
@@ -199,13 +262,14 @@ def run_cuda(args: argparse.Namespace) -> dict:
     name = torch.cuda.get_device_name(device)
     print(f"torch {torch.__version__}, {name}, TF32 matmul {matmul / 1e12:.0f} TFLOP/s (8192^2, same run)",
           flush=True)
-    results = {"device": name, "torch": torch.__version__, "tf32_matmul_tflops": matmul / 1e12, "train": [],
-               "sampling": []}
+    results = {"device": name, "torch": torch.__version__, "tf32_matmul_tflops": matmul / 1e12,
+               "paper_configs": paper_configs(args, device, matmul), "train": [], "sampling": []}
+    variants = [v for v in args.variants if v in ("eager", "graphed")] if args.quick else args.variants
     for arch in args.archs:
         model_cfg, batches = ARCHS[arch]
         for batch in (args.batches or (batches[:1] if args.quick else batches)):
             flops = step_flops(model_cfg, batch, device)
-            for variant in args.variants:
+            for variant in variants:
                 row = {"arch": arch, "batch": batch, "variant": variant, "gflop_per_step": flops / 1e9}
                 try:
                     row.update(time_variant(make_cfg(model_cfg, VARIANTS[variant], batch), device,
@@ -231,7 +295,8 @@ def run_cuda(args: argparse.Namespace) -> dict:
         print(f"| {r['arch']} | {r['batch']} | {r['variant']} | {r['mode']} | {r['ms']:.1f} | {r['img_s']:.1f} | "
               f"{r['tflops']:.1f} | {r['fraction_of_tf32_matmul']:.3f} | {r['peak_gib']:.2f} |")
     if not args.no_sampling:
-        results["sampling"] = sampling(device, args.sample_batches, args.sample_repeats, args.sample_modes)
+        batches = args.sample_batches or ([1, 8] if args.quick else [1, 8, 32])
+        results["sampling"] = sampling(device, batches, args.sample_repeats, args.sample_modes)
         print("\n| sampling CelebA-HQ 256x256 | batch | ran as | ms/image | first call s |")
         print("|---|---|---|---|---|")
         for r in results["sampling"]:
@@ -239,6 +304,35 @@ def run_cuda(args: argparse.Namespace) -> dict:
             warm = f"{r['warmup_s']:.1f}" if "warmup_s" in r else ""
             print(f"| {r['mode']} | {r['batch']} | {r['ran_as']} | {ms} | {warm} |")
     return results
+
+
+def paper_config_ops(args: argparse.Namespace) -> list[dict]:
+    """ATen operators of one training step of each paper config as shipped (levels, steps, coupling, runtime:
+    checkpointing's recompute included) at width 16 and batch 1, on the CPU: the launches a GPU step would make."""
+    if not args.configs:
+        return []
+    print(f"\npaper configs as shipped, width {args.cpu_width}, batch 1 (ATen operators per training step):",
+          flush=True)
+    rows = []
+    for name in args.configs:
+        cfg = load_config(CONFIGS / f"{name}.yaml", [f"model.width={args.cpu_width}", "train.batch_size=1"])
+        log: list[str] = []
+        setup = Setup(cfg, torch.device("cpu"), log)
+        for _ in range(2):
+            setup()
+        with OpCounter() as ops:
+            setup()
+        m = cfg.model
+        rows.append({"config": name, "arch": f"{m.image_size}x{m.image_size} L={m.levels} K={m.steps} {m.coupling}",
+                     "memory": setup.runtime.memory, "mode": setup.step.mode, "ops": ops.total, "views": ops.views})
+        print(f"  {name}: {ops.total} operators + {ops.views} views ({setup.step.mode}, memory "
+              f"{setup.runtime.memory})", flush=True)
+    print("\n| paper config (as shipped, width 16, batch 1) | architecture | memory | ran as (CPU) | "
+          "ATen operators per step | + views |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['arch']} | {r['memory']} | {r['mode']} | {r['ops']} | {r['views']} |")
+    return rows
 
 
 def run_cpu(args: argparse.Namespace) -> dict:
@@ -263,7 +357,8 @@ def run_cpu(args: argparse.Namespace) -> dict:
     for r in rows:
         top = ", ".join(f"{n} {c}" for n, c in r["top"])
         print(f"| {r['variant']} | {r['mode']} | {r['ops']} | {r['views']} | {top} |")
-    results = {"device": "cpu", "torch": torch.__version__, "ops": rows, "sampling_ops": []}
+    results = {"device": "cpu", "torch": torch.__version__, "ops": rows, "paper_config_ops": paper_config_ops(args),
+               "sampling_ops": []}
     if not args.no_sampling:
         a = CPU_SAMPLE_ARCH
         print(f"\nsampling (Decoder.sample, T=0.7): CelebA-HQ architecture L={a.levels} K={a.steps} {a.coupling} at "
@@ -284,9 +379,15 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps (compile, capture, cuDNN autotuning)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    parser.add_argument("--quick", action="store_true", help="one batch size per architecture")
+    parser.add_argument("--configs", nargs="*", default=list(PAPER_CONFIGS), choices=list(PAPER_CONFIGS),
+                        help="shipped paper configs to measure as shipped (none: skip that table)")
+    parser.add_argument("--shipped-variants", nargs="+", default=list(SHIPPED_VARIANTS),
+                        choices=list(SHIPPED_VARIANTS), help="variants of the shipped configs (CUDA)")
+    parser.add_argument("--quick", action="store_true",
+                        help="paper configs as shipped and eager; architectures at one batch size, eager and "
+                             "graphed; sampling at batch 1 and 8")
     parser.add_argument("--no-sampling", action="store_true")
-    parser.add_argument("--sample-batches", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--sample-batches", nargs="+", type=int, help="default 1 8 32 (--quick: 1 8)")
     parser.add_argument("--sample-repeats", type=int, default=3)
     parser.add_argument("--sample-modes", nargs="+", default=["eager", "compiled", "graphed"],
                         choices=["eager", "compiled", "graphed"], help="decoding modes of the sampling table")

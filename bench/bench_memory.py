@@ -40,8 +40,7 @@ import time
 import torch
 
 from glow_dist.config import ModelConfig, RuntimeConfig
-from glow_dist.model import Glow, bits_per_dim_from_log_prob
-from glow_dist.preflight.plan import measure_activations
+from glow_dist.model import Glow, bits_per_dim_from_log_prob, measure_activations
 
 MODES = ("plain", "checkpoint", "invertible")
 MIB = 2**20

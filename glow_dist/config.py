@@ -51,8 +51,9 @@ class RuntimeConfig:
     """How the model runs: memory, speed and precision choices that never change the weights (a checkpoint resumes,
     samples and decodes under any of them). Each `auto` has one resolver (glow_dist/runtime.py), from a measurement
     on that device kind (README "GPU notes", BENCHMARKS.md)."""
-    # plain | checkpoint (per flow step) | invertible (rebuild inputs with reverse)
-    memory: str = choice("plain", "plain", "checkpoint", "invertible")
+    # plain | checkpoint (per flow step) | invertible (rebuild inputs with reverse) | auto: plain when `glow-dist
+    # plan`'s estimate fits 75% of the device at train.batch_size, else checkpoint (glow_dist/model/memory.py)
+    memory: str = choice("plain", "plain", "checkpoint", "invertible", "auto")
     invertible_segment: int = 8   # memory=invertible: steps rebuilt from one stored output (0: a whole level)
     # NHWC activations in the flow (weights stay NCHW); auto: NHWC on CPU (oneDNN, +13%), NCHW on CUDA (-20%, H100)
     channels_last: str = choice("auto", "auto", "true", "false")

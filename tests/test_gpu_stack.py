@@ -93,12 +93,48 @@ def test_gpu_loader_gives_the_cpu_loaders_batches_on_the_device(tmp_path: Path) 
         assert not (g & 0x07).any()  # quantized to 5 bits
 
 
-def test_short_training_run_decodes_on_the_gpu(tmp_path: Path, digits_shards: Path) -> None:
+def test_short_training_run_decodes_captures_and_records_its_modes_on_the_gpu(tmp_path: Path,
+                                                                             digits_shards: Path) -> None:
+    """The defaults on a GPU: DALI decodes there, and the step and the sample grids run as CUDA graphs (auto), which
+    the log and the run's MLflow tags say; a silent fallback to eager would fail here."""
     overrides = BASE + [f"data.root={digits_shards}", "data.backend=dali", "data.decode=auto",
                         f"train.run_dir={tmp_path / 'run'}", f"tracking.local_dir={tmp_path / 'mlflow'}"]
     out = subprocess.run([sys.executable, "-m", "glow_dist", "train", "--config", "configs/debug.yaml", *overrides],
                          capture_output=True, text=True, cwd=REPO, timeout=600,
                          env=env_with_venv({"MLFLOW_TRACKING_URI": ""}))
     assert out.returncode == 0, out.stderr[-4000:]
+    log = out.stdout + out.stderr
     assert "data: dali backend, decoding on the GPU (device cuda:0)" in out.stderr
     assert list((tmp_path / "run").glob("**/*.pt")), "no checkpoint written"
+    assert "[step] graphed: forward + backward captured for batch (8, " in log, log[-4000:]
+    assert "[decode] graphed: sample captured for batch" in log, log[-4000:]
+    assert "running eager" not in log, log[-4000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.tags["runtime.step_mode"] == "graphed" and run.data.tags["runtime.sample_mode"] == "graphed"
+    assert run.data.tags["runtime.memory"] == "plain"
+
+
+def test_graphed_step_on_two_gpus_with_nccl_equals_eager_with_and_without_fp16_allreduce(tmp_path: Path) -> None:
+    """Two ranks, one GPU each, real NCCL all-reduces (tests/scripts/gpu_step_check.py): both ranks capture, the
+    graphed step takes the eager step's steps (fp32, deterministic cuDNN), with and without fp16 compression (issue
+    25, finding 1: a decompressing all-reduce must not leave the optimizer an old gradient), and the ranks agree."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs two GPUs, this machine has {torch.cuda.device_count()}")
+    out = subprocess.run(horovodrun_cmd(2, str(REPO / "tests/scripts/gpu_step_check.py"), str(tmp_path)),
+                         capture_output=True, text=True, cwd=REPO, timeout=600, env=env_with_venv())
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for fp16 in (False, True):
+        eager, graphed = f"eager-fp16={fp16}", f"graphed-fp16={fp16}"
+        for dump in ranks:
+            assert dump[graphed]["mode"] == "graphed" and dump[graphed]["tags"] == {"runtime.step_mode": "graphed"}
+            assert any("captured" in line for line in dump[graphed]["logs"]), dump[graphed]["logs"]
+            for (a, b) in zip(dump[eager]["bpds"], dump[graphed]["bpds"], strict=True):
+                assert a == pytest.approx(b, rel=1e-5)
+            for name, value in dump[eager]["model"].items():
+                torch.testing.assert_close(dump[graphed]["model"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+        for name, value in ranks[0][graphed]["model"].items():
+            assert torch.equal(value, ranks[1][graphed]["model"][name]), (graphed, name)

@@ -1,11 +1,14 @@
-"""Memory modes and step options: invertible recomputation against plain backprop, memory flat in depth."""
+"""Memory modes and step options: invertible recomputation against plain backprop, memory flat in depth; gradient
+checkpointing that a CUDA graph can capture; `runtime.memory: auto`."""
 
 import pytest
 import torch
 from test_model import randomize, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from glow_dist.config import ConfigError, ModelConfig, RuntimeConfig, load_config
-from glow_dist.model import Glow
+from glow_dist.model import Glow, build_model, measure_activations, resolve_memory, resolved_runtime
+from glow_dist.model.memory import AUTO_PLAIN_FRACTION, state_bytes
 
 
 def _grads(model: Glow, x: torch.Tensor) -> list[torch.Tensor]:
@@ -180,3 +183,71 @@ def test_segmented_invertible_equals_plain_and_keeps_one_output_per_segment():
     torch.manual_seed(0)
     plain_bytes = _saved_bytes(randomize(tiny_model(steps=6)), x32)
     assert whole[0] < segmented[0] < plain_bytes[0] / 2  # two more outputs per level, not six steps' graphs
+
+
+class RandomOps(TorchDispatchMode):
+    """Every operator that draws from a random generator (ATen tags them nondeterministic_seeded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kw", [{}, {"coupling": "additive", "invconv": "plain"}])
+def test_checkpointed_steps_draw_no_random_numbers_and_never_touch_the_rng_state(monkeypatch, kw):
+    """What lets a CUDA graph capture a checkpointed step (issue 25): nothing inside a flow step draws random numbers
+    (forward, backward and the recompute), so checkpoint runs with preserve_rng_state=False and neither reads nor
+    restores any generator's state (reading the CUDA generator's state is forbidden while capturing)."""
+    torch.manual_seed(0)
+    model = randomize(tiny_model(memory="checkpoint", **kw))
+    touched: list[str] = []
+
+    def recorded(name: str, original):
+        def call(*args, **kwargs):
+            touched.append(name)
+            return original(*args, **kwargs)
+        return call
+
+    for module, names in ((torch, ("get_rng_state", "set_rng_state")),
+                          (torch.cuda, ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"))):
+        for name in names:
+            monkeypatch.setattr(module, name, recorded(name, getattr(module, name)))
+    x = torch.rand(2, 3, 8, 8) - 0.5
+    with RandomOps() as drawn:
+        model.log_prob(x).mean().backward()  # backward recomputes every step's forward
+    assert drawn.seen == [] and touched == [], (drawn.seen, touched)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_memory_auto_is_plain_when_the_plan_estimate_fits_the_device_with_a_margin():
+    cfg = ModelConfig(image_size=16, channels=3, levels=2, steps=4, width=32)
+    need = measure_activations(cfg, 8)["plain"] + state_bytes(cfg)
+    assert resolve_memory("auto", cfg, 8, capacity=int(need / AUTO_PLAIN_FRACTION) + 1)[0] == "plain"
+    mode, why = resolve_memory("auto", cfg, 8, capacity=int(need / AUTO_PLAIN_FRACTION) - 1)
+    assert mode == "checkpoint" and "more than 75%" in why
+    assert resolve_memory("auto", cfg, 64, capacity=int(need / AUTO_PLAIN_FRACTION) + 1)[0] == "checkpoint"
+    for asked in ("plain", "checkpoint", "invertible"):
+        assert resolve_memory(asked, cfg, 8, capacity=1) == (asked, "")
+    # The paper's CelebA-HQ architecture at batch 16: checkpoint on a 40 GB GPU, plain on an 80 GB one.
+    celeba = load_config(None, ["model.image_size=256", "model.levels=6", "model.coupling=additive"]).model
+    assert resolve_memory("auto", celeba, 16, capacity=40 * 2**30)[0] == "checkpoint"
+    assert resolve_memory("auto", celeba, 16, capacity=80 * 2**30)[0] == "plain"
+
+
+def test_memory_auto_must_be_resolved_before_training():
+    cfg = load_config(None, ["runtime.memory=auto", "model.image_size=8", "model.levels=2", "model.steps=2",
+                             "model.width=8"])
+    model = build_model(cfg.model, cfg.runtime)
+    x = torch.rand(2, 3, 8, 8) - 0.5
+    with torch.no_grad():
+        model.log_prob(x)  # evaluation and sampling do not care
+    with pytest.raises(ValueError, match="runtime.memory=auto is resolved"):
+        model.log_prob(x).mean().backward()
+    runtime, why = resolved_runtime(cfg.runtime, cfg.model, batch=2, capacity=2**30)
+    assert runtime.memory == "plain" and cfg.runtime.memory == "auto" and why.startswith("auto: plain")
+    build_model(cfg.model, runtime).log_prob(x).mean().backward()

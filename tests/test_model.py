@@ -272,15 +272,20 @@ def test_actnorm_init_from_summed_statistics_equals_init_on_concatenated_batch()
             torch.testing.assert_close(m.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+@pytest.mark.parametrize("kw", [{}, {"coupling": "additive", "invconv": "plain"},
+                                {"y_condition": True, "num_classes": 3}])
+def test_gradient_checkpointing_gives_same_gradients(kw):
+    """Checkpointed segments recompute without restoring any RNG state (preserve_rng_state=False): the gradients
+    are still plain backprop's."""
     torch.manual_seed(8)
-    plain = randomize(tiny_model())
-    ckpt = tiny_model(memory="checkpoint")
+    plain = randomize(tiny_model(**kw))
+    ckpt = tiny_model(memory="checkpoint", **kw)
     ckpt.load_state_dict(plain.state_dict())
     x = torch.rand(4, 3, 8, 8) - 0.5
+    y = torch.tensor([0, 1, 2, 1]) if kw.get("y_condition") else None
     for m in (plain, ckpt):
         m.train()
-        m.log_prob(x).mean().backward()
+        m.log_prob(x, y).mean().backward()
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
 

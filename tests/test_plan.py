@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from glow_dist.config import load_config
-from glow_dist.model import build_model
+from glow_dist.model import build_model, measure_activations, meta_model
 from glow_dist.model.layers import FlowStep, InvConv1x1LU
-from glow_dist.preflight.plan import make_plan, measure_activations, meta_model
+from glow_dist.preflight.plan import make_plan
 
 REPO = Path(__file__).resolve().parents[1]
 

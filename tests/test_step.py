@@ -14,11 +14,11 @@ from opcount import OpCounter
 from glow_dist.config import Config, load_config
 from glow_dist.distributed import gateway as dist
 from glow_dist.model import build_model, preprocess
-from glow_dist.runtime import resolve_mode
+from glow_dist.runtime import resolve_mode, step_capture_blockers
 from glow_dist.training.ema import EMA
 from glow_dist.training.optimizer import LearningRate, make_optimizer
 from glow_dist.training.state import TrainingState
-from glow_dist.training.step import build_train_step, capture_blockers, noise_generator
+from glow_dist.training.step import build_train_step, noise_generator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,13 +132,15 @@ def test_graphed_mode_falls_back_to_eager_on_cpu_with_one_log_line():
 
 def test_step_mode_resolution():
     def resolve(cfg: Config, device: torch.device) -> tuple[str, str]:
-        return resolve_mode(cfg.runtime.step_mode, device, capture_blockers(cfg))
+        return resolve_mode(cfg.runtime.step_mode, device, step_capture_blockers(cfg))
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve(debug_cfg(), cpu) == ("eager", "")
     assert resolve(debug_cfg(), cuda) == ("graphed", "")
-    for override, words in [("runtime.memory=checkpoint", "runtime.memory=checkpoint"),
-                            ("runtime.memory=invertible", "runtime.memory=invertible"),
+    # Checkpointing is captured (its segments never touch the RNG state: test_memory.py); the paper configs use it.
+    assert resolve(debug_cfg("runtime.memory=checkpoint"), cuda) == ("graphed", "")
+    assert resolve(load_config(REPO / "configs/celeba_hq_256.yaml"), cuda) == ("graphed", "")
+    for override, words in [("runtime.memory=invertible", "runtime.memory=invertible"),
                             ("dist.elastic=true", "elastic")]:
         mode, reason = resolve(debug_cfg(override), cuda)
         assert mode == "eager" and words in reason
@@ -184,19 +186,46 @@ def test_gradient_hooks_suspended_is_a_no_op_without_horovod():
 
 # ---- CUDA only ---------------------------------------------------------------------------------------------------
 
+@pytest.fixture
+def deterministic_cuda():
+    """fp32 and deterministic cuDNN on both sides of a comparison: TF32, or another algorithm picked by autotuning,
+    or a non-deterministic weight gradient would differ at 1e-3 after a few Adamax steps and hide nothing useful."""
+    b = torch.backends
+    saved = (b.cudnn.deterministic, b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32)
+    b.cudnn.deterministic, b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = True, False, False, False
+    try:
+        yield
+    finally:
+        b.cudnn.deterministic, b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = saved
+
+
+def assert_captured(setup: Setup, mode: str) -> None:
+    """The fast path really ran: a silent fallback to eager would pass every comparison."""
+    assert setup.step.mode == mode, setup.logs
+    assert setup.step.run_tags() == {"runtime.step_mode": mode}, setup.logs
+    if mode == "graphed":
+        assert sum(line.startswith("[step] graphed: forward + backward captured for batch (8, ")
+                   for line in setup.logs) == 1, setup.logs
+    assert not any("running eager" in line for line in setup.logs), setup.logs
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["compiled", "graphed"])
-@pytest.mark.parametrize("overrides", [(), ("model.coupling=additive",), ("runtime.autocast=bf16",),
-                                       ("model.y_condition=true", "model.num_classes=10")])
-def test_fast_paths_give_the_eager_loss_gradients_and_weights_on_cuda(mode, overrides):
+@pytest.mark.parametrize("mode,overrides", [
+    ("compiled", ()), ("graphed", ()),
+    ("compiled", ("model.coupling=additive",)), ("graphed", ("model.coupling=additive",)),
+    ("compiled", ("runtime.autocast=bf16",)), ("graphed", ("runtime.autocast=bf16",)),
+    ("compiled", ("model.y_condition=true", "model.num_classes=10")),
+    ("graphed", ("model.y_condition=true", "model.num_classes=10")),
+    ("graphed", ("model.invconv=plain",)),                  # slogdet and its backward (cuSOLVER) in the graph
+    ("graphed", ("runtime.memory=checkpoint",)),            # the paper configs' memory mode (issue 25, finding 4)
+    ("graphed", ("runtime.compile=true",)),                 # Inductor's kernels captured
+    ("graphed", ("model.coupling=additive", "runtime.memory=checkpoint", "model.n_bits=5")),  # CelebA-HQ's kind
+])
+def test_fast_paths_give_the_eager_loss_gradients_and_weights_on_cuda(mode, overrides, deterministic_cuda):
     eager = Setup(debug_cfg("runtime.step_mode=eager", "runtime.tf32=false", *overrides), device="cuda")
     fast = Setup(debug_cfg(f"runtime.step_mode={mode}", "runtime.tf32=false", *overrides), device="cuda")
-    torch.backends.cudnn.allow_tf32 = False  # fp32 tolerance needs fp32 convolutions on both sides
-    try:
-        bpd_eager, bpd_fast = eager.run(4, device="cuda"), fast.run(4, device="cuda")
-    finally:
-        torch.backends.cudnn.allow_tf32 = True
-    assert fast.step.mode == mode, fast.logs
+    bpd_eager, bpd_fast = eager.run(4, device="cuda"), fast.run(4, device="cuda")
+    assert_captured(fast, mode)
     # fp32 tolerance; with bf16 couplings Inductor may keep intermediates in fp32 where eager rounds to bf16.
     rtol = 1e-2 if "runtime.autocast=bf16" in overrides else 1e-4
     for (a, _), (b, _) in zip(bpd_eager, bpd_fast, strict=True):
@@ -204,6 +233,24 @@ def test_fast_paths_give_the_eager_loss_gradients_and_weights_on_cuda(mode, over
     for ga, gb in zip(eager.grads(), fast.grads(), strict=True):
         torch.testing.assert_close(ga, gb, rtol=rtol, atol=1e-6)
     assert_same_training(eager, fast, rtol=rtol)
+
+
+@pytest.mark.gpu
+def test_graphed_steps_label_check_does_not_wait_for_the_device_on_cuda():
+    """No host sync per step for the label check (issue 25): with the GPU busy, checking a batch's labels returns
+    before the work queued ahead of it is done (a check that read the labels on the host would wait for it)."""
+    setup = Setup(debug_cfg("runtime.step_mode=graphed", "model.y_condition=true", "model.num_classes=10"),
+                  device="cuda")
+    setup.run(2, device="cuda")
+    assert_captured(setup, "graphed")
+    _, labels = batch(setup.cfg, seed=3, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # about a second of GPU time queued ahead
+    setup.model.check_labels(labels, sync=False)
+    after = torch.cuda.Event()
+    after.record()
+    assert not after.query(), "the label check waited for the device"
+    torch.cuda.synchronize()
 
 
 @pytest.mark.gpu
@@ -248,9 +295,11 @@ def test_graphed_step_runs_a_different_batch_shape_eagerly_on_cuda():
 
 
 @pytest.mark.slow
-def test_suspended_hooks_then_clip_and_step_all_reduce_and_compiled_step_under_horovodrun(tmp_path):
-    """Two real Horovod ranks: gradients left by a backward without all-reduce hooks (what a CUDA graph replay
-    leaves) are averaged by clip_and_step, and the compiled step keeps every rank's weights identical."""
+def test_suspended_hooks_grouped_allreduce_compiled_and_graphed_steps_under_horovodrun(tmp_path):
+    """Two real Horovod ranks (tests/scripts/step_check.py): gradients left by a backward without all-reduce hooks
+    (what a CUDA graph replay leaves) are averaged by the grouped all-reduce and clip_and_step; the compiled step keeps
+    every rank's weights identical; the graphed step (stand-in graph) with fp16 compression trains as the eager one;
+    a capture that fails on one rank makes every rank run eager, and each knows why."""
     from helpers import horovodrun
 
     horovodrun(2, str(REPO / "tests/scripts/step_check.py"), str(tmp_path), timeout=600)
@@ -267,3 +316,19 @@ def test_suspended_hooks_then_clip_and_step_all_reduce_and_compiled_step_under_h
     for key in ("model", "ema"):  # ... and yet the same weights everywhere
         for name, value in ranks[0][key].items():
             assert torch.equal(value, ranks[1][key][name]), (key, name)
+    # fp16 all-reduce: the graphed step (4 replays) takes the eager step's steps, and every rank the same.
+    for r in ranks:
+        assert r["fp16_graphed"]["mode"] == "graphed" and r["fp16_graphed"]["replays"] == 5  # 1 in the capture
+        for name, value in r["fp16_eager"]["model"].items():
+            torch.testing.assert_close(r["fp16_graphed"]["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for name, value in ranks[0]["fp16_graphed"]["model"].items():
+        assert torch.equal(value, ranks[1]["fp16_graphed"]["model"][name]), name
+    # Rank 1's capture failed: both run eager, with the same record, and each rank's log line names its rank.
+    want = {"runtime.step_mode": "eager", "runtime.step_mode.fallbacks": "rank 1: the CUDA graph capture failed: "
+            "RuntimeError: operation not permitted when stream is capturing"}
+    for r, dump in enumerate(ranks):
+        assert dump["agreement"]["mode"] == "eager" and dump["agreement"]["tags"] == want
+        assert any(line.startswith(f"[step] rank {r}: runtime.step_mode=graphed: running eager, because ")
+                   for line in dump["agreement"]["logs"]), dump["agreement"]["logs"]
+    for name, value in ranks[0]["agreement"]["model"].items():
+        assert torch.equal(value, ranks[1]["agreement"]["model"][name]), name

@@ -59,6 +59,10 @@ def test_two_ranks_train_in_lockstep_and_log_to_mlflow(tmp_path, digits_shards, 
     assert params["world_size"] == "2" and params["global_batch_size"] == "16"
     assert params["model.levels"] == "2" and params["train.steps"] == "6"
     assert run.data.tags["hosts"] == "1" and run.data.tags["gpu_type"] == "cpu" and run.data.tags["git_commit"]
+    # What ran, on every rank: the step mode (gathered from both ranks), the grids' decode mode, the memory mode.
+    assert run.data.tags["runtime.step_mode"] == "eager" and run.data.tags["runtime.sample_mode"] == "eager"
+    assert run.data.tags["runtime.memory"] == "plain"
+    assert not {"runtime.step_mode.fallbacks", "runtime.sample_mode.fallback"} & set(run.data.tags)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"images", "checkpoints", "config.yaml"} <= artifacts
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]

@@ -249,6 +249,14 @@ def broadcast_training_state(model: torch.nn.Module, optimizer: torch.optim.Opti
     broadcast_parameters(ema)
 
 
+def allgather_object(obj: Any, name: str = "dist.allgather_object") -> list[Any]:
+    """Every rank's `obj` (any picklable value), in rank order, on every rank."""
+    hvd = horovod_module()
+    if hvd is None:
+        return [obj]
+    return hvd.allgather_object(obj, name=name)
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` (any picklable value) on every rank."""
     hvd = horovod_module()
@@ -323,6 +331,23 @@ def clip_and_step(
         with skip_sync() if skip_sync is not None else nullcontext():
             optimizer.step()
     return StepResult(grad_norm.detach(), skipped, stop)
+
+
+def allreduce_gradients_async(optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor]) -> None:
+    """Start the all-reduce of every gradient of `parameters` now, in that order, as one Horovod group; the next
+    `clip_and_step` waits for them. For gradients that no backward hook submitted (a CUDA graph replay runs none):
+    left to Horovod's synchronize(), they would be submitted one by one in the order of a set, which differs between
+    ranks and splits what Horovod can fuse. A group is negotiated as one (its tensors are ready together on every
+    rank) and then fused in this order up to HOROVOD_FUSION_THRESHOLD per all-reduce. Collective: every rank must
+    call it for the same parameters (a rank whose hooks submitted per-gradient all-reduces instead would wait
+    forever; the graphed step makes every rank agree on its mode for this reason). A plain optimizer: nothing to do.
+    """
+    requires = getattr(optimizer, "_requires_update", None)
+    if not requires:  # not Horovod, or a world of one (Horovod then registers nothing and reduces nothing)
+        return
+    group = tuple(p for p in parameters if p in requires)
+    if group:
+        optimizer._handles[group] = optimizer._grouped_allreduce_grad_async(group)
 
 
 def reset_gradient_hooks(optimizer: torch.optim.Optimizer) -> None:

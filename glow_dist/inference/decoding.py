@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from glow_dist.model import Glow, postprocess
-from glow_dist.runtime import capture_graph, first_mismatch, resolve_mode
+from glow_dist.runtime import capture_graph, first_mismatch, release_graph_memory, resolve_mode
 
 
 def _stderr(message: str) -> None:
@@ -82,9 +82,9 @@ class Decoder:
     def __init__(self, model: Glow, mode: str = "auto", log: Callable[[str], None] = _stderr, max_graphs: int = 4):
         self.model, self.asked, self.log, self.max_graphs = model, mode, log, max_graphs
         self.device = next(model.parameters()).device
-        self.mode, reason = resolve_mode(mode, self.device)
-        if reason:
-            log(f"[decode] mode={mode}: running eager, because {reason}")
+        self.mode, self.reason = resolve_mode(mode, self.device)   # reason: why not the mode asked for ("": it is)
+        if self.reason:
+            log(f"[decode] mode={mode}: running eager, because {self.reason}")
         self._compiled = {kind: torch.compile(fn, dynamic=False) for kind, fn in _FUNCTIONS.items()} \
             if self.mode == "compiled" else {}
         self._checked: set[tuple] = set()                  # compiled shapes already compared with eager
@@ -144,13 +144,15 @@ class Decoder:
             return _FUNCTIONS[kind](self.model, [x[:m] for x in inputs], t, y[:m] if y is not None else None)
         return out[:m]
 
-    def _fall_back(self, why: str | None) -> None:
-        """Decode eagerly from now on; `why` is logged (None: already logged by the capture)."""
-        if why is not None:
+    def _fall_back(self, why: str, logged: bool = False) -> None:
+        """Decode eagerly from now on, and free the graphs' buffers and pools; `why` is logged (unless `logged`:
+        the capture did)."""
+        if not logged:
             self.log(f"[decode] mode={self.asked}: running eager, because {why}")
-        self.mode = "eager"
+        self.mode, self.reason = "eager", why
         self._compiled.clear()
         self._graphs.clear()
+        release_graph_memory()
 
     def _compiled_run(self, kind: str, inputs: list[torch.Tensor], t: torch.Tensor,
                       y: torch.Tensor | None) -> torch.Tensor | None:
@@ -191,8 +193,8 @@ class Decoder:
         captured = capture_graph(lambda: fn(self.model, graph.inputs, graph.temperature, graph.y),
                                  warmup_passes=self.warmup_passes, log=self.log,
                                  what=f"[decode] mode={self.asked} ({kind})", tensors=lambda out: [out])
-        if captured is None:
-            self._fall_back(None)
+        if isinstance(captured, str):
+            self._fall_back(captured, logged=True)
             return None
         graph.graph, graph.out = captured
         self.log(f"[decode] graphed: {kind} captured for batch {len(inputs[0])}")

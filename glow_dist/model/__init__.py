@@ -14,6 +14,7 @@ from glow_dist.model.likelihood import (
     preprocess,
     quantize,
 )
+from glow_dist.model.memory import measure_activations, resolve_memory, resolved_runtime
 
 __all__ = [
     "Glow",
@@ -22,9 +23,12 @@ __all__ = [
     "bits_per_dim",
     "bits_per_dim_from_log_prob",
     "build_model",
+    "measure_activations",
     "meta_model",
     "parameter_count",
     "postprocess",
     "preprocess",
     "quantize",
+    "resolve_memory",
+    "resolved_runtime",
 ]

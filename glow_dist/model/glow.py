@@ -71,11 +71,17 @@ class Level(nn.Module):
         x = x.contiguous(memory_format=self.format_for(x))
         if self.memory == "invertible":
             return invertible_flow(self.steps, x, self.invertible_segment)
-        checkpointing = self.memory == "checkpoint"
+        checkpointing = self.memory == "checkpoint" and torch.is_grad_enabled()
+        if self.memory == "auto" and torch.is_grad_enabled():
+            raise ValueError("runtime.memory=auto is resolved for a device and batch before the model is built "
+                             "(glow_dist.model.resolve_memory); build it with the resolved mode")
         logdet = None
         for step in self.steps:
-            if checkpointing and torch.is_grad_enabled():
-                x, ld = checkpoint(step, x, use_reentrant=False)
+            if checkpointing:
+                # A flow step draws no random numbers, so the recompute needs no saved RNG state: without
+                # preserve_rng_state=False checkpoint reads (and on recompute sets) the CUDA generator's state, which a
+                # CUDA graph capture forbids (tests/test_memory.py checks that nothing inside draws).
+                x, ld = checkpoint(step, x, use_reentrant=False, preserve_rng_state=False)
             else:
                 x, ld = step(x)
             logdet = ld if logdet is None else logdet + ld
@@ -140,8 +146,13 @@ class Glow(nn.Module):
         mean, logs = params.chunk(2, dim=1)
         return mean, logs
 
-    def check_labels(self, y: torch.Tensor) -> None:
-        if y.min() < 0 or y.max() >= self.cfg.num_classes:
+    def check_labels(self, y: torch.Tensor, sync: bool = True) -> None:
+        """Labels must be class ids 0..num_classes-1. `sync=False`: checked on the device without waiting for it (a
+        CUDA graph step, every step): a bad label stops the process there with a device-side assert."""
+        if not sync:
+            torch._assert_async(((y >= 0) & (y < self.cfg.num_classes)).all(),
+                                f"labels must be in 0..{self.cfg.num_classes - 1}")
+        elif y.min() < 0 or y.max() >= self.cfg.num_classes:
             raise ValueError(f"labels must be in 0..{self.cfg.num_classes - 1}, got {y.min()}..{y.max()}")
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> GlowOutput:

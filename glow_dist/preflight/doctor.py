@@ -1,7 +1,9 @@
 """`glow-dist doctor`: what a node can run, checked for real, one PASS/FAIL/SKIP line per check.
 
-Checks: torch and its CUDA build, the GPUs and their memory, cuDNN/TF32 state, Horovod's build (frameworks,
-controllers, GPU operations) and, under horovodrun, an all-reduce across every rank on the rank's device, DALI with
+Checks: torch and its CUDA build, the GPUs and their memory, cuDNN/TF32 state, which memory, step and decode modes
+the config runs on this rank's device (on CUDA captured for real, on a tiny model of the config's kind), Horovod's
+build (frameworks, controllers, GPU operations) and, under horovodrun, an all-reduce across every rank on the rank's
+device, DALI with
 a real decode of a tiny in-memory JPEG batch ("mixed", i.e. on the GPU, when there is one; CPU otherwise) against
 PIL's decode, webdataset, the MLflow tracking URI the config would use (with the credentials training would send: a
 refusal fails here, before a job starts), and with `--data` the manifest and one sample of every split. FAIL means
@@ -9,6 +11,7 @@ something this config needs is missing or broken; SKIP means not needed here.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import socket
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from glow_dist.config import Config, tracking_store
+from glow_dist.config import Config, ModelConfig, tracking_store
 from glow_dist.distributed.gateway import horovod_build, launched_by_horovod
 from glow_dist.mlflow_auth import refusal
 
@@ -103,6 +106,73 @@ def check_cudnn() -> Check:
                  f"cuDNN {version or 'missing'} enabled={b.cudnn.enabled} benchmark={b.cudnn.benchmark}; "
                  f"TF32 matmul={b.cuda.matmul.allow_tf32} conv={b.cudnn.allow_tf32}; "
                  f"float32 matmul precision {torch.get_float32_matmul_precision()}")
+
+
+def probe_model_config(cfg: ModelConfig) -> ModelConfig:
+    """The config's kind of model (coupling, 1x1 convs, bits, classes) at a size that captures in seconds."""
+    return dataclasses.replace(cfg, image_size=8, levels=2, steps=2, width=16)
+
+
+def check_modes(cfg: Config) -> Check:
+    """The memory, step and decode modes this config runs on this rank's device. On CUDA the step and the decoder
+    are captured for real, through the trainer's capture-and-check (glow_dist.runtime.capture_graph), on a tiny model
+    of the config's kind with its runtime settings (torch.compile off: it would take minutes); a graphed mode that
+    falls back here would fall back in training too (slower, still correct): FAIL, with the reason."""
+    import torch
+
+    from glow_dist.inference.decoding import Decoder
+    from glow_dist.model import build_model, resolved_runtime
+    from glow_dist.runtime import capture_graph, device_memory_bytes, resolve_mode, step_capture_blockers
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    ranks_here = int(os.environ.get("HOROVOD_LOCAL_SIZE", os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1")))
+    runtime, why_memory = resolved_runtime(cfg.runtime, cfg.model, cfg.train.batch_size,
+                                           device_memory_bytes(device, ranks_here))
+    step, why_step = resolve_mode(cfg.runtime.step_mode, device, step_capture_blockers(cfg))
+    decode, why_decode = resolve_mode(cfg.runtime.sample_mode, device)
+    memory = f"memory {runtime.memory}" + (f" ({why_memory})" if why_memory else "")
+    failed = []
+    if cuda and "graphed" in (step, decode):
+        tiny = probe_model_config(cfg.model)
+        torch.manual_seed(0)
+        model = build_model(tiny, dataclasses.replace(runtime, compile=False)).to(device)
+        x = torch.rand(4, tiny.channels, tiny.image_size, tiny.image_size, device=device) - 0.5
+        y = torch.arange(4, device=device) % tiny.num_classes if tiny.y_condition else None
+        model.initialize(x, y)
+        params = list(model.parameters())
+
+        def clear() -> None:
+            for p in params:
+                p.grad = None
+
+        def forward_backward() -> list[torch.Tensor]:
+            clear()
+            loss = -model.log_prob(x, y).mean()
+            loss.backward()
+            return [loss, *[p.grad for p in params]]
+
+        if step == "graphed":
+            captured = capture_graph(forward_backward, warmup_passes=2, log=lambda _: None, what="[doctor]",
+                                     before_capture=clear)
+            if isinstance(captured, str):
+                step, why_step = "eager", captured
+                failed.append("step")
+            clear()
+            del captured
+        if decode == "graphed":
+            decoder = Decoder(model.eval().requires_grad_(False), cfg.runtime.sample_mode, log=lambda _: None)
+            decoder.sample(2, 0.7, seed=0)
+            if decoder.mode != "graphed":
+                decode, why_decode = decoder.mode, decoder.reason
+                failed.append("decode")
+    step_text = f"step {step}" + (f" ({why_step})" if why_step else "")
+    decode_text = f"decode {decode}" + (f" ({why_decode})" if why_decode else "")
+    captured_note = " (captured and checked against eager on a tiny model)" if cuda and not failed and \
+        "graphed" in (step, decode) else ""
+    status = FAIL if failed else PASS
+    return Check("modes", status, f"{memory}; {step_text}; {decode_text}{captured_note}" +
+                 (f"; training would run {' and '.join(failed)} eagerly" if failed else ""))
 
 
 def check_horovod() -> Check:
@@ -297,7 +367,7 @@ def run_checks(cfg: Config, data: str | None, check_shape: bool, timeout: float,
             checks.append(c)
             report(c)
 
-    add(check_torch(), check_gpus(cfg.data.decode == "gpu"), check_cudnn(), check_horovod())
+    add(check_torch(), check_gpus(cfg.data.decode == "gpu"), check_cudnn(), check_modes(cfg), check_horovod())
     add(check_allreduce())
     add(check_dali(cfg), check_webdataset(), check_mlflow(cfg, timeout))
     if data is not None:

@@ -9,13 +9,13 @@ model plans in seconds on a laptop. Every number is measured on the real module 
 - FLOPs: `torch.utils.flop_counter.FlopCounterMode` over one forward + backward of one image (convolutions and
   matmuls; elementwise ops are not counted, as is usual);
 - activations: bytes of the tensors autograd saves for backward (`saved_tensors_hooks`), at the per-rank batch,
-  for every memory mode: measured in plain mode, then split into what each mode keeps (see measure_activations).
-  Gradient buffers, cuDNN workspaces and the allocator's slack come on top.
+  for every memory mode: measured in plain mode, then split into what each mode keeps
+  (glow_dist/model/memory.py, which `runtime.memory: auto` uses too). Gradient buffers, cuDNN workspaces and the
+  allocator's slack come on top.
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from glow_dist.config import Config, ModelConfig, RuntimeConfig
 from glow_dist.data.manifest import MANIFEST, read_manifest, train_batches
 from glow_dist.model import meta_model
-from glow_dist.model.layers import FlowStep, InvConv1x1, InvConv1x1LU
-
-# Per parameter, a training rank holds fp32 weights, gradients, two Adam(ax) moments and the EMA copy.
-STATE_COPIES = 5
+from glow_dist.model.layers import InvConv1x1, InvConv1x1LU
+from glow_dist.model.memory import measure_activations, state_bytes
 
 
 @dataclass
@@ -50,61 +48,6 @@ class Plan:
     dataset_source: str           # where dataset_size came from
     steps_per_epoch: int | None
     epochs: float | None          # train.steps in epochs
-
-
-def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata  # one key per storage, so views and in-place results count once
-
-
-def measure_activations(cfg: ModelConfig, batch: int) -> dict[str, int]:
-    """Bytes saved for backward by one forward at `batch` images, per memory mode, measured on the meta device.
-
-    plain keeps everything. checkpoint keeps each flow step's input; invertible only each level's chain output.
-    Both also keep what is saved outside the steps, and rebuild one step's activations at a time during backward.
-    """
-    # Class labels are only read by tiny linear layers, and the label range check cannot run on meta tensors.
-    model = meta_model(dataclasses.replace(cfg, y_condition=False), RuntimeConfig(memory="plain"))
-    weights = {_storage_key(t) for t in [*model.parameters(), *model.buffers()]}
-    saved: dict[int, tuple[int, int | None]] = {}   # storage -> (bytes, index of the flow step that saved it)
-    inputs: dict[int, int] = {}                      # storage -> bytes, of each flow step's input
-    outputs: list[tuple[int, int]] = []              # (storage, bytes) of each flow step's output
-    current: list[int | None] = [None]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
-        if key not in weights and key not in saved:
-            saved[key] = (t.untyped_storage().nbytes(), current[0])
-        return t
-
-    def enter(module: nn.Module, args: tuple[torch.Tensor]) -> None:
-        current[0] = len(outputs)
-        inputs[_storage_key(args[0])] = args[0].untyped_storage().nbytes()
-
-    def leave(module: nn.Module, args: tuple, out: tuple[torch.Tensor, torch.Tensor]) -> None:
-        current[0] = None
-        outputs.append((_storage_key(out[0]), out[0].untyped_storage().nbytes()))
-
-    steps = [m for m in model.modules() if isinstance(m, FlowStep)]  # in execution order
-    hooks = [h for s in steps for h in (s.register_forward_pre_hook(enter), s.register_forward_hook(leave))]
-    x = torch.empty(batch, cfg.channels, cfg.image_size, cfg.image_size, device="meta")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    for h in hooks:
-        h.remove()
-
-    per_step = [0] * len(steps)
-    outside: dict[int, int] = {}
-    for key, (nbytes, owner) in saved.items():
-        if owner is None:
-            outside[key] = nbytes
-        else:
-            per_step[owner] += nbytes
-    last_steps = list(itertools.accumulate(cfg.steps for _ in range(cfg.levels)))  # 1-based: K, 2K, ...
-    chain_outputs = dict(outputs[i - 1] for i in last_steps)
-    one_step = max(per_step, default=0)
-    return {"plain": sum(nbytes for nbytes, _ in saved.values()),
-            "checkpoint": sum({**outside, **inputs}.values()) + one_step,
-            "invertible": sum({**outside, **chain_outputs}.values()) + one_step}
 
 
 def measure_flops(cfg: ModelConfig, memory: str) -> tuple[int, int]:
@@ -134,7 +77,6 @@ def make_plan(cfg: Config, world_size: int, given_dataset_size: int | None = Non
         raise ValueError(f"world size must be at least 1, got {world_size}")
     model = meta_model(cfg.model)
     params = sum(p.numel() for p in model.parameters())
-    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     forward, plain_step = measure_flops(cfg.model, "plain")
     _, checkpoint_step = measure_flops(cfg.model, "checkpoint")
     n, source = dataset_size(cfg, given_dataset_size)
@@ -145,7 +87,7 @@ def make_plan(cfg: Config, world_size: int, given_dataset_size: int | None = Non
         invconv_layers=sum(isinstance(m, (InvConv1x1, InvConv1x1LU)) for m in model.modules()),
         forward_flops=forward, train_flops_plain=plain_step, train_flops_checkpoint=checkpoint_step,
         activation_bytes=measure_activations(cfg.model, cfg.train.batch_size),
-        state_bytes=STATE_COPIES * 4 * params + buffer_bytes,
+        state_bytes=state_bytes(cfg.model),
         batch_size=cfg.train.batch_size, global_batch=cfg.train.batch_size * world_size,
         dataset_size=n, dataset_source=source, steps_per_epoch=per_epoch,
         epochs=cfg.train.steps / per_epoch if per_epoch else None,

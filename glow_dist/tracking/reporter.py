@@ -42,6 +42,7 @@ class RunFacts(NamedTuple):
     data_backend: str
     data_decode: str
     elastic: bool = False
+    memory: str = ""        # runtime.memory as resolved for this device (auto: plain or checkpoint)
 
 
 class NullReporter:
@@ -58,6 +59,7 @@ class NullReporter:
     def samples(self, model: Glow, step: int, note: str = "") -> None: ...
     def checkpoint_saved(self, path: Path, state: dict, upload: bool = True) -> None: ...
     def stopped(self, reason: str, step: int, checkpoint: Path | None, seconds: float | None = None) -> None: ...
+    def tags(self, tags: dict[str, str]) -> None: ...
     def message(self, text: str) -> None: ...
     def results(self, line: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
@@ -108,6 +110,7 @@ class Reporter(NullReporter):
         self._last_test: dict[str, tuple[int, float]] = {}     # test metric -> (step, value), for the description
         self._final_state: dict | None = None                  # the newest checkpoint's EMA weights and config
         self._decoders: dict[int, Decoder] = {}               # id(model) -> its sample-grid decoder
+        self._decode_tagged: dict[str, str] = {}              # the decode-mode tags set last
 
     def for_rank(self, main: bool, cfg: Config, run_id: str | None, world_size: int,
                  start_step: int) -> NullReporter:
@@ -126,6 +129,8 @@ class Reporter(NullReporter):
         tags = {"hosts": str(facts.hosts), "gpu_type": metadata.gpu_type(), "world_size": str(facts.world_size),
                 "data.backend": facts.data_backend, "data.decode": facts.data_decode,
                 "elastic": str(facts.elastic).lower(), **metadata.git_tags()}
+        if facts.memory:
+            tags["runtime.memory"] = facts.memory
         self.tracker.set_tags({**tags, NOTE_TAG: self._note})
         self.tracker.log_config(cfg)
         if manifest is not None:
@@ -173,6 +178,18 @@ class Reporter(NullReporter):
         save_png(rows, self.run_dir / "samples" / f"step-{step:08d}.png", scale=scale)
         for temperature, grid in temperature_images(samples, model.cfg.y_condition, scale):
             self.tracker.log_image(grid, key=f"samples/T{temperature:g}", step=step)
+        self.tags(self._decode_tags(decoder))
+
+    def _decode_tags(self, decoder: Decoder) -> dict[str, str]:
+        """`runtime.sample_mode`: the decode mode the grids ran (rank 0 draws them), and why not the asked one; only
+        when it changed since the last grids (a fallback happens at a decoder's first call of a shape)."""
+        tags = {"runtime.sample_mode": decoder.mode}
+        if decoder.reason:
+            tags["runtime.sample_mode.fallback"] = decoder.reason[:4000]
+        if tags == self._decode_tagged:
+            return {}
+        self._decode_tagged = tags
+        return tags
 
     def _decoder(self, model: Glow) -> Decoder:
         """One Decoder per model sampled from (EMA, raw), kept for the run: it compiles or captures once, and its
@@ -199,6 +216,12 @@ class Reporter(NullReporter):
         if checkpoint is not None:
             self.message(f"stopped by {reason} at step {step}; checkpoint {checkpoint} saved and verified in "
                          f"{seconds or 0:.1f} s. Run the same command again to resume (train.resume=auto)")
+
+    def tags(self, tags: dict[str, str]) -> None:
+        """Tags learnt while the run goes: which step mode every rank runs (after the first step's capture) and
+        which decode mode the sample grids ran (after the first grids)."""
+        if tags:
+            self.tracker.set_tags(tags)
 
     def message(self, text: str) -> None:
         if self._bar is not None:

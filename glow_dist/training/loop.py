@@ -69,6 +69,7 @@ class TrainingLoop:
     def __init__(self, trainer: Run, after_step: Callable[[], None] | None = None):
         self.t = trainer
         self.after_step = after_step   # elastic: commit every dist.commit_every steps
+        self._modes_recorded = False
 
     def run(self, stop: StopSignal) -> dict[str, float]:
         t, interval = self.t, Interval()
@@ -89,6 +90,9 @@ class TrainingLoop:
             pos = t.state.position
             t.schedule.apply(t.state.optimizer, pos.step, pos.lr_scale)
             bpd, result = t.step(images, labels, pos.step, stop.requested)
+            if not self._modes_recorded:  # known after the first step: its capture and every rank's mode
+                t.report.tags(t.step.run_tags())
+                self._modes_recorded = True
             pos.advance(result.skipped)
             if not result.skipped:
                 interval.add(bpd, result.grad_norm)

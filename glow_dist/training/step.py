@@ -14,15 +14,23 @@ clipping, the collective skip/stop vote, the optimizer step) and the EMA update 
   of forward and backward; convolutions stay cuDNN/oneDNN calls. The optimizer uses its multi-tensor (foreach) path.
 - `graphed` (CUDA): forward + backward captured once into a CUDA graph over static input buffers and replayed
   every step: the whole pass costs one launch. Horovod's all-reduce cannot be captured, so the graph ends with the
-  gradients; `clip_and_step` then all-reduces them (Horovod's `synchronize` reduces every gradient whose hook did
-  not fire, which during a replay is all of them), clips, votes and steps (foreach), and the EMA update runs after
-  it, outside the graph, so a decay that changes from step to step (EMA warm-up) is read fresh every step.
+  gradients; after each replay every gradient's all-reduce is started at once, in parameter order, as one Horovod
+  group (`dist.allreduce_gradients_async`: the same submissions on every rank, fused), then `clip_and_step` waits
+  for them, clips, votes and steps (foreach), and the EMA update runs after it, outside the graph, so a decay that
+  changes from step to step (EMA warm-up) is read fresh every step.
 - `auto`: `graphed` on CUDA, `eager` on CPU (measured there: compiling gave 0.94x, BENCHMARKS.md).
 
-A configuration that a mode cannot run (graphed on CPU, with memory=checkpoint/invertible, elastic training, ...)
-falls back to eager with one log line saying why; after capture, the graph's first replay is compared with the
-eager pass it was captured from, and a mismatch also falls back to eager (never silently wrong). The resolution and
-the capture-and-check are glow_dist/runtime.py's, shared with graphed decoding.
+A configuration that a mode cannot run (graphed on CPU, with memory=invertible, elastic training) falls back to
+eager with one log line saying why; after capture, the graph's first replay is compared with the eager pass it was
+captured from, and a mismatch also falls back to eager (never silently wrong). The resolution and the
+capture-and-check are glow_dist/runtime.py's, shared with graphed decoding.
+
+Every rank runs the same mode. At its first call each step gathers every rank's mode and fallback reason (one
+collective, `ranks`); if any rank could not capture, the graphed ranks drop their graphs and run eager too, so every
+rank submits the same all-reduces (a graphed rank's grouped all-reduce and an eager rank's per-gradient hooks would
+never match) and none waits for a slower one at every step. A rank that falls back logs why, with its rank
+(`warn`, printed on every rank); `run_tags()` is what the run records (MLflow tags `runtime.step_mode`, and
+`runtime.step_mode.fallbacks` naming each rank that could not capture and why).
 
 GLOW_DIST_INJECT_NONFINITE faults ("STEP:RANK,...") make that rank's loss NaN once at that step in every mode
 (in the graph, through a static loss factor that is 1 except at an injected step).
@@ -40,7 +48,7 @@ import torch.nn.functional as F
 from glow_dist.config import Config, ConfigError
 from glow_dist.distributed import gateway as dist
 from glow_dist.model import Glow, bits_per_dim_from_log_prob, preprocess
-from glow_dist.runtime import capture_graph, resolve_mode
+from glow_dist.runtime import capture_graph, release_graph_memory, resolve_mode, step_capture_blockers
 from glow_dist.training.ema import EMA
 
 
@@ -49,6 +57,8 @@ class TrainStep(Protocol):
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor | None, step: int,
                  stop_requested: bool = False) -> tuple[torch.Tensor, dist.StepResult]: ...
+
+    def run_tags(self) -> dict[str, str]: ...
 
 
 def injected_faults() -> set[tuple[int, int]]:
@@ -76,25 +86,33 @@ def objective(model: Glow, x: torch.Tensor, labels: torch.Tensor | None, n_bits:
     return loss, bpd
 
 
-def capture_blockers(cfg: Config) -> list[str]:
-    """Why this configuration's step cannot be captured into a CUDA graph ([] when it can)."""
-    blockers = []
-    if cfg.runtime.memory != "plain":
-        blockers.append(f"runtime.memory={cfg.runtime.memory} recomputes activations inside backward")
-    if cfg.dist.elastic:
-        blockers.append("dist.elastic=true may rebuild the world between steps")
-    return blockers
-
-
 def build_train_step(cfg: Config, model: Glow, optimizer: torch.optim.Optimizer, ema: EMA, *,
                      device: torch.device, rank: int = 0, faults: set[tuple[int, int]] | None = None,
-                     log: Callable[[str], None] = print) -> TrainStep:
-    """The training step `runtime.step_mode` asks for; one log line when it falls back to eager."""
-    mode, reason = resolve_mode(cfg.runtime.step_mode, device, capture_blockers(cfg))
+                     log: Callable[[str], None] = print, warn: Callable[[str], None] | None = None) -> TrainStep:
+    """The training step `runtime.step_mode` asks for; one log line when it falls back to eager. `log` takes the
+    lines that are the same on every rank (the trainer prints them on rank 0), `warn` a rank's own fallback (printed
+    on every rank; default: `log`)."""
+    mode, reason = resolve_mode(cfg.runtime.step_mode, device, step_capture_blockers(cfg))
     if reason:
         log(f"[step] runtime.step_mode={cfg.runtime.step_mode}: running eager, because {reason}")
     kind = {"eager": EagerStep, "compiled": CompiledStep, "graphed": GraphedStep}[mode]
-    return kind(cfg, model, optimizer, ema, device=device, rank=rank, faults=faults, log=log)
+    return kind(cfg, model, optimizer, ema, device=device, rank=rank, faults=faults, log=log, warn=warn,
+                reason=reason)
+
+
+def rank_summary(ranks: list[tuple[str, str]]) -> dict[str, str]:
+    """What a run records of its step: {"runtime.step_mode": the mode every rank runs, and, when some rank could not
+    run the mode asked for, "runtime.step_mode.fallbacks": "rank R: why; ..."} (reasons shared by every rank once)."""
+    reasons: dict[str, list[int]] = {}
+    for r, (_, why) in enumerate(ranks):
+        if why:
+            reasons.setdefault(why, []).append(r)
+    tags = {"runtime.step_mode": ranks[0][0] if len({m for m, _ in ranks}) == 1 else "mixed"}
+    if reasons:
+        tags["runtime.step_mode.fallbacks"] = "; ".join(
+            f"{'every rank' if len(rs) == len(ranks) > 1 else 'rank ' + ','.join(map(str, rs))}: {why}"
+            for why, rs in reasons.items())[:4000]  # MLflow's tag values are bounded
+    return tags
 
 
 class EagerStep:
@@ -105,11 +123,23 @@ class EagerStep:
 
     def __init__(self, cfg: Config, model: Glow, optimizer: torch.optim.Optimizer, ema: EMA, *,
                  device: torch.device, rank: int = 0, faults: set[tuple[int, int]] | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, warn: Callable[[str], None] | None = None, reason: str = ""):
         self.cfg, self.model, self.optimizer, self.ema = cfg, model, optimizer, ema
-        self.device, self.rank, self.log = device, rank, log
+        self.device, self.rank, self.log, self.warn = device, rank, log, warn or log
         self.faults = faults if faults is not None else set()
         self.uses_labels = cfg.model.y_condition
+        self.reason = reason   # why this is not the mode asked for ("" when it is)
+        self.ranks: list[tuple[str, str]] | None = None   # every rank's (mode, reason), from the first call on
+
+    def _agree(self) -> bool:
+        """Collective, at the first call, before anything else of the step is submitted: every rank's mode and
+        reason (`ranks`). True when every rank runs this rank's mode."""
+        self.ranks = [tuple(r) for r in dist.allgather_object((self.mode, self.reason), name="step.modes")]
+        return all(mode == self.mode for mode, _ in self.ranks)
+
+    def run_tags(self) -> dict[str, str]:
+        """The run's record of its step ({} before the first call): see `rank_summary`."""
+        return rank_summary(self.ranks) if self.ranks else {}
 
     def _prepare(self, images: torch.Tensor, labels: torch.Tensor | None,
                  step: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
@@ -135,6 +165,8 @@ class EagerStep:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor | None, step: int,
                  stop_requested: bool = False) -> tuple[torch.Tensor, dist.StepResult]:
+        if self.ranks is None:
+            self._agree()  # eager and compiled run whatever the others run: only graphed ranks need to agree
         x, y, fault = self._prepare(images, labels, step)
         loss, bpd = self._loss(x, y)
         if fault:
@@ -161,7 +193,7 @@ class CompiledStep(EagerStep):
 
 class GraphedStep(EagerStep):
     """Forward + backward as one CUDA graph over static buffers (input, labels, loss factor), captured at the first
-    call; the optimizer, all-reduce, vote and EMA run eagerly after each replay. A batch of another shape runs
+    call; the all-reduce, optimizer, vote and EMA run eagerly after each replay. A batch of another shape runs
     eagerly (one log line the first time)."""
 
     mode = "graphed"
@@ -179,10 +211,22 @@ class GraphedStep(EagerStep):
         if self._eager_only:
             return super().__call__(images, labels, step, stop_requested)
         x, y, fault = self._prepare(images, labels, step)
-        if self.graph is None and not self._capture(x, y):
-            self._eager_only = True
-            self.mode = "eager"
-            return self._eager_from(x, y, fault, stop_requested)
+        if self.graph is None:
+            self.reason = self._capture(x, y)   # no collective inside: every rank reaches the vote below
+            if self.reason:
+                self.mode = "eager"
+            if not self._agree():
+                if not self.reason:
+                    self.warn(f"[step] rank {self.rank}: runtime.step_mode=graphed: running eager, because "
+                              f"{rank_summary(self.ranks).get('runtime.step_mode.fallbacks', 'another rank')} "
+                              "(every rank runs the same mode, so that all submit the same all-reduces)")
+                self.mode = "eager"
+                self.ranks = [("eager", why) for _, why in self.ranks]  # what every rank now runs, and why
+            if self.mode == "eager":
+                self._drop_graph()
+                return self._eager_from(x, y, fault, stop_requested)
+            self.log(f"[step] graphed: forward + backward captured for batch {tuple(x.shape)} on every rank "
+                     f"({len(self.ranks)})")
         if x.shape != self.static_x.shape or (y is not None and y.shape != self.static_y.shape):
             if not self._logged_shape:
                 self.log(f"[step] graphed: batch of shape {tuple(x.shape)} differs from the captured "
@@ -191,7 +235,9 @@ class GraphedStep(EagerStep):
             return self._eager_from(x, y, fault, stop_requested)
         self.static_x.copy_(x)
         if y is not None:
-            self.model.check_labels(y)  # the check forward skips while capturing (it reads values on the host)
+            # On the device, no host sync: the capture skipped the model's own (host) check. A bad label stops the
+            # process with a device-side assert; eager and compiled modes raise the model's ValueError instead.
+            self.model.check_labels(y, sync=False)
             self.static_y.copy_(y)
         if fault:
             self.static_factor.fill_(float("nan"))
@@ -199,7 +245,12 @@ class GraphedStep(EagerStep):
         if fault:
             self.static_factor.fill_(1.0)
         for p, g in zip(self.params, self.static_grads, strict=True):
-            p.grad = g  # the graph's buffers: an eager step, or a decompressing all-reduce, may have replaced them
+            # A fresh alias of the graph's buffer every step: a decompressing all-reduce (Horovod with
+            # dist.fp16_allreduce: p.grad.set_(averaged)) moves this alias onto the averaged gradient's storage, and
+            # never the buffer that the next replay writes (binding the same tensor object each step would hand the
+            # optimizer step 1's gradient forever). An eager step's zero_grad or backward may also have replaced it.
+            p.grad = g.detach()
+        dist.allreduce_gradients_async(self.optimizer, self.params)  # distributed: one group, in parameter order
         return self.static_bpd.detach().clone(), self._finish(self.static_loss, stop_requested)
 
     def _eager_from(self, x: torch.Tensor, y: torch.Tensor | None, fault: bool,
@@ -211,32 +262,44 @@ class GraphedStep(EagerStep):
         loss.backward()
         return bpd.detach(), self._finish(loss, stop_requested)
 
-    def _capture(self, x: torch.Tensor, y: torch.Tensor | None) -> bool:
-        """Capture forward + backward on static copies of this batch; False (logged) if it cannot be done or the
-        replay does not reproduce the eager pass."""
+    def _capture(self, x: torch.Tensor, y: torch.Tensor | None) -> str:
+        """Capture forward + backward on static copies of this batch; "" when done, else why not (logged with this
+        rank): it could not be captured, or the replay does not reproduce the eager pass."""
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.static_x = x.clone()
         self.static_y = y.clone() if y is not None else None
         self.static_factor = torch.ones((), device=x.device)
 
-        def forward_backward() -> list[torch.Tensor]:
+        def clear_grads() -> None:
             for p in self.params:
                 p.grad = None  # in the capture: backward allocates the gradients from the graph's pool
+
+        def forward_backward() -> list[torch.Tensor]:
+            clear_grads()
             loss, bpd = self._loss(self.static_x, self.static_y)
             loss = loss * self.static_factor
             loss.backward()
             return [loss, bpd, *[p.grad for p in self.params]]
 
-        # Distributed: no all-reduce may start inside the capture; clip_and_step reduces after each replay.
+        # Distributed: no all-reduce may start inside the capture; each replay's are started after it.
         with dist.gradient_hooks_suspended(self.optimizer):
-            captured = capture_graph(forward_backward, warmup_passes=self.warmup_passes, log=self.log,
-                                     what="[step] runtime.step_mode=graphed")
-        if captured is None:
-            for p in self.params:
-                p.grad = None
-            return False
+            captured = capture_graph(forward_backward, warmup_passes=self.warmup_passes, log=self.warn,
+                                     what=f"[step] rank {self.rank}: runtime.step_mode=graphed",
+                                     before_capture=clear_grads)
+        if isinstance(captured, str):
+            return captured
         self.graph = captured.graph
         self.static_loss, self.static_bpd, *grads = captured.outputs
-        self.static_grads = [g.detach() for g in grads]  # aliases that a p.grad.set_ leaves
-        self.log(f"[step] graphed: forward + backward captured for batch {tuple(x.shape)}")
-        return True
+        self.static_grads = [g.detach() for g in grads]  # our own aliases of the graph's buffers, never bound to p.grad
+        return ""
+
+    def _drop_graph(self) -> None:
+        """Run eagerly from now on, and free what the capture held: the graph and its pool (activations and a
+        gradient-sized block), the static buffers."""
+        self._eager_only = True
+        for p in getattr(self, "params", []):
+            p.grad = None
+        self.graph = None
+        for name in ("params", "static_x", "static_y", "static_factor", "static_loss", "static_bpd", "static_grads"):
+            self.__dict__.pop(name, None)
+        release_graph_memory()

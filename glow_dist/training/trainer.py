@@ -35,8 +35,8 @@ import torch
 from glow_dist.config import Config
 from glow_dist.data import make_loader
 from glow_dist.distributed import gateway as dist
-from glow_dist.model import build_model, preprocess
-from glow_dist.runtime import apply_tf32
+from glow_dist.model import build_model, preprocess, resolved_runtime
+from glow_dist.runtime import apply_tf32, device_memory_bytes
 from glow_dist.tracking.reporter import NullReporter, RunFacts
 from glow_dist.training.checkpoints import CheckpointManager
 from glow_dist.training.elastic import ElasticTraining
@@ -60,7 +60,12 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         apply_tf32(cfg.runtime.tf32, self.device)
         torch.manual_seed(cfg.train.seed)  # same initial weights everywhere; rank 0's are broadcast anyway
-        model = build_model(cfg.model, cfg.runtime).to(self.device)
+        # runtime.memory=auto: plain or checkpoint, from the plan's estimate and this rank's share of its device
+        self.runtime, memory_note = resolved_runtime(cfg.runtime, cfg.model, cfg.train.batch_size,
+                                                     device_memory_bytes(self.device, dist.local_size()))
+        if memory_note:
+            self._log_rank0(f"[memory] runtime.memory={self.runtime.memory} ({memory_note})")
+        model = build_model(cfg.model, self.runtime).to(self.device)
         # Wrap before any state is loaded: Horovod's DistributedOptimizer is a new optimizer built from the param
         # groups, so state loaded into the unwrapped one would be silently dropped.
         optimizer = dist.distributed_optimizer(make_optimizer(cfg.optim, model), model, cfg.dist.fp16_allreduce)
@@ -81,7 +86,7 @@ class Trainer:
             for split in ("train", "test"))
         self.schedule = LearningRate(cfg.optim, self.world)
         self.step = build_train_step(cfg, s.model, s.optimizer, s.ema, device=self.device, rank=self.rank,
-                                     faults=self.faults, log=self._log_rank0)
+                                     faults=self.faults, log=self._log_rank0, warn=self._log_every_rank)
         self.checkpoints = CheckpointManager(cfg, s, main=dist.is_main())
 
     def start(self, run_id: str | None, resumed_from: str | None, fresh: bool, elastic: bool = False) -> None:
@@ -89,8 +94,8 @@ class Trainer:
         run scores its initial weights and draws samples at step 0 (the UI's image slider opens there)."""
         hosts = dist.host_count()  # collective: every rank calls it
         self.report = self.report.for_rank(dist.is_main(), self.cfg, run_id, self.world, self.state.position.step)
-        self.report.start(RunFacts(self.world, hosts, self.train_data.backend, self.train_data.decode, elastic),
-                          resumed_from)
+        self.report.start(RunFacts(self.world, hosts, self.train_data.backend, self.train_data.decode, elastic,
+                                   self.runtime.memory), resumed_from)
         self.report.message(self.train_data.describe())  # which backend and decoder actually run
         if fresh and self.state.position.step == 0:
             self.log_evaluation(0)
@@ -156,8 +161,13 @@ class Trainer:
             model.train(was_training)
 
     def _log_rank0(self, text: str) -> None:
-        if self.rank == 0:
+        if dist.is_main():
             print(text, flush=True)
+
+    @staticmethod
+    def _log_every_rank(text: str) -> None:
+        """A rank's own news (its step fell back to eager): printed by that rank, which the line names."""
+        print(text, flush=True)
 
 
 def train(cfg: Config) -> dict[str, float]:
