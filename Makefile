@@ -101,11 +101,14 @@ CHECK_VENV ?=
 wheelhouse-check:
 	bash launch/wheelhouse-check.sh $(or $(WHEELHOUSE),wheelhouse/$(CUDA)) $(CHECK_VENV)
 
+# The engines' own suites (a private dockerd, a local Slurm cluster) are separate targets, run by .ci/run after this.
+ENGINE_TESTS := not docker and not slurm
+
 test: $(STAMP) $(HVD_STAMP)
-	PATH=$(BIN):$$PATH $(PY) -m pytest -q $(PYTEST_ARGS)
+	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m "$(ENGINE_TESTS)" $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m "not slow and $(ENGINE_TESTS)" $(PYTEST_ARGS)
 
 # ruff, and the package's layering (import-linter contracts in pyproject.toml: no upward import, no cycle).
 lint: $(STAMP)
