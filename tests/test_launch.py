@@ -19,8 +19,7 @@ from glow_dist.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SHELL_SCRIPTS = sorted([*REPO.glob("launch/**/*.sh"), *REPO.glob("launch/**/*.sbatch"),
-                        *REPO.glob("tests/scripts/multihost_*.sh")])
+SHELL_SCRIPTS = sorted([*REPO.glob("launch/**/*.sh"), *REPO.glob("launch/**/*.sbatch")])
 
 
 def sh(*cmd: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

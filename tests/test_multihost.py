@@ -2,7 +2,7 @@
 in each, and `horovodrun -H hostA:1,hostB:1 --network-interfaces gd0` launched from inside hostA, so rank 1 starts
 over ssh and every byte of rendezvous and all-reduce crosses the veth link, as between two machines.
 
-Needs root and network namespaces (tests/scripts/multihost_netns.sh installs openssh-server/iproute2 if missing);
+Needs root and network namespaces (launch/netns-hosts.sh installs openssh-server/iproute2 if missing);
 elsewhere it skips and says why.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SETUP = REPO / "tests" / "scripts" / "multihost_netns.sh"
+SETUP = REPO / "launch" / "netns-hosts.sh"
 SKIP = 77  # the setup script's "this machine cannot do it" exit code
 
 pytestmark = pytest.mark.slow

@@ -1,31 +1,41 @@
 #!/usr/bin/env bash
-# Two "hosts" on one machine for tests/test_multihost.py: network namespaces glowA-TAG and glowB-TAG joined by a
-# veth pair (10.200.0.1/24 <-> 10.200.0.2/24, an address range that exists only inside these namespaces, so no
-# traffic leaves them), each running its own sshd on port 2222 with a generated host key and a root key.
-# Each namespace also gets its own UTS hostname (hostA / hostB) and /etc/hosts (via /etc/netns/NS/hosts, which
-# `ip netns exec` bind-mounts), so `horovodrun -H hostA:1,hostB:1` sees two machines.
+# Two "hosts" on one machine, for tests/test_multihost.py and the local Slurm cluster (launch/slurm/local-cluster.sh):
+# network namespaces glowA-TAG and glowB-TAG joined by a veth pair (10.200.0.1/24 <-> 10.200.0.2/24, an address
+# range that exists only inside these namespaces, so no traffic leaves them), each running its own sshd on port 2222
+# with a generated host key and a root key. Each namespace also gets its own UTS hostname (hostA / hostB) and
+# /etc/hosts (via /etc/netns/NS/hosts, which `ip netns exec` bind-mounts), so `horovodrun -H hostA:1,hostB:1` sees
+# two machines.
 #
-#   multihost_netns.sh up DIR TAG     # exit 77: this machine cannot host the test (reason on stderr)
-#   multihost_netns.sh sshd DIR hostA # exec sshd -D inside hostA (the caller keeps and stops the process)
-#   multihost_netns.sh wait DIR       # until `ssh hostA` and `ssh hostB` work from hostA (exit 1 after 20 s)
-#   multihost_netns.sh run DIR CMD... # run CMD as hostA, with the ssh wrapper first in PATH
-#   multihost_netns.sh down DIR       # stop both sshd, delete the namespaces; safe to call twice
+#   netns-hosts.sh up DIR TAG     # exit 77: this machine cannot host the test (reason on stderr)
+#   netns-hosts.sh sshd DIR hostA # exec sshd -D inside hostA (the caller keeps and stops the process)
+#   netns-hosts.sh wait DIR       # until `ssh hostA` and `ssh hostB` work from hostA (exit 1 after 20 s)
+#   netns-hosts.sh run DIR CMD... # run CMD as hostA, with the ssh wrapper first in PATH
+#   netns-hosts.sh down DIR       # stop both sshd, delete the namespaces; safe to call twice
+#   netns-hosts.sh need DIR FILE:PACKAGE...  # apt-get install each PACKAGE whose FILE is missing (exit 77 if it can't)
 set -euo pipefail
 action=$1 dir=$2
 PORT=2222
 
 cant() { echo "multihost: $*" >&2; exit 77; }
 
+# Installs the packages whose files are missing (arguments FILE:PACKAGE), or says why it cannot (exit 77).
+need() {
+    local item missing=()
+    for item in "$@"; do [[ -x ${item%%:*} ]] || missing+=("${item#*:}"); done
+    ((${#missing[@]})) || return 0
+    [[ $(id -u) == 0 ]] || cant "${missing[*]} missing; installing them needs root"
+    command -v apt-get >/dev/null || cant "${missing[*]} missing and no apt-get to install them"
+    # Quiet, non-interactive; `update` only when the package lists are empty (a fresh container). The lock timeout:
+    # another install on the machine finishes first.
+    compgen -G "/var/lib/apt/lists/*Packages*" >/dev/null || apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends \
+        "${missing[@]}" >/dev/null || cant "apt-get install ${missing[*]} failed"
+}
+
 up() {
     local tag=$1
     [[ $(id -u) == 0 ]] || cant "needs root (network namespaces and sshd)"
-    if ! command -v ip >/dev/null || [[ ! -x /usr/sbin/sshd ]]; then
-        command -v apt-get >/dev/null || cant "iproute2/openssh-server missing and no apt-get to install them"
-        # Quiet, non-interactive; `update` only when the package lists are empty (a fresh container).
-        compgen -G "/var/lib/apt/lists/*Packages*" >/dev/null || apt-get update -qq >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server iproute2 >/dev/null \
-            || cant "apt-get install openssh-server iproute2 failed"
-    fi
+    need /bin/ip:iproute2 /usr/sbin/sshd:openssh-server /usr/bin/ssh-keygen:openssh-client
     local A=glowA-$tag B=glowB-$tag
     ip netns add "$A" 2>"$dir/netns.err" || cant "cannot create network namespaces: $(cat "$dir/netns.err")"
     echo "$A" >"$dir/namespaces"
@@ -136,5 +146,7 @@ case $action in
     wait) wait_ssh ;;
     run) shift 2; run "$@" ;;
     down) down ;;
-    *) echo "usage: $0 up DIR TAG | sshd DIR hostA|hostB | wait DIR | run DIR CMD... | down DIR" >&2; exit 2 ;;
+    need) shift 2; need "$@" ;;
+    *) echo "usage: $0 up DIR TAG | sshd DIR hostA|hostB | wait DIR | run DIR CMD... | down DIR | need DIR FILE:PKG..." >&2
+       exit 2 ;;
 esac
