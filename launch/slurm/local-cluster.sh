@@ -134,6 +134,9 @@ start() {
     [[ ! -e $dir/running ]] || { say "already running in $dir (stop it first: $0 stop $dir)"; exit 1; }
     bash "$HOSTS" need - /usr/sbin/slurmctld:slurmctld /usr/sbin/slurmd:slurmd /usr/bin/sbatch:slurm-client \
         /usr/sbin/munged:munge /usr/bin/nsenter:util-linux
+    # A start that fails half-way takes down what it started (exit 77 included: no namespaces, for example).
+    trap 'rc=$?; trap - EXIT; if ((rc)); then say "start failed (exit $rc); undoing it"; stop; exit "$rc"; fi' EXIT
+    rm -rf "$dir/hosts" "$dir/state" "$dir/spool" "$dir/run" "$dir/log"
     mkdir -p "$dir"/{hosts,state,spool,run,log}
     touch "$dir/running"
     # The hosts, their sshd and the ssh wrapper (exit 77 is passed on).
@@ -174,6 +177,7 @@ start() {
     for node in "${NODES[@]}"; do start_node "$node"; done
     bash "$HOSTS" wait "$dir/hosts" >/dev/null
     wait_until 30 "both nodes idle" nodes_idle
+    trap - EXIT
     say "up in $dir: partitions low (default, preemptible) and high; nodes hostA, hostB. Clients need:"
     client_env
 }
