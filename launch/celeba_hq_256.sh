@@ -21,6 +21,10 @@ DATA=${DATA:-data/celeba_hq_256}               # `glow-dist prepare folder ... -
 RUN_DIR=${RUN_DIR:-runs/celeba_hq_256}         # checkpoints; `train.resume=auto` continues from here
 MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:?set MLFLOW_TRACKING_URI to the tracking server (launch/mlflow-server.sh)}
 BIN=${BIN:-$PWD/.venv/bin}                     # where horovodrun and glow-dist live on every machine
+# Elastic runs (dist.elastic=true): a host discovery script (`host:slots` lines) instead of HOSTFILE; the job goes on
+# while at least MIN_NP ranks are left (README, "Elastic training").
+HOST_DISCOVERY=${HOST_DISCOVERY:-}
+MIN_NP=${MIN_NP:-1}
 
 # NCCL carries the all-reduce; pin it to the same interface Horovod's Gloo controller uses.
 export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$NIC}
@@ -30,7 +34,12 @@ export MLFLOW_TRACKING_URI PATH="$BIN:$PATH"
 # --gloo: our Horovod build has no MPI (launch/install-horovod.sh); horovodrun exports this environment to every rank.
 # glow-dist-horovodrun is horovodrun with stop signals forwarded to the ranks, so a SIGTERM ends in a checkpoint
 # rather than horovodrun's SIGKILL 5 s later (glow_dist/distributed/launcher.py; README, "Stopping and preemption").
-cmd=(glow-dist-horovodrun -np "$NP" --hostfile "$HOSTFILE" --gloo --network-interfaces "$NIC"
+if [[ -n $HOST_DISCOVERY ]]; then
+    hosts=(--host-discovery-script "$HOST_DISCOVERY" --min-np "$MIN_NP" --max-np "$NP")
+else
+    hosts=(--hostfile "$HOSTFILE")
+fi
+cmd=(glow-dist-horovodrun -np "$NP" "${hosts[@]}" --gloo --network-interfaces "$NIC"
      --start-timeout "$START_TIMEOUT" -p "$SSH_PORT"
      glow-dist train --config "$CONFIG" "data.root=$DATA" "train.run_dir=$RUN_DIR"
      "tracking.uri=$MLFLOW_TRACKING_URI" "$@")
@@ -38,5 +47,5 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
     printf '%q ' "${cmd[@]}"; echo
     exit 0
 fi
-[[ -f $HOSTFILE ]] || { echo "no hostfile $HOSTFILE: copy launch/hostfile.example and list your machines" >&2; exit 2; }
+[[ -n $HOST_DISCOVERY || -f $HOSTFILE ]] || { echo "no hostfile $HOSTFILE: copy launch/hostfile.example and list your machines" >&2; exit 2; }
 exec "${cmd[@]}"

@@ -27,9 +27,9 @@ from glow_dist.tracking.reporter import NullReporter, make_reporter
 SERVER_START_TIMEOUT_S = 120   # a cold start runs the sqlite migrations; slow on a busy 2-core machine
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -41,19 +41,20 @@ class Server:
     tests that stop and restart a server make their own.
     """
 
-    def __init__(self, root: Path, port: int | None = None, script_env: dict[str, str] | None = None) -> None:
-        self.root, self.port, self.script_env = root, port or _free_port(), script_env
-        self.uri = f"http://127.0.0.1:{self.port}"
+    def __init__(self, root: Path, port: int | None = None, script_env: dict[str, str] | None = None,
+                 host: str = "127.0.0.1") -> None:
+        self.root, self.port, self.script_env, self.host = root, port or _free_port(host), script_env, host
+        self.uri = f"http://{host}:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         # MLflow's job runner (GenAI jobs, 8 processes) serves nothing here and only loads the shared cores.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         if self.script_env is None:
-            return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+            return [sys.executable, "-m", "mlflow", "server", "--host", self.host, "--port", str(self.port),
                     "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                     "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"], env
-        env.update({"MLFLOW_HOME": str(self.root), "HOST": "127.0.0.1", "PORT": str(self.port), "WORKERS": "1",
+        env.update({"MLFLOW_HOME": str(self.root), "HOST": self.host, "PORT": str(self.port), "WORKERS": "1",
                     "MLFLOW": str(Path(sys.executable).parent / "mlflow"), **self.script_env})
         return ["bash", str(Path(__file__).resolve().parents[1] / "launch" / "mlflow-server.sh")], env
 

@@ -6,10 +6,14 @@ steps, test bits/dim every `train.eval_every`, sample grids every `train.sample_
 A stop signal voted with the step ends the loop with a verified checkpoint; `train.max_consecutive_skips` skipped
 steps in a row roll every rank back to the newest good checkpoint. At the end: the final evaluation, samples and
 checkpoint. Every rank runs the same calls in the same order; rank-0-only effects go through the reporter.
+
+Fault drill: GLOW_DIST_INJECT_SLOW_STEP=SECONDS adds that much to every step, so that the debug model runs as long
+as a real one: the scheduler tests (tests/test_slurm.py) stop jobs mid-run at times the scheduler chooses.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -70,6 +74,7 @@ class TrainingLoop:
         self.t = trainer
         self.after_step = after_step   # elastic: commit every dist.commit_every steps
         self._modes_recorded = False
+        self._drill_step_seconds = float(os.environ.get("GLOW_DIST_INJECT_SLOW_STEP", "0") or 0)
 
     def run(self, stop: StopSignal) -> dict[str, float]:
         t, interval = self.t, Interval()
@@ -90,6 +95,8 @@ class TrainingLoop:
             pos = t.state.position
             t.schedule.apply(t.state.optimizer, pos.step, pos.lr_scale)
             bpd, result = t.step(images, labels, pos.step, stop.requested)
+            if self._drill_step_seconds > 0:
+                time.sleep(self._drill_step_seconds)
             if not self._modes_recorded:  # known after the first step: its capture and every rank's mode
                 t.report.tags(t.step.run_tags())
                 self._modes_recorded = True

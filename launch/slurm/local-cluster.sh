@@ -80,6 +80,7 @@ AccountingStorageType=accounting_storage/none
 MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
+DefMemPerCPU=100
 SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=1,sched_interval=2
 PreemptType=preempt/partition_prio
