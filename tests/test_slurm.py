@@ -1,0 +1,283 @@
+"""The project's sbatch script on a real two-node Slurm 22.05 cluster (launch/slurm/local-cluster.sh): munged,
+slurmctld, and slurmd on hostA and hostB, two network-namespace hosts with their own address and sshd, so that
+horovodrun starts rank 1 on hostB over ssh as on a cluster. The script is `launch/slurm/celeba_hq_256.sbatch` as
+users submit it; only what a user passes differs (sbatch options, GPUS_PER_NODE=1, the debug config, directories).
+
+Every way Slurm stops a job is driven at once, on jobs that share the two nodes: the time-limit warning (the script
+requeues itself), preemption by a job of the high-priority partition, `scontrol requeue`, `scancel`, and
+`scancel --signal=USR1 --batch`. Each must end with a verified checkpoint, resume in the same MLflow run and finish
+with the weights of a job that was never stopped. Then hostB dies mid-run: a plain job ends (it does not hang) and a
+resubmission resumes; an elastic one goes on with hostA alone.
+
+Root, network namespaces and Debian's slurm-wlm and munge (installed if missing) are needed; elsewhere the module
+skips and says why. `make test-slurm` runs it. The time from each signal to the checkpoint on disk and Slurm's final
+state are printed (pytest -rP shows them).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from helpers import BIN, REPO, assert_identical, wait_for
+from mlflow.tracking import MlflowClient
+
+from glow_dist.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+CLUSTER = REPO / "launch" / "slurm" / "local-cluster.sh"
+SBATCH = "launch/slurm/celeba_hq_256.sbatch"
+SKIP = 77  # local-cluster.sh: this machine cannot run it
+CONTROLLER = "10.201.9.1"  # where the cluster's nodes reach this namespace (the MLflow server listens there)
+STEPS = 200
+# The debug model, each step held STEP_SECONDS (GLOW_DIST_INJECT_SLOW_STEP) so that the scheduler's signals find a
+# job mid-run; a checkpoint every 50 steps for the lost node. Deterministic: a resumed job ends with the weights of
+# one that never stopped.
+TRAIN = [f"train.steps={STEPS}", "train.log_every=10", "train.eval_every=0", "train.sample_every=0",
+         "train.checkpoint_every=50", "train.keep_checkpoints=100", "train.progress=false", "train.threads=1",
+         "train.max_eval_batches=2", "train.deterministic=true", "tracking.log_checkpoints=false"]
+STEP_SECONDS = "0.15"
+# The time-limit job must still be training when the warning comes (up to about 52 s after it starts, on an idle
+# machine too): its steps are held 0.3 s, 200 steps at least 60 s. A requeued run is warned again after the same
+# time, so it may take the job two or three runs to finish.
+TIME_LIMIT_STEP_SECONDS = "0.3"
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE"}
+
+
+@dataclass
+class Cluster:
+    dir: Path
+    env: dict[str, str]
+
+    def run(self, *cmd: str, check: bool = True) -> str:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=self.env, cwd=REPO, timeout=120)
+        assert not check or out.returncode == 0, f"{cmd} failed:\n{out.stdout}\n{out.stderr}"
+        return out.stdout
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, NodeList, ...)."""
+        return dict(re.findall(r"(\w+)=(\S*)", self.run("scontrol", "show", "job", "-o", job_id)))
+
+    def state(self, job_id: str) -> str:
+        return self.job(job_id)["JobState"]
+
+    def node(self, action: str, node: str) -> None:
+        out = subprocess.run(["bash", str(CLUSTER), action, str(self.dir), node], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A running two-node cluster for the session; stopped afterwards (jobs cancelled, daemons, namespaces and the
+    /etc/hosts lines removed), even when a test fails."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs Linux and root (network namespaces, munged, slurmd)")
+    if not (BIN / "horovodrun").exists():
+        pytest.skip("horovodrun is not installed in this environment: run `make horovod`")
+    root = tmp_path_factory.mktemp("slurm")
+    cmd = ["bash", str(CLUSTER)]
+    try:
+        up = subprocess.run([*cmd, "start", str(root)], capture_output=True, text=True, timeout=900)  # may apt-get
+        if up.returncode == SKIP:
+            pytest.skip(up.stderr.strip())
+        assert up.returncode == 0, up.stderr
+        env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf"),
+               "PATH": f"{root / 'hosts' / 'bin'}:{BIN}:{os.environ['PATH']}"}
+        yield Cluster(root, env)
+    finally:
+        down = subprocess.run([*cmd, "stop", str(root)], capture_output=True, text=True, timeout=300)
+        assert down.returncode == 0, down.stderr
+
+
+@pytest.fixture(scope="session")
+def cluster_mlflow(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An MLflow server that the nodes reach (on the controller's address, not loopback)."""
+    from test_tracking import Server
+
+    server = Server(tmp_path_factory.mktemp("slurm_mlflow"), host=CONTROLLER).start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
+@dataclass
+class Job:
+    """One submission of the sbatch script, its directories, and what the test did to it."""
+    name: str
+    dir: Path
+    ids: list[str] = field(default_factory=list)   # a cancelled job's resubmission adds one
+    signalled_at: float | None = None               # when the test acted (time.time())
+
+    @property
+    def run_dir(self) -> Path:
+        return self.dir / "run"
+
+    @property
+    def output(self) -> str:
+        return "".join(p.read_text() for p in sorted(self.dir.glob("job-*.out")))
+
+    def steps_logged(self) -> int:
+        metrics = self.run_dir / "metrics.jsonl"
+        return metrics.read_text().count("bits_per_dim/train") * 10 if metrics.exists() else 0
+
+
+def submit(cluster: Cluster, uri: str, shards: Path, job: Job, *options: str, env: dict | None = None,
+           args: tuple[str, ...] = ()) -> str:
+    """sbatch the project's script as a user would for 2 nodes x 1 rank of the debug model."""
+    job.dir.mkdir(parents=True, exist_ok=True)
+    exports = {"GPUS_PER_NODE": "1", "NIC": "gd0", "SSH_PORT": "2222", "START_TIMEOUT": "120",
+               "CONFIG": "configs/debug.yaml", "DATA": str(shards), "RUN_DIR": str(job.run_dir),
+               "HOSTFILE": str(job.dir / "hostfile"), "MLFLOW_TRACKING_URI": uri,
+               "GLOW_DIST_INJECT_SLOW_STEP": STEP_SECONDS, **(env or {})}
+    cmd = ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--oversubscribe",
+           f"--job-name={job.name}", f"--output={job.dir / f'job-{len(job.ids)}.out'}", *options,
+           SBATCH, *TRAIN, f"tracking.experiment=slurm-{job.name}", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**cluster.env, **exports}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    job.ids.append(out.stdout.strip().split(";")[0])
+    return job.ids[-1]
+
+
+def wait_final(cluster: Cluster, jobs: list[Job], timeout: float) -> None:
+    def done() -> bool:
+        return all(cluster.state(j.ids[-1]) in FINAL_STATES for j in jobs)
+
+    wait_for(done, timeout, "final states of " + ", ".join(f"{j.name} ({j.ids[-1]})" for j in jobs))
+
+
+def signal_times(output: str) -> list[float]:
+    """The batch shell's timestamped lines for the signals it received (launch/slurm/celeba_hq_256.sbatch)."""
+    return [datetime.fromisoformat(f"{m}+00:00").timestamp()
+            for m in re.findall(r"^(\S+) (?:USR1|TERM|INT): ", output, re.MULTILINE)]
+
+
+def stop_checkpoints(job: Job) -> list[tuple[int, Path]]:
+    """(step, path) of every stop checkpoint the job's output reports."""
+    return [(int(step), Path(path)) for step, path in
+            re.findall(r"stopped by \S+ at step (\d+); checkpoint (\S+) saved and verified", job.output)]
+
+
+def final_weights(run_dir: Path) -> dict:
+    final = load_checkpoint(list_checkpoints(run_dir)[-1])
+    assert final["position"]["step"] == STEPS
+    return final
+
+
+def mlflow_runs(uri: str, job: Job) -> list:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(f"slurm-{job.name}")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Item 2 and 3: one reference job and every stop path, all at once on the two nodes.
+
+PATHS = ["time-limit", "preemption", "scontrol-requeue", "scancel", "scancel-usr1-batch"]
+
+
+@pytest.fixture(scope="module")
+def stop_paths(cluster: Cluster, cluster_mlflow: str, digits_shards: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> dict[str, Job]:
+    """Submits the reference job and one job per stop path, stops each once it has trained a few steps, resubmits
+    the cancelled one, and waits until every job has finished. The tests then read what happened."""
+    root = tmp_path_factory.mktemp("slurm-jobs")
+    jobs = {name: Job(name, root / name) for name in ["reference", *PATHS]}
+
+    def sub(name: str, *options: str) -> str:
+        return submit(cluster, cluster_mlflow, digits_shards, jobs[name], *options)
+
+    # `high` is never preempted, so only the job in `low` can make room for the preemptor. The warning of
+    # --signal=B:USR1@60 with --time=2 comes 60-90 s before the limit (the controller checks every 30 s).
+    for name in ["reference", "scontrol-requeue", "scancel", "scancel-usr1-batch"]:
+        sub(name, "--partition=high")
+    submit(cluster, cluster_mlflow, digits_shards, jobs["time-limit"], "--partition=high", "--time=2",
+           "--signal=B:USR1@60", env={"GLOW_DIST_INJECT_SLOW_STEP": TIME_LIMIT_STEP_SECONDS})
+    # The preemptor asks for 2500 MB per node, this job holds 2500 of the 4000 each node has: it must go.
+    sub("preemption", "--partition=low", "--mem=2500")
+
+    actions: dict[str, Callable[[str], object]] = {
+        "scontrol-requeue": lambda i: cluster.run("scontrol", "requeue", i),
+        "scancel": lambda i: cluster.run("scancel", i),
+        "scancel-usr1-batch": lambda i: cluster.run("scancel", "--signal=USR1", "--batch", i),
+        "preemption": lambda i: cluster.run("sbatch", "--parsable", "--partition=high", "--nodes=2", "--mem=2500",
+                                            "--job-name=preemptor", "--output=/dev/null", "--wrap=sleep 3"),
+    }
+
+    def act() -> bool:
+        for name in list(actions):
+            job = jobs[name]
+            if job.steps_logged() >= 20 and cluster.state(job.ids[-1]) == "RUNNING":
+                job.signalled_at = time.time()
+                actions.pop(name)(job.ids[-1])
+        return not actions
+
+    wait_for(act, 300, "every stop path's job to train 20 steps and be stopped")
+    wait_for(lambda: cluster.state(jobs["scancel"].ids[0]) in FINAL_STATES, 120, "the cancelled job to end")
+    sub("scancel", "--partition=high")  # the user resubmits the cancelled job: the same command
+    wait_final(cluster, list(jobs.values()), 600)
+    return jobs
+
+
+def test_sbatch_trains_on_two_nodes_with_final_bits_per_dim_in_output_and_mlflow(stop_paths, cluster, cluster_mlflow):
+    job = stop_paths["reference"]
+    info = cluster.job(job.ids[0])
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), job.output[-3000:]
+    assert info["NodeList"] == "hostA,hostB"
+    assert (job.dir / "hostfile").read_text().splitlines() == ["hostA slots=1", "hostB slots=1"]
+    bpd = re.search(r"final test bits/dim (\d+\.\d+) with the EMA weights", job.output)
+    assert bpd is not None, job.output[-3000:]
+    (run,) = mlflow_runs(cluster_mlflow, job)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["hosts"] == "2" and run.data.tags["world_size"] == "2"  # rank 1 really ran on hostB
+    assert f"{run.data.metrics['bits_per_dim/test_ema']:.4f}" == bpd.group(1)
+    print(f"reference job {job.ids[0]}: {info['JobState']} on {info['NodeList']}, final test bits/dim "
+          f"{bpd.group(1)} (EMA), MLflow run {run.info.run_id}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_stop_path_ends_with_a_verified_checkpoint_and_resumes_to_the_same_weights(stop_paths, cluster,
+                                                                                   cluster_mlflow, path):
+    job, reference = stop_paths[path], stop_paths["reference"]
+    output = job.output
+    stops = stop_checkpoints(job)
+    assert stops, f"{path}: no stop checkpoint reported\n{output[-4000:]}"
+    for step, checkpoint in stops:
+        verify_checkpoint(checkpoint)   # still intact after the resumed job finished
+        assert f"resumed from {checkpoint}" in output, output[-4000:]
+        assert 0 < step < STEPS
+    info = cluster.job(job.ids[-1])
+    assert info["JobState"] == "COMPLETED", f"{path}: {info}\n{output[-4000:]}"
+    if path == "scancel":   # not requeued: cancelled for good, and the user's resubmission resumed
+        first = cluster.job(job.ids[0])
+        assert (first["JobState"], first["Restarts"]) == ("CANCELLED", "0"), first
+        assert "requeueing job" not in output
+    else:
+        assert len(job.ids) == 1 and int(info["Restarts"]) >= 1, info
+    if path in ("time-limit", "scancel-usr1-batch"):   # USR1 reached the batch shell, which requeued the job
+        assert f"requeueing job {job.ids[0]}" in output and "USR1: the time limit is near" in output, output[-4000:]
+    else:
+        assert "TERM: stopping with a checkpoint" in output, output[-4000:]
+    # One MLflow run from start to finish, and the weights of the job that never stopped.
+    (run,) = mlflow_runs(cluster_mlflow, job)
+    assert run.info.status == "FINISHED"
+    assert {load_checkpoint(p)["mlflow_run_id"] for p in list_checkpoints(job.run_dir)} == {run.info.run_id}
+    resumed, straight = final_weights(job.run_dir), final_weights(reference.run_dir)
+    assert_identical(straight["model"], resumed["model"])
+    assert_identical(straight["ema"], resumed["ema"])
+
+    signalled = signal_times(output)[0] if path == "time-limit" else job.signalled_at
+    written = Path(f"{stops[0][1]}.sha256").stat().st_mtime
+    print(f"{path}: job {','.join(job.ids)}; signal -> verified stop checkpoint (step {stops[0][0]}) "
+          f"{written - signalled:.1f} s; {len(stops)} stop(s); final state {info['JobState']}, "
+          f"Restarts={info['Restarts']}")
