@@ -281,3 +281,79 @@ def test_stop_path_ends_with_a_verified_checkpoint_and_resumes_to_the_same_weigh
     print(f"{path}: job {','.join(job.ids)}; signal -> verified stop checkpoint (step {stops[0][0]}) "
           f"{written - signalled:.1f} s; {len(stops)} stop(s); final state {info['JobState']}, "
           f"Restarts={info['Restarts']}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Item 4: hostB dies mid-run (its slurmd, its sshd and the ranks on it, at once).
+
+@dataclass
+class LostNode:
+    plain: Job
+    elastic: Job
+    state_after_loss: str          # the plain job's state once it stopped running
+    seconds_to_end: float          # from the loss to that state
+    checkpoints_after_loss: list[Path]
+
+
+@pytest.fixture(scope="module")
+def lost_node(stop_paths, cluster: Cluster, cluster_mlflow: str, digits_shards: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> LostNode:
+    """A plain job and an elastic one (ELASTIC=1, --no-kill) on both nodes. Once the plain one has a periodic
+    checkpoint, hostB dies; the plain job must end by itself and the elastic one finish on hostA. Then hostB comes
+    back and the plain job is resubmitted (unless Slurm requeued it for the node failure: then it runs again by
+    itself). `stop_paths` first: the loss would stop those jobs too."""
+    root = tmp_path_factory.mktemp("slurm-lost-node")
+    plain, elastic = Job("lost-node", root / "plain"), Job("lost-node-elastic", root / "elastic")
+    submit(cluster, cluster_mlflow, digits_shards, plain, "--partition=high")
+    submit(cluster, cluster_mlflow, digits_shards, elastic, "--partition=high", "--no-kill",
+           env={"ELASTIC": "1", "MIN_NP": "1"}, args=("dist.commit_every=5",))
+
+    def both_training() -> bool:
+        return bool(list_checkpoints(plain.run_dir)) and elastic.steps_logged() >= 20 \
+            and cluster.state(plain.ids[0]) == cluster.state(elastic.ids[0]) == "RUNNING"
+
+    wait_for(both_training, 300, "a checkpoint of the plain job and 20 steps of the elastic one")
+    plain.signalled_at = time.time()
+    cluster.node("node-kill", "hostB")
+    ended = wait_for(lambda: (s := cluster.state(plain.ids[0])) not in ("RUNNING", "COMPLETING") and s, 300,
+                     "the plain job to stop running after losing hostB")
+    seconds = time.time() - plain.signalled_at
+    checkpoints = list_checkpoints(plain.run_dir)
+    wait_final(cluster, [elastic], 600)
+    cluster.node("node-start", "hostB")
+    if ended in FINAL_STATES:
+        submit(cluster, cluster_mlflow, digits_shards, plain, "--partition=high")
+    wait_final(cluster, [plain], 600)
+    return LostNode(plain, elastic, ended, seconds, checkpoints)
+
+
+def test_lost_node_ends_the_job_keeps_its_checkpoints_and_a_resubmission_resumes(lost_node, stop_paths, cluster,
+                                                                                 cluster_mlflow):
+    job = lost_node.plain
+    assert lost_node.checkpoints_after_loss, job.output[-4000:]
+    for path in lost_node.checkpoints_after_loss:
+        verify_checkpoint(path)   # none was cut short by the loss
+    last = lost_node.checkpoints_after_loss[-1]
+    assert f"resumed from {last}" in job.output, job.output[-4000:]
+    info = cluster.job(job.ids[-1])
+    assert info["JobState"] == "COMPLETED", f"{info}\n{job.output[-4000:]}"
+    (run,) = mlflow_runs(cluster_mlflow, job)
+    assert run.info.status == "FINISHED"
+    resumed, straight = final_weights(job.run_dir), final_weights(stop_paths["reference"].run_dir)
+    assert_identical(straight["model"], resumed["model"])
+    print(f"lost node: job {job.ids[0]} {lost_node.state_after_loss} {lost_node.seconds_to_end:.1f} s after hostB "
+          f"died; resumed from {last.name} as job {job.ids[-1]}: {info['JobState']}")
+
+
+def test_elastic_job_goes_on_with_one_node(lost_node, cluster, cluster_mlflow):
+    job = lost_node.elastic
+    info = cluster.job(job.ids[0])
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "0"), f"{info}\n{job.output[-4000:]}"
+    assert "world size 2 -> 1" in job.output, job.output[-4000:]
+    (run,) = mlflow_runs(cluster_mlflow, job)
+    assert run.info.status == "FINISHED"
+    client = MlflowClient(cluster_mlflow)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "world_size"))
+    assert [w for _, w in history][:2] == [2.0, 1.0], history
+    assert final_weights(job.run_dir)["position"]["step"] == STEPS
+    print(f"elastic: job {job.ids[0]} {info['JobState']} after hostB died; world size {history}")
