@@ -16,11 +16,12 @@ NP ?= 2
 TRAIN_ARGS ?=
 MLFLOW_PORT ?= 5000
 
-.PHONY: install horovod horovod-gpu-check wheelhouse wheelhouse-check doctor test test-fast lint train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
+.PHONY: install horovod horovod-gpu-check wheelhouse wheelhouse-check doctor test test-slurm test-fast lint train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
 
 help:
 	@echo "make train      install, prepare the digits shards, train with 2 Horovod processes, log to local MLflow"
 	@echo "make test       install, then run the whole test suite"
+	@echo "make test-slurm the sbatch script on a real local two-node Slurm cluster (root): stop paths, a lost node"
 	@echo "make install    project venv ($(VENV)) with torch==$(TORCH_VERSION) (CPU), the package and its deps"
 	@echo "make horovod    build (once, cached) and install Horovod with PyTorch + Gloo"
 	@echo "make doctor     check this machine: torch/CUDA, GPUs, Horovod build, DALI decode, MLflow, data"
@@ -106,6 +107,11 @@ ENGINE_TESTS := not docker and not slurm
 
 test: $(STAMP) $(HVD_STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m "$(ENGINE_TESTS)" $(PYTEST_ARGS)
+
+# The project's sbatch script on a real two-node Slurm cluster on this machine (launch/slurm/local-cluster.sh; root,
+# network namespaces; installs slurm-wlm and munge if missing): every stop path and a lost node. About 5 minutes.
+test-slurm: $(STAMP) $(HVD_STAMP)
+	PATH=$(BIN):$$PATH $(PY) -m pytest -q -rP -m slurm tests/test_slurm.py $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m "not slow and $(ENGINE_TESTS)" $(PYTEST_ARGS)
