@@ -47,5 +47,6 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
     printf '%q ' "${cmd[@]}"; echo
     exit 0
 fi
-[[ -n $HOST_DISCOVERY || -f $HOSTFILE ]] || { echo "no hostfile $HOSTFILE: copy launch/hostfile.example and list your machines" >&2; exit 2; }
+[[ -n $HOST_DISCOVERY || -f $HOSTFILE ]] || {
+    echo "no hostfile $HOSTFILE: copy launch/hostfile.example and list your machines" >&2; exit 2; }
 exec "${cmd[@]}"

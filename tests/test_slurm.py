@@ -184,6 +184,10 @@ def mlflow_runs(uri: str, job: Job) -> list:
 # Item 2 and 3: one reference job and every stop path, all at once on the two nodes.
 
 PATHS = ["time-limit", "preemption", "scontrol-requeue", "scancel", "scancel-usr1-batch"]
+# scancel while the stop checkpoint takes longer than KillWait (30 s, Slurm's default, on the local cluster): every
+# checkpoint write of that job is held 45 s (GLOW_DIST_INJECT_SLOW_CHECKPOINT), so SIGKILL cuts the stop's.
+PAST_KILLWAIT = "scancel-past-killwait"
+CUT_CHECKPOINT_SECONDS = "45"
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +196,7 @@ def stop_paths(cluster: Cluster, cluster_mlflow: str, digits_shards: Path,
     """Submits the reference job and one job per stop path, stops each once it has trained a few steps, resubmits
     the cancelled one, and waits until every job has finished. The tests then read what happened."""
     root = tmp_path_factory.mktemp("slurm-jobs")
-    jobs = {name: Job(name, root / name) for name in ["reference", *PATHS]}
+    jobs = {name: Job(name, root / name) for name in ["reference", *PATHS, PAST_KILLWAIT]}
 
     def sub(name: str, *options: str) -> str:
         return submit(cluster, cluster_mlflow, digits_shards, jobs[name], *options)
@@ -205,6 +209,8 @@ def stop_paths(cluster: Cluster, cluster_mlflow: str, digits_shards: Path,
            "--signal=B:USR1@60", env={"GLOW_DIST_INJECT_SLOW_STEP": TIME_LIMIT_STEP_SECONDS})
     # The preemptor asks for 2500 MB per node, this job holds 2500 of the 4000 each node has: it must go.
     sub("preemption", "--partition=low", "--mem=2500")
+    submit(cluster, cluster_mlflow, digits_shards, jobs[PAST_KILLWAIT], "--partition=high",
+           env={"GLOW_DIST_INJECT_SLOW_CHECKPOINT": CUT_CHECKPOINT_SECONDS})
 
     actions: dict[str, Callable[[str], object]] = {
         "scontrol-requeue": lambda i: cluster.run("scontrol", "requeue", i),
@@ -214,17 +220,26 @@ def stop_paths(cluster: Cluster, cluster_mlflow: str, digits_shards: Path,
                                             "--job-name=preemptor", "--output=/dev/null", "--wrap=sleep 3"),
     }
 
+    actions[PAST_KILLWAIT] = actions["scancel"]
+
+    def ready(name: str) -> bool:
+        job = jobs[name]
+        if name == PAST_KILLWAIT:   # after its first periodic checkpoint (step 50): the one to fall back to
+            return bool(list_checkpoints(job.run_dir)) and job.steps_logged() >= 60
+        return job.steps_logged() >= 20
+
     def act() -> bool:
         for name in list(actions):
             job = jobs[name]
-            if job.steps_logged() >= 20 and cluster.state(job.ids[-1]) == "RUNNING":
+            if ready(name) and cluster.state(job.ids[-1]) == "RUNNING":
                 job.signalled_at = time.time()
                 actions.pop(name)(job.ids[-1])
         return not actions
 
-    wait_for(act, 300, "every stop path's job to train 20 steps and be stopped")
-    wait_for(lambda: cluster.state(jobs["scancel"].ids[0]) in FINAL_STATES, 120, "the cancelled job to end")
-    sub("scancel", "--partition=high")  # the user resubmits the cancelled job: the same command
+    wait_for(act, 400, "every stop path's job to train and be stopped")
+    for name in ("scancel", PAST_KILLWAIT):   # the user resubmits a cancelled job: the same command
+        wait_for(lambda n=name: cluster.state(jobs[n].ids[0]) in FINAL_STATES, 120, f"the cancelled {name} to end")
+        sub(name, "--partition=high")
     wait_final(cluster, list(jobs.values()), 600)
     return jobs
 
@@ -357,3 +372,25 @@ def test_elastic_job_goes_on_with_one_node(lost_node, cluster, cluster_mlflow):
     assert [w for _, w in history][:2] == [2.0, 1.0], history
     assert final_weights(job.run_dir)["position"]["step"] == STEPS
     print(f"elastic: job {job.ids[0]} {info['JobState']} after hostB died; world size {history}")
+
+
+def test_scancel_past_killwait_keeps_the_previous_checkpoint_which_resumes(stop_paths, cluster, cluster_mlflow):
+    """The stop checkpoint outlasts KillWait: SIGKILL cuts it, the half-written file is never taken for a checkpoint,
+    and the resubmitted job resumes from the periodic one before and still ends with the reference's weights."""
+    job, reference = stop_paths[PAST_KILLWAIT], stop_paths["reference"]
+    output = job.output
+    first = cluster.job(job.ids[0])
+    assert (first["JobState"], first["Restarts"]) == ("CANCELLED", "0"), first
+    assert "TERM: stopping with a checkpoint" in output and not stop_checkpoints(job), output[-4000:]
+    previous = job.run_dir / "checkpoints" / "ckpt-00000050.pt"
+    verify_checkpoint(previous)
+    assert f"resumed from {previous}" in output, output[-4000:]
+    info = cluster.job(job.ids[-1])
+    assert info["JobState"] == "COMPLETED", f"{info}\n{output[-4000:]}"
+    (run,) = mlflow_runs(cluster_mlflow, job)
+    assert run.info.status == "FINISHED"
+    resumed, straight = final_weights(job.run_dir), final_weights(reference.run_dir)
+    assert_identical(straight["model"], resumed["model"])
+    assert_identical(straight["ema"], resumed["ema"])
+    print(f"{PAST_KILLWAIT}: job {job.ids[0]} CANCELLED, the stop checkpoint cut by SIGKILL after KillWait; "
+          f"job {job.ids[-1]} resumed from {previous.name}: {info['JobState']}")
