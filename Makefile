@@ -110,8 +110,11 @@ test: $(STAMP) $(HVD_STAMP)
 
 # The project's sbatch script on a real two-node Slurm cluster on this machine (launch/slurm/local-cluster.sh; root,
 # network namespaces; installs slurm-wlm and munge if missing): every stop path and a lost node. About 5 minutes.
+# Its own --basetemp: the cluster's files (munge's socket, slurm.conf) live there for the whole run, and another pytest
+# session on the machine prunes old directories under the shared default.
+SLURM_TEST_TMP ?= /tmp/glow-dist-test-slurm
 test-slurm: $(STAMP) $(HVD_STAMP)
-	PATH=$(BIN):$$PATH $(PY) -m pytest -q -rP -m slurm tests/test_slurm.py $(PYTEST_ARGS)
+	PATH=$(BIN):$$PATH $(PY) -m pytest -q -rP -m slurm --basetemp=$(SLURM_TEST_TMP) tests/test_slurm.py $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m "not slow and $(ENGINE_TESTS)" $(PYTEST_ARGS)
