@@ -46,8 +46,9 @@ TRAIN = [f"train.steps={STEPS}", "train.log_every=10", "train.eval_every=0", "tr
          "train.max_eval_batches=2", "train.deterministic=true", "tracking.log_checkpoints=false"]
 STEP_SECONDS = "0.15"
 # The time-limit job must still be training when the warning comes (up to about 52 s after it starts, on an idle
-# machine too): its steps are held 0.3 s, 200 steps at least 60 s. A requeued run is warned again after the same
-# time, so it may take the job two or three runs to finish.
+# machine too): its steps are held 0.3 s, 200 steps at least 60 s. Once it has requeued itself, its time limit is
+# raised to 10 minutes (as root; a user would resubmit with a longer --time): each run would be warned again about
+# 45 s after it starts, most of which a loaded machine spends starting the ranks, and the job would take many runs.
 TIME_LIMIT_STEP_SECONDS = "0.3"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE"}
@@ -222,8 +223,15 @@ def stop_paths(cluster: Cluster, cluster_mlflow: str, digits_shards: Path,
 
     actions[PAST_KILLWAIT] = actions["scancel"]
 
+    def extend_time_limit(i: str) -> None:
+        cluster.run("scontrol", "update", f"JobId={i}", "TimeLimit=10")
+
+    actions["time-limit"] = extend_time_limit
+
     def ready(name: str) -> bool:
         job = jobs[name]
+        if name == "time-limit":
+            return "requeueing job" in job.output
         if name == PAST_KILLWAIT:   # after its first periodic checkpoint (step 50): the one to fall back to
             return bool(list_checkpoints(job.run_dir)) and job.steps_logged() >= 60
         return job.steps_logged() >= 20
@@ -231,8 +239,9 @@ def stop_paths(cluster: Cluster, cluster_mlflow: str, digits_shards: Path,
     def act() -> bool:
         for name in list(actions):
             job = jobs[name]
-            if ready(name) and cluster.state(job.ids[-1]) == "RUNNING":
-                job.signalled_at = time.time()
+            if ready(name) and (name == "time-limit" or cluster.state(job.ids[-1]) == "RUNNING"):
+                if name != "time-limit":
+                    job.signalled_at = time.time()
                 actions.pop(name)(job.ids[-1])
         return not actions
 
