@@ -231,3 +231,28 @@ def test_sigkill_during_the_stop_checkpoint_keeps_the_previous_one(tmp_path, dig
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {previous}" in out.stderr
     assert load_checkpoint(list_checkpoints(run_dir)[-1])["position"]["step"] == 6
+
+
+def test_a_stop_signal_during_start_up_reaches_the_rank_once_it_can_take_it(tmp_path):
+    """Slurm's warning (or a scancel) while the ranks are still starting: the launcher passes it on as soon as the
+    rank has its handler, never before (the default action would kill it), instead of losing it."""
+    from glow_dist.distributed.launcher import catches
+
+    got = tmp_path / "got"
+    rank = ("import pathlib, signal, sys, time\n"
+            "time.sleep(3)  # a slow start: imports, data, Horovod; USR1 now would kill this process\n"
+            "seen = []\n"
+            "signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))\n"
+            "deadline = time.monotonic() + 60\n"
+            "while not seen and time.monotonic() < deadline:\n"
+            "    time.sleep(0.05)\n"
+            "pathlib.Path(sys.argv[1]).write_text(repr(seen))\n")
+    job = start(launcher_cmd(1, "-c", rank, str(got)))
+    try:
+        wait_for(lambda: catches(job.pid, signal.SIGUSR1), 60, "the launcher's handlers")
+        os.kill(job.pid, signal.SIGUSR1)
+    finally:
+        output = finish(job, timeout=120)
+    assert job.returncode == 0, output[-3000:]
+    assert got.read_text() == repr([signal.SIGUSR1.value]), output[-3000:]
+    assert "which was still starting" in output, output[-3000:]

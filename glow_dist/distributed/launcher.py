@@ -17,6 +17,10 @@ It takes horovodrun's arguments and runs horovodrun (Gloo) in this process. Thre
 3. A rank's non-zero exit status becomes the launcher's (horovodrun prints a traceback and exits 1), so
    `train.stop_exit_code` reaches the scheduler.
 
+A stop signal that comes while the ranks are still starting (Slurm's time-limit warning or a scancel during a slow
+start) is not lost: each rank on this host gets it as soon as it has installed its handler (the signal's bit in
+SigCgt of /proc/PID/status; before that the signal's default action would kill it), until the launcher ends.
+
 Ranks on other hosts (over ssh) do not see a signal sent to this launcher: the scheduler must signal them (Slurm
 does, every process of the job; on Kubernetes each worker's PID 1 forwards it, launch/forward-stop.sh). One rank
 that sees it is enough, since the stop is voted.
@@ -64,12 +68,49 @@ def local_ranks() -> list[Any]:
     return found
 
 
+def catches(pid: int, signum: int) -> bool:
+    """True once process `pid` has a handler for `signum` (its bit in SigCgt, /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 class _Forwarder:
-    """Signal handlers of the launcher: forward a stop signal to the local ranks; escalate on a second SIGINT."""
+    """Signal handlers of the launcher: forward a stop signal to the local ranks, and to ranks that are still
+    starting once they can take it; escalate on a second SIGINT."""
+
+    POLL_S = 0.5
 
     def __init__(self, shutdown: threading.Event) -> None:
         self.shutdown = shutdown  # setting it starts horovodrun's own termination (SIGTERM, 5 s, SIGKILL)
         self.stopping = False
+        self.signalled: set[int] = set()   # ranks that got the first stop signal
+        self._lock = threading.RLock()   # a second signal may come while the handler forwards the first
+
+    def _forward(self, signum: int, again: bool) -> list[int]:
+        """Send `signum` to the local ranks that handle it (all of them again if `again`, else only those not yet
+        signalled); returns their pids."""
+        sent = []
+        with self._lock:
+            for proc in local_ranks():
+                if (again or proc.pid not in self.signalled) and catches(proc.pid, signum):
+                    try:
+                        proc.send_signal(signum)
+                    except Exception:  # noqa: BLE001 - a rank that already exited needs no signal
+                        continue
+                    self.signalled.add(proc.pid)
+                    sent.append(proc.pid)
+        return sent
+
+    def _late_ranks(self, signum: int) -> None:
+        while not self.shutdown.wait(self.POLL_S):
+            for pid in self._forward(signum, again=False):
+                _say(f"{signal.Signals(signum).name}: forwarded to rank process {pid}, which was still starting")
 
     def __call__(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
@@ -77,15 +118,11 @@ class _Forwarder:
             _say(f"second {name}: terminating the ranks now (no checkpoint)")
             self.shutdown.set()
             return
-        ranks = local_ranks()
-        for proc in ranks:
-            try:
-                proc.send_signal(signum)
-            except Exception:  # noqa: BLE001 - a rank that already exited needs no signal
-                pass
+        sent = self._forward(signum, again=True)
         if not self.stopping:
-            pids = ", ".join(str(p.pid) for p in ranks) or "none on this host"
+            pids = ", ".join(str(p) for p in sent) or "none yet on this host"
             _say(f"{name}: forwarded to the ranks ({pids}); waiting for them to checkpoint and exit")
+            threading.Thread(target=self._late_ranks, args=(signum,), daemon=True).start()
             timeout = float(os.environ.get("GLOW_DIST_STOP_TIMEOUT", "0") or 0)
             if timeout > 0:
                 timer = threading.Timer(timeout, self._timeout, args=(timeout,))
