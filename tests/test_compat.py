@@ -55,8 +55,10 @@ def test_old_checkpoint_resumes_to_the_weights_the_old_code_reached(old_run: Pat
     final = torch.load(old_run / "checkpoints" / "ckpt-00000004.pt", weights_only=False)
     expected = torch.load(OLD / "expected-step4.pt", weights_only=False)
     assert final["position"] == expected["position"]
+    # Recorded on one CPU; another CPU's kernels may round one reduction differently (seen: one element of `top`
+    # off by 2e-10, one ulp). A resume that replays or skips a batch moves weights by the learning rate's scale (1e-3).
     for key in ("model", "ema"):
         for name, value in expected[key].items():
-            assert torch.equal(final[key][name], value), (key, name)
+            torch.testing.assert_close(final[key][name], value, rtol=1e-6, atol=1e-9, msg=f"{key}.{name}")
     assert "memory" not in final["config"]["model"] and final["config"]["runtime"]["memory"] == "checkpoint"
     assert "rng" not in final
