@@ -87,6 +87,8 @@ class Trainer:
         self.schedule = LearningRate(cfg.optim, self.world)
         self.step = build_train_step(cfg, s.model, s.optimizer, s.ema, device=self.device, rank=self.rank,
                                      faults=self.faults, log=self._log_rank0, warn=self._log_every_rank)
+        if hasattr(self, "checkpoints"):
+            self.checkpoints.wait(self.report)   # the old world's write in flight, before its manager goes
         self.checkpoints = CheckpointManager(cfg, s, main=dist.is_main())
 
     def start(self, run_id: str | None, resumed_from: str | None, fresh: bool, elastic: bool = False) -> None:
