@@ -8,8 +8,10 @@ Layout under a run directory:
 A checkpoint counts only once its sidecar exists, and both are moved into place with os.replace, so a process
 killed mid-write leaves at most a `.tmp-*` file that is never picked up. The file is written in one pass: its sha256
 is computed from the bytes as they go to the disk (glow_dist/files.py, HashingWriter), never read back, and the zip
-records' own CRC32 is not computed (the sha256 covers every byte; torch.load does not need it). What a state holds is the trainer's
-business (glow_dist/training/state.py); this module only stores, verifies and finds it. Only rank 0 saves.
+records' own CRC32 is not computed (the sha256 covers every byte; torch.load does not need it).
+
+What a state holds is the trainer's business (glow_dist/training/state.py); this module only stores, verifies and
+finds it. Only rank 0 saves.
 
 Loading never runs code from the file: a checksum proves only that the file is the one its writer meant, and anyone
 who can write a checkpoint can write its sidecar. So it is torch.load(weights_only=True), which builds tensors, numbers,
@@ -21,8 +23,8 @@ from __future__ import annotations
 import errno
 import os
 import pickle
-import shutil
 import re
+import shutil
 import time
 from pathlib import Path
 

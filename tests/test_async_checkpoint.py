@@ -170,7 +170,8 @@ def test_a_background_write_error_is_raised_on_the_training_thread(tmp_path):
     manager.wait(NullReporter())
     (checkpoint_dir(tmp_path) / "ckpt-00000004.pt").mkdir()   # os.replace over a directory fails
     manager.save(4, NullReporter(), world_size=1)   # returns at once: the write runs in the background
-    with pytest.raises(CheckpointWriteError, match=f"ckpt-00000004.pt could not be written to {checkpoint_dir(tmp_path)}"):
+    expected = f"ckpt-00000004.pt could not be written to {checkpoint_dir(tmp_path)}"
+    with pytest.raises(CheckpointWriteError, match=expected):
         manager.wait(NullReporter())
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002.pt"]
     assert temporary_files(tmp_path) == []
