@@ -93,18 +93,18 @@ class Step:
     """A fixed CPU job of about `seconds` on the calling thread (one core)."""
 
     def __init__(self, seconds: float) -> None:
-        self.a = torch.randn(512, 512)
-        t0, n = time.perf_counter(), 0
-        while time.perf_counter() - t0 < 0.5:
-            self.a @ self.a
-            n += 1
-        self.n = max(1, round(n * seconds / 0.5))
+        self.a, self.n = torch.randn(512, 512), 50
+        self.n = max(1, round(seconds * 50 / self()))
 
     def __call__(self) -> float:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)   # the step's one core; the snapshot copy and the writer use the others
         t0 = time.perf_counter()
         for _ in range(self.n):
             self.a @ self.a
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        torch.set_num_threads(threads)
+        return seconds
 
 
 def stall(manager: CheckpointManager, step: Step, plain: float, at: int) -> tuple[float, float]:
@@ -144,7 +144,6 @@ def main() -> None:
                         help="loader workers, Horovod shutdown and interpreter exit")
     args = parser.parse_args()
 
-    torch.set_num_threads(1)   # the step's thread; the writer and the kernel get the other cores
     args.dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench_stop-", dir=args.dir))
     state = celeba_state(args.config, workdir, async_checkpoint=True)
