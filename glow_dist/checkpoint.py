@@ -108,14 +108,16 @@ def write_error(path: Path, error: OSError, needed: int, keep: int = 1) -> Check
                                 "the same command again to resume")
 
 
-def save_verified(state: dict, path: str | Path, keep: int = 1) -> Path:
+def save_verified(state: dict, path: str | Path, keep: int = 1, read_back: bool = False) -> Path:
     """torch.save `state` to `path` atomically, then its sha256 sidecar, hashed from the bytes as they were written
-    (one pass, no read-back). CheckpointWriteError when the disk refuses it (full, I/O error)."""
+    (one pass). `read_back`: the file is also read back while it is written and must hash the same (the stop
+    checkpoint; a second pass at the end would cost as much as the write). CheckpointWriteError when the disk
+    refuses it (full, I/O error, a read-back that differs)."""
     path = Path(path)
     sidecar(path).unlink(missing_ok=True)  # re-saving: it must not look complete until rewritten
     renamed = False
     try:
-        digest = write_hashed(path, lambda f: _save(state, f), before_rename=_drill_slow_write)
+        digest = write_hashed(path, lambda f: _save(state, f), before_rename=_drill_slow_write, read_back=read_back)
         renamed = True
         write_atomic(sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
         fsync_dir(path.parent)
@@ -136,14 +138,14 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int) -> Path:
+def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int, read_back: bool = False) -> Path:
     """Write `state` as checkpoints/ckpt-<step>.pt atomically with its sha256, then keep only the last `keep`.
 
-    `keep <= 0` keeps every checkpoint. Returns the path of the new checkpoint.
+    `keep <= 0` keeps every checkpoint; `read_back` as for save_verified. Returns the path of the new checkpoint.
     """
     path = checkpoint_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_verified(state, path, keep)
+    save_verified(state, path, keep, read_back)
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             if old != path:  # never the one just written, whatever the step numbers say

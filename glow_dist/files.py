@@ -11,6 +11,7 @@ read back.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import os
 import tempfile
@@ -81,14 +82,19 @@ class HashingWriter:
     Small writes are gathered into CHUNK-sized blocks; large ones (a tensor's bytes, handed over without a copy)
     are written in place. Each block is hashed on the calling thread while a helper thread writes it, and a write
     returns only once both are done, so the caller may reuse its buffer. An OSError of the OS write (ENOSPC, EIO)
-    is raised from `write` or `flush`."""
+    is raised from `write` or `flush`.
 
-    def __init__(self, fd: int) -> None:
+    With `read_back`, a third thread reads each block back from the file once it is written and hashes what it read
+    (`read_back_hexdigest()`), one block behind the writer, so a verified file costs no second pass at the end."""
+
+    def __init__(self, fd: int, read_back: bool = False) -> None:
         self.fd, self.written = fd, 0
         self.error: OSError | None = None   # the OS write's error, whatever the caller made of it
         self._digest = hashlib.sha256()
         self._pending = bytearray()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="glow-dist-write")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="glow-dist-read-back") if read_back else None
+        self._read_back, self._read_buffer, self._reads = hashlib.sha256(), bytearray(), []
 
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data).cast("B")
@@ -108,8 +114,15 @@ class HashingWriter:
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
 
+    def read_back_hexdigest(self) -> str:
+        for read in self._reads:
+            read.result()   # an OSError of a read is raised here
+        return self._read_back.hexdigest()
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
 
     def _flush_pending(self) -> None:
         if self._pending:
@@ -124,7 +137,21 @@ class HashingWriter:
         except OSError as e:
             self.error = e
             raise
+        if self._reader is not None:
+            self._reads.append(self._reader.submit(self._hash_back, self.written, view.nbytes))
         self.written += view.nbytes
+
+    def _hash_back(self, offset: int, length: int) -> None:
+        if len(self._read_buffer) < length:
+            self._read_buffer = bytearray(length)
+        view = memoryview(self._read_buffer)[:length]
+        done = 0
+        while done < length:
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got == 0:
+                raise OSError(errno.EIO, f"the file ended {offset + done} bytes in while reading it back")
+            done += got
+        self._read_back.update(view)
 
     def _write_all(self, view: memoryview, offset: int) -> None:
         done = 0
@@ -134,18 +161,21 @@ class HashingWriter:
 
 
 def write_hashed(path: str | Path, write: Callable[[HashingWriter], object],
-                 before_rename: Callable[[], None] | None = None) -> str:
+                 before_rename: Callable[[], None] | None = None, read_back: bool = False) -> str:
     """write_atomic through a HashingWriter: the bytes are hashed as they are written, fsynced, renamed over
-    `path`. Returns the hex sha256 of the file. On any error the temporary file is removed."""
+    `path`. Returns the hex sha256 of the file. `read_back`: the file is also read back as it is written, and an
+    OSError (EIO) raised unless what was read hashes the same. On any error the temporary file is removed."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    writer = HashingWriter(fd)
+    writer = HashingWriter(fd, read_back)
     try:
         try:
             write(writer)
             writer.flush()
         finally:
             writer.close()
+        if read_back and writer.read_back_hexdigest() != writer.hexdigest():
+            raise OSError(errno.EIO, f"{path.name}: the bytes read back from the file differ from those written")
         os.fsync(fd)
         os.close(fd)
         fd = -1

@@ -5,7 +5,7 @@
     manager.save(step, report)              # rank 0 snapshots the state; a background thread writes it
     manager.poll(report)                    # after every step: a finished write is reported, a failed one raised
     manager.wait(report)                    # the write in flight finished (before a rollback, at the end)
-    path = manager.save_verified(step, report)   # the stop checkpoint: local only, read back before it counts
+    path = manager.save_verified(step, report)   # the stop checkpoint: local only, read back as it is written
     loaded = manager.rollback()             # after too many non-finite steps: the newest good checkpoint
 
 Periodic and final checkpoints are asynchronous (`train.async_checkpoint`, default true): rank 0 copies the state
@@ -123,22 +123,24 @@ class CheckpointManager:
         report.checkpoint_saved(path, state, wanted and upload)
         return waited
 
-    def _write(self, state: dict, step: int) -> Path:
-        return save_checkpoint(state, self.run_dir, step, self.cfg.train.keep_checkpoints)
+    def _write(self, state: dict, step: int, read_back: bool = False) -> Path:
+        return save_checkpoint(state, self.run_dir, step, self.cfg.train.keep_checkpoints, read_back)
 
     def save_verified(self, step: int, report: NullReporter, world_size: int) -> Path | None:
         """The stop checkpoint: the write in flight is finished first (one write at a time; its checkpoint then
         counts as the previous one), then the state of `step` is written from the live tensors (training has
         stopped), local only (an upload of GBs would outlast the scheduler's grace), and read back against its
-        sha256, so the stop is reported only once the file is known good. Rank 0; None elsewhere."""
+        sha256 while it is written, so the stop is reported only once the file is known good. Rank 0; None
+        elsewhere."""
         if not self.main:
             return None
         in_flight = self._in_flight[0].step if self._in_flight is not None else None
         self.wait(report, upload=False)
         path = checkpoint_path(self.run_dir, step)
-        if in_flight != step:   # else the write just finished is the stop step's own checkpoint
-            state = self.state.checkpoint(report.run_id, world_size)
-            self._write(state, step)
-            report.checkpoint_saved(path, state, upload=False)
-        verify_checkpoint(path)
+        if in_flight == step:   # the write just finished is the stop step's own checkpoint
+            verify_checkpoint(path)
+            return path
+        state = self.state.checkpoint(report.run_id, world_size)
+        self._write(state, step, read_back=True)   # read back while written: verified when it is in place
+        report.checkpoint_saved(path, state, upload=False)
         return path
