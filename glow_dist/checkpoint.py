@@ -27,6 +27,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from threading import Event
 
 import torch
 
@@ -61,11 +62,14 @@ def sidecar(path: str | Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _drill_slow_write() -> None:
+def _drill_slow_write(cancel: Event | None) -> None:
     # Fault drill: GLOW_DIST_INJECT_SLOW_CHECKPOINT=SECONDS holds every write here, its temporary file complete but
-    # not yet renamed, as a multi-GB checkpoint would be; tests kill a stopping job at this point.
+    # not yet renamed, as a multi-GB checkpoint would be; tests kill a stopping job at this point. A write that is
+    # superseded meanwhile (`cancel`) stops holding at once, as a real one would at its next block.
     delay = float(os.environ.get("GLOW_DIST_INJECT_SLOW_CHECKPOINT", "0") or 0)
-    if delay > 0:
+    if delay > 0 and cancel is not None:
+        cancel.wait(delay)
+    elif delay > 0:
         time.sleep(delay)
 
 
@@ -108,16 +112,18 @@ def write_error(path: Path, error: OSError, needed: int, keep: int = 1) -> Check
                                 "the same command again to resume")
 
 
-def save_verified(state: dict, path: str | Path, keep: int = 1, read_back: bool = False) -> Path:
+def save_verified(state: dict, path: str | Path, keep: int = 1, read_back: bool = False,
+                  cancel: Event | None = None) -> Path:
     """torch.save `state` to `path` atomically, then its sha256 sidecar, hashed from the bytes as they were written
     (one pass). `read_back`: the file is also read back while it is written and must hash the same (the stop
     checkpoint; a second pass at the end would cost as much as the write). CheckpointWriteError when the disk
-    refuses it (full, I/O error, a read-back that differs)."""
+    refuses it (full, I/O error, a read-back that differs); Superseded when `cancel` is set meanwhile."""
     path = Path(path)
     sidecar(path).unlink(missing_ok=True)  # re-saving: it must not look complete until rewritten
     renamed = False
     try:
-        digest = write_hashed(path, lambda f: _save(state, f), before_rename=_drill_slow_write, read_back=read_back)
+        digest = write_hashed(path, lambda f: _save(state, f), before_rename=lambda: _drill_slow_write(cancel),
+                              read_back=read_back, cancel=cancel)
         renamed = True
         write_atomic(sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
         fsync_dir(path.parent)
@@ -138,14 +144,16 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int, read_back: bool = False) -> Path:
+def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int, read_back: bool = False,
+                    cancel: Event | None = None) -> Path:
     """Write `state` as checkpoints/ckpt-<step>.pt atomically with its sha256, then keep only the last `keep`.
 
-    `keep <= 0` keeps every checkpoint; `read_back` as for save_verified. Returns the path of the new checkpoint.
+    `keep <= 0` keeps every checkpoint; `read_back` and `cancel` as for save_verified. Returns the path of the new
+    checkpoint.
     """
     path = checkpoint_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_verified(state, path, keep, read_back)
+    save_verified(state, path, keep, read_back, cancel)
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             if old != path:  # never the one just written, whatever the step numbers say

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from threading import Event
 from typing import BinaryIO
 
 CHUNK = 64 << 20   # bytes per OS write (and per writeback request): large, but hashing overlaps the next chunk
@@ -76,6 +77,11 @@ def _sync_file_range() -> Callable[[int, int, int], None]:
 _start_writeback = _sync_file_range()
 
 
+class Superseded(Exception):
+    """A write given up because a newer file replaces it (set by its `cancel` event); its temporary file is
+    removed."""
+
+
 class HashingWriter:
     """A write-only file object over `fd` whose sha256 is that of every byte written (`hexdigest()`).
 
@@ -87,9 +93,9 @@ class HashingWriter:
     With `read_back`, a third thread reads each block back from the file once it is written and hashes what it read
     (`read_back_hexdigest()`), one block behind the writer, so a verified file costs no second pass at the end."""
 
-    def __init__(self, fd: int, read_back: bool = False) -> None:
-        self.fd, self.written = fd, 0
-        self.error: OSError | None = None   # the OS write's error, whatever the caller made of it
+    def __init__(self, fd: int, read_back: bool = False, cancel: Event | None = None) -> None:
+        self.fd, self.written, self.cancel = fd, 0, cancel
+        self.error: OSError | Superseded | None = None   # why a write failed, whatever the caller made of it
         self._digest = hashlib.sha256()
         self._pending = bytearray()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="glow-dist-write")
@@ -130,6 +136,9 @@ class HashingWriter:
             self._emit(memoryview(block))
 
     def _emit(self, view: memoryview) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            self.error = Superseded(f"given up after {self.written} bytes: a newer file replaces it")
+            raise self.error
         written = self._pool.submit(self._write_all, view, self.written)
         self._digest.update(view)   # releases the GIL: hashing and the OS write run side by side
         try:
@@ -161,13 +170,15 @@ class HashingWriter:
 
 
 def write_hashed(path: str | Path, write: Callable[[HashingWriter], object],
-                 before_rename: Callable[[], None] | None = None, read_back: bool = False) -> str:
+                 before_rename: Callable[[], None] | None = None, read_back: bool = False,
+                 cancel: Event | None = None) -> str:
     """write_atomic through a HashingWriter: the bytes are hashed as they are written, fsynced, renamed over
     `path`. Returns the hex sha256 of the file. `read_back`: the file is also read back as it is written, and an
-    OSError (EIO) raised unless what was read hashes the same. On any error the temporary file is removed."""
+    OSError (EIO) raised unless what was read hashes the same. `cancel` set: Superseded, at the next block or
+    before the rename. On any error the temporary file is removed."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    writer = HashingWriter(fd, read_back)
+    writer = HashingWriter(fd, read_back, cancel)
     try:
         try:
             write(writer)
@@ -181,6 +192,8 @@ def write_hashed(path: str | Path, write: Callable[[HashingWriter], object],
         fd = -1
         if before_rename is not None:
             before_rename()
+        if cancel is not None and cancel.is_set():
+            raise Superseded(f"{path.name}: given up before its rename, a newer file replaces it")
         os.replace(tmp, path)
         return writer.hexdigest()
     except BaseException as e:

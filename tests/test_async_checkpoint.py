@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from helpers import REPO, assert_identical, env_with_venv, load_ckpt, train_cmd,
 from glow_dist.checkpoint import (
     CheckpointWriteError,
     checkpoint_dir,
+    checkpoint_path,
     list_checkpoints,
     load_checkpoint,
     verify_checkpoint,
@@ -127,15 +129,16 @@ def test_a_full_disk_stops_training_with_a_clear_error_and_exit_74(tmp_path, dig
 
 
 @pytest.mark.slow
-def test_a_stop_while_a_write_is_in_flight_ends_with_the_stop_steps_checkpoint(tmp_path, digits_shards):
-    """SIGTERM while the step-2 checkpoint's write is held: the write finishes, then the stop step's checkpoint is
-    written and verified, and the run exits with train.stop_exit_code."""
+def test_a_stop_while_a_write_is_in_flight_supersedes_it(tmp_path, digits_shards):
+    """SIGTERM while a periodic checkpoint's write is held: the write in flight when the stop is voted is given up
+    (its temporary file removed; which one depends on when the step votes: step 2's, or step 4's after step 4 waited
+    for step 2's), the stop step's checkpoint is written and verified, and the run exits with train.stop_exit_code."""
     run_dir = tmp_path / "run"
     job = subprocess.Popen([sys.executable, *train_cmd(*QUIET, f"data.root={digits_shards}",
                                                        f"train.run_dir={run_dir}", "train.steps=100000",
-                                                       "train.checkpoint_every=2", "train.stop_exit_code=75",
+                                                       "train.stop_exit_code=75",
                                                        f"tracking.local_dir={tmp_path / 'mlflow'}")],
-                           cwd=REPO, env=env_with_venv({"GLOW_DIST_INJECT_SLOW_CHECKPOINT": "4"}),
+                           cwd=REPO, env=env_with_venv({"GLOW_DIST_INJECT_SLOW_CHECKPOINT": "10"}),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_for(lambda: checkpoint_dir(run_dir).is_dir() and temporary_files(run_dir), 240,
@@ -150,6 +153,9 @@ def test_a_stop_while_a_write_is_in_flight_ends_with_the_stop_steps_checkpoint(t
     newest = list_checkpoints(run_dir)[-1]
     verify_checkpoint(newest)
     step = load_checkpoint(newest)["position"]["step"]
+    given_up = re.search(rf"the write of step (\d+) was given up for the stop checkpoint of step {step}\b", output)
+    assert given_up is not None, output[-3000:]
+    assert checkpoint_path(run_dir, int(given_up.group(1))) not in list_checkpoints(run_dir)
     assert f"stopped by SIGTERM at step {step}; checkpoint {newest}" in output, output[-3000:]
     assert temporary_files(run_dir) == []
 

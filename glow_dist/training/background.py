@@ -2,7 +2,7 @@
 
     snapshot = HostSnapshot()
     copy = snapshot.take(state)                  # every tensor copied into buffers kept from the last checkpoint
-    writer = BackgroundWrite(step, lambda: save_checkpoint(copy, ...))   # serialize, hash, write, rename: a thread
+    writer = BackgroundWrite(step, lambda cancel: save_checkpoint(copy, ...))   # serialize, hash, write: a thread
     writer.join()                                # the path, or the write's error raised on this thread
 
 The snapshot costs one copy of the checkpointed state in host memory (weights, EMA, optimizer moments: 2.75 GiB for
@@ -62,22 +62,27 @@ class HostSnapshot:
 
 
 class BackgroundWrite:
-    """`write()` on a thread of its own; `join()` hands back its result, or raises its error, on the caller's
-    thread. Daemonic: a second Ctrl-C or a crash does not wait for it (its temporary file is never read)."""
+    """`write(cancel)` on a thread of its own; `join()` hands back its result, or raises its error, on the caller's
+    thread; `supersede()` sets `cancel`, so that the write gives up (files.Superseded) at its next block. Daemonic: a
+    second Ctrl-C or a crash does not wait for it (its temporary file is never read)."""
 
-    def __init__(self, step: int, write: Callable[[], Path]) -> None:
+    def __init__(self, step: int, write: Callable[[threading.Event], Path]) -> None:
         self.step = step
+        self._cancel = threading.Event()
         self._result: Path | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(write,), name=f"glow-dist-checkpoint-{step}",
                                         daemon=True)
         self._thread.start()
 
-    def _run(self, write: Callable[[], Path]) -> None:
+    def _run(self, write: Callable[[threading.Event], Path]) -> None:
         try:
-            self._result = write()
+            self._result = write(self._cancel)
         except BaseException as e:   # noqa: BLE001  (handed to the training thread by join)
             self._error = e
+
+    def supersede(self) -> None:
+        self._cancel.set()
 
     def done(self) -> bool:
         return not self._thread.is_alive()

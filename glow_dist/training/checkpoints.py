@@ -12,7 +12,8 @@ Periodic and final checkpoints are asynchronous (`train.async_checkpoint`, defau
 into host memory (glow_dist/training/background.py) and training goes on while a thread serializes, hashes and
 writes it. At most one write is in flight: a checkpoint step that comes while the previous write runs waits for it,
 and says how long. A write's error (a full disk) is raised on the training thread at the next step. The stop
-checkpoint lets the write in flight finish, then writes the stop step's state directly and verifies it.
+checkpoint supersedes the write in flight (it is given up), then writes the stop step's state directly and
+verifies it.
 
 Only rank 0 reads and writes files; the others get what it read through broadcasts, so every collective here is
 made by every rank. The file format is glow_dist/checkpoint.py's.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from threading import Event
 
 from glow_dist.checkpoint import (
     CheckpointError,
@@ -33,6 +35,7 @@ from glow_dist.checkpoint import (
 )
 from glow_dist.config import Config, ConfigError
 from glow_dist.distributed import gateway as dist
+from glow_dist.files import Superseded
 from glow_dist.tracking.reporter import NullReporter
 from glow_dist.training.background import BackgroundWrite, HostSnapshot
 from glow_dist.training.state import Loaded, TrainingState
@@ -103,7 +106,7 @@ class CheckpointManager:
             report.message(f"[checkpoint] step {step} waited {waited:.1f} s for the previous checkpoint's write: "
                            "the disk takes longer than train.checkpoint_every steps")
         state = self.snapshot.take(self.state.checkpoint(report.run_id, world_size))
-        self._in_flight = BackgroundWrite(step, lambda: self._write(state, step)), state, upload
+        self._in_flight = BackgroundWrite(step, lambda cancel: self._write(state, step, cancel=cancel)), state, upload
 
     def poll(self, report: NullReporter) -> None:
         """After a step: a finished background write is reported, a failed one raised here (CheckpointWriteError
@@ -123,19 +126,25 @@ class CheckpointManager:
         report.checkpoint_saved(path, state, wanted and upload)
         return waited
 
-    def _write(self, state: dict, step: int, read_back: bool = False) -> Path:
-        return save_checkpoint(state, self.run_dir, step, self.cfg.train.keep_checkpoints, read_back)
+    def _write(self, state: dict, step: int, read_back: bool = False, cancel: Event | None = None) -> Path:
+        return save_checkpoint(state, self.run_dir, step, self.cfg.train.keep_checkpoints, read_back, cancel)
 
     def save_verified(self, step: int, report: NullReporter, world_size: int) -> Path | None:
-        """The stop checkpoint: the write in flight is finished first (one write at a time; its checkpoint then
-        counts as the previous one), then the state of `step` is written from the live tensors (training has
-        stopped), local only (an upload of GBs would outlast the scheduler's grace), and read back against its
-        sha256 while it is written, so the stop is reported only once the file is known good. Rank 0; None
-        elsewhere."""
+        """The stop checkpoint. A write in flight of an earlier step is superseded (given up at its next block; if
+        it was already complete it counts as the previous checkpoint); then the state of `step` is written from the
+        live tensors (training has stopped), local only (an upload of GBs would outlast the scheduler's grace), and
+        read back against its sha256 while it is written, so the stop is reported only once the file is known good.
+        Rank 0; None elsewhere."""
         if not self.main:
             return None
         in_flight = self._in_flight[0].step if self._in_flight is not None else None
-        self.wait(report, upload=False)
+        if in_flight is not None and in_flight != step:
+            self._in_flight[0].supersede()   # the stop step's checkpoint replaces it; no need to finish it
+        try:
+            self.wait(report, upload=False)
+        except Superseded:
+            report.message(f"[checkpoint] the write of step {in_flight} was given up for the stop checkpoint of "
+                           f"step {step}")
         path = checkpoint_path(self.run_dir, step)
         if in_flight == step:   # the write just finished is the stop step's own checkpoint
             verify_checkpoint(path)
