@@ -21,7 +21,8 @@ from pathlib import Path
 from threading import Event
 from typing import BinaryIO
 
-CHUNK = 64 << 20   # bytes per OS write (and per writeback request): large, but hashing overlaps the next chunk
+CHUNK = 64 << 20   # the most bytes per OS write (and per writeback request); a larger write is cut into these
+GATHER = 1 << 20   # writes smaller than this (headers, small tensors) are gathered into one block first
 
 
 def sha256_file(path: str | Path) -> str:
@@ -85,8 +86,8 @@ class Superseded(Exception):
 class HashingWriter:
     """A write-only file object over `fd` whose sha256 is that of every byte written (`hexdigest()`).
 
-    Small writes are gathered into CHUNK-sized blocks; large ones (a tensor's bytes, handed over without a copy)
-    are written in place. Each block is hashed on the calling thread while a helper thread writes it, and a write
+    Small writes (under GATHER) are gathered into one block; larger ones (a tensor's bytes, handed over without a
+    copy) are written in place, in CHUNK-sized blocks. Each block is hashed on the calling thread while a helper thread writes it, and a write
     returns only once both are done, so the caller may reuse its buffer. An OSError of the OS write (ENOSPC, EIO)
     is raised from `write` or `flush`.
 
@@ -104,9 +105,9 @@ class HashingWriter:
 
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data).cast("B")
-        if view.nbytes < CHUNK:
-            self._pending += view
-            if len(self._pending) >= CHUNK:
+        if view.nbytes < GATHER:
+            self._pending += view   # at most GATHER bytes: copying small writes is cheaper than a block each
+            if len(self._pending) >= GATHER:
                 self._flush_pending()
             return view.nbytes
         self._flush_pending()

@@ -26,6 +26,7 @@ from glow_dist.checkpoint import (
 from glow_dist.config import load_config
 from glow_dist.model import build_model
 from glow_dist.tracking.reporter import NullReporter
+from glow_dist.training.background import HostSnapshot
 from glow_dist.training.checkpoints import CheckpointManager
 from glow_dist.training.ema import EMA
 from glow_dist.training.optimizer import make_optimizer
@@ -193,3 +194,18 @@ def test_a_snapshot_is_taken_before_training_changes_the_weights(tmp_path):
             p.add_(1.0)   # as the next optimizer step would, while the write may still be running
     manager.wait(NullReporter())
     assert_identical(before, load_checkpoint(list_checkpoints(tmp_path)[-1])["model"])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_snapshot_reuses_its_host_buffers(device: str) -> None:
+    """One copy per tensor into host buffers (pinned when the state is on a GPU), the same buffers at the next
+    checkpoint, plain values as they are."""
+    snapshot = HostSnapshot()
+    state = {"w": torch.randn(300, 300, device=device), "moments": {"v": torch.randn(7, device=device)}, "step": 3}
+    first = snapshot.take(state)
+    assert first["w"].device.type == "cpu" and first["w"].is_pinned() == (device == "cuda") and first["step"] == 3
+    assert torch.equal(first["w"], state["w"].cpu()) and snapshot.nbytes == (300 * 300 + 7) * 4
+    pointer = first["w"].data_ptr()
+    state["w"].add_(1.0)
+    second = snapshot.take(state)
+    assert second["w"].data_ptr() == pointer and torch.equal(second["w"], state["w"].cpu())
