@@ -7,7 +7,7 @@ periodic checkpoint (sync vs async), the stop time, and the grace periods that f
 Everything is measured in one run on one directory, so the rows compare:
 - disk: the same byte count written as `dd bs=16M conv=fsync` does (16 MiB writes of random bytes, then fsync);
 - save: glow_dist.checkpoint.save_checkpoint (serialize, hash while writing, fsync, rename, sidecar, directory fsync);
-- stall: the extra time of the training step that checkpoints (CheckpointManager.save after a step), with
+- stall: the extra time of the training step that checkpoints (the CheckpointManager.save call after it), with
   train.async_checkpoint=false (the whole save) and true (a snapshot into host memory; the write goes on in the
   background), plus the time the following steps lost while that write ran;
 - stop: signal to verified checkpoint (CheckpointManager.save_verified: write the stop step, read back against its
@@ -108,12 +108,14 @@ class Step:
 
 
 def stall(manager: CheckpointManager, step: Step, plain: float, at: int) -> tuple[float, float]:
-    """(extra seconds of the step that checkpoints, extra seconds of the steps after it until its write is done)."""
+    """(extra seconds of the step that checkpoints, extra seconds of the steps after it until its write is done).
+    The extra time of the checkpointing step is the save call after its compute (timing the step as a whole would
+    add the step's own noise on a shared machine)."""
     report = NullReporter()
-    t0 = time.perf_counter()
     step()
+    t0 = time.perf_counter()
     manager.save(at, report, 40)
-    extra = time.perf_counter() - t0 - plain
+    extra = time.perf_counter() - t0
     lost = 0.0
     while manager._in_flight is not None and not manager._in_flight[0].done():
         lost += step() - plain
