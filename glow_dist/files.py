@@ -87,9 +87,9 @@ class HashingWriter:
     """A write-only file object over `fd` whose sha256 is that of every byte written (`hexdigest()`).
 
     Small writes (under GATHER) are gathered into one block; larger ones (a tensor's bytes, handed over without a
-    copy) are written in place, in CHUNK-sized blocks. Each block is hashed on the calling thread while a helper thread writes it, and a write
-    returns only once both are done, so the caller may reuse its buffer. An OSError of the OS write (ENOSPC, EIO)
-    is raised from `write` or `flush`.
+    copy) are written in place, in CHUNK-sized blocks. Each block is hashed on the calling thread while a helper
+    thread writes it, and a write returns only once both are done, so the caller may reuse its buffer. An OSError of
+    the OS write (ENOSPC, EIO) is raised from `write` or `flush`; `cancel` set: Superseded at the next block.
 
     With `read_back`, a third thread reads each block back from the file once it is written and hashes what it read
     (`read_back_hexdigest()`), one block behind the writer, so a verified file costs no second pass at the end."""
