@@ -158,8 +158,9 @@ IMAGE ?= glow-dist:latest
 CONFIG ?= configs/digits.yaml
 GPUS ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
 TRACKING_URI ?= $(MLFLOW_TRACKING_URI)
-# `docker stop` waits this long before SIGKILL (docker's default, 10 s, is less than a checkpoint takes; README)
-STOP_GRACE ?= 180
+# `docker stop` waits this long before SIGKILL: twice bench/bench_stop.py's stop budget, 24 s, rounded up to 30 s
+# (docker's default, 10 s, is less than a checkpoint takes; README, Grace periods)
+STOP_GRACE ?= 60
 
 docker-build:
 	docker build -f docker/Dockerfile -t $(IMAGE) .

@@ -6,8 +6,12 @@ Layout under a run directory:
     run_dir/checkpoints/ckpt-00001200.pt.sha256   "<hex digest>  ckpt-00001200.pt" (sha256sum format)
 
 A checkpoint counts only once its sidecar exists, and both are moved into place with os.replace, so a process
-killed mid-write leaves at most a `.tmp-*` file that is never picked up. What a state holds is the trainer's
-business (glow_dist/training/state.py); this module only stores, verifies and finds it. Only rank 0 saves.
+killed mid-write leaves at most a `.tmp-*` file that is never picked up. The file is written in one pass: its sha256
+is computed from the bytes as they go to the disk (glow_dist/files.py, HashingWriter), never read back, and the zip
+records' own CRC32 is not computed (the sha256 covers every byte; torch.load does not need it).
+
+What a state holds is the trainer's business (glow_dist/training/state.py); this module only stores, verifies and
+finds it. Only rank 0 saves.
 
 Loading never runs code from the file: a checksum proves only that the file is the one its writer meant, and anyone
 who can write a checkpoint can write its sidecar. So it is torch.load(weights_only=True), which builds tensors, numbers,
@@ -16,15 +20,18 @@ arrays (their RNG state), allowed by name (glow_dist/safe_pickle.py) and said on
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import shutil
 import time
 from pathlib import Path
+from threading import Event
 
 import torch
 
-from glow_dist.files import fsync_dir, sha256_file, write_atomic
+from glow_dist.files import fsync_dir, sha256_file, write_atomic, write_hashed
 from glow_dist.safe_pickle import numpy_array_globals
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -34,6 +41,11 @@ EMA_UPDATES_KEY = "ema_updates"   # in a state's "ema" entry: the EMA's update c
 class CheckpointError(RuntimeError):
     """A checkpoint file that is missing, truncated, fails its checksum, is refused as unsafe, lacks an entry or does
     not fit its model; the message names the file and what is wrong."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (the disk is full, an I/O error): its partial file is removed and the
+    previous checkpoints are untouched. Training stops with exit status 74 (EX_IOERR), not a config or input error."""
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -50,22 +62,76 @@ def sidecar(path: str | Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _drill_slow_write() -> None:
+def _drill_slow_write(cancel: Event | None) -> None:
     # Fault drill: GLOW_DIST_INJECT_SLOW_CHECKPOINT=SECONDS holds every write here, its temporary file complete but
-    # not yet renamed, as a multi-GB checkpoint would be; tests kill a stopping job at this point.
+    # not yet renamed, as a multi-GB checkpoint would be; tests kill a stopping job at this point. A write that is
+    # superseded meanwhile (`cancel`) stops holding at once, as a real one would at its next block.
     delay = float(os.environ.get("GLOW_DIST_INJECT_SLOW_CHECKPOINT", "0") or 0)
-    if delay > 0:
+    if delay > 0 and cancel is not None:
+        cancel.wait(delay)
+    elif delay > 0:
         time.sleep(delay)
 
 
-def save_verified(state: dict, path: str | Path) -> Path:
-    """torch.save `state` to `path` atomically, then its sha256 sidecar (hashed from what reached the file)."""
+def state_nbytes(state: object) -> int:
+    """The bytes of every tensor in a (nested) state: about the size of its checkpoint file."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    return 0
+
+
+def _save(state: dict, f: object) -> None:
+    # The zip records' CRC32 is a second pass over every byte; the sha256 computed while writing covers them.
+    from torch.utils.serialization import config
+
+    with config.patch({"save.compute_crc32": False}):
+        torch.save(state, f)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def write_error(path: Path, error: OSError, needed: int, keep: int = 1) -> CheckpointWriteError:
+    """The error for a checkpoint write that failed: where, why, and how much room it needs."""
+    directory = path.parent
+    free = shutil.disk_usage(directory).free if directory.is_dir() else 0
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        room = f"about {_gib(needed)} per checkpoint" + (f", {_gib(needed * (keep + 1))} to write one while "
+                                                        f"keeping {keep} (train.keep_checkpoints)" if keep > 0 else "")
+        return CheckpointWriteError(
+            f"checkpoint {path.name} could not be written: the disk of {directory} is full ({_gib(free)} free; it "
+            f"needs {room}). The partial file was removed and the previous checkpoints are intact. Free space there "
+            "or set train.run_dir to a larger disk, then run the same command again to resume")
+    return CheckpointWriteError(f"checkpoint {path.name} could not be written to {directory}: {error}. The partial "
+                                "file was removed and the previous checkpoints are intact; check the disk, then run "
+                                "the same command again to resume")
+
+
+def save_verified(state: dict, path: str | Path, keep: int = 1, read_back: bool = False,
+                  cancel: Event | None = None) -> Path:
+    """torch.save `state` to `path` atomically, then its sha256 sidecar, hashed from the bytes as they were written
+    (one pass). `read_back`: the file is also read back while it is written and must hash the same (the stop
+    checkpoint; a second pass at the end would cost as much as the write). CheckpointWriteError when the disk
+    refuses it (full, I/O error, a read-back that differs); Superseded when `cancel` is set meanwhile."""
     path = Path(path)
     sidecar(path).unlink(missing_ok=True)  # re-saving: it must not look complete until rewritten
-    write_atomic(path, lambda f: torch.save(state, f), before_rename=_drill_slow_write)
-    digest = sha256_file(path)
-    write_atomic(sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
-    fsync_dir(path.parent)
+    renamed = False
+    try:
+        digest = write_hashed(path, lambda f: _save(state, f), before_rename=lambda: _drill_slow_write(cancel),
+                              read_back=read_back, cancel=cancel)
+        renamed = True
+        write_atomic(sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+        fsync_dir(path.parent)
+    except OSError as e:
+        if renamed:   # in place, but its sidecar could not be written: not a checkpoint
+            sidecar(path).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+        raise write_error(path, e, state_nbytes(state), keep) from e
     return path
 
 
@@ -78,14 +144,16 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int) -> Path:
+def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int, read_back: bool = False,
+                    cancel: Event | None = None) -> Path:
     """Write `state` as checkpoints/ckpt-<step>.pt atomically with its sha256, then keep only the last `keep`.
 
-    `keep <= 0` keeps every checkpoint. Returns the path of the new checkpoint.
+    `keep <= 0` keeps every checkpoint; `read_back` and `cancel` as for save_verified. Returns the path of the new
+    checkpoint.
     """
     path = checkpoint_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_verified(state, path)
+    save_verified(state, path, keep, read_back, cancel)
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             if old != path:  # never the one just written, whatever the step numbers say

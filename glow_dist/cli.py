@@ -50,24 +50,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._module.run(args) or 0)
     except Exception as e:
-        kind = _user_error_kind(e)
-        if kind is None:
+        found = _user_error_kind(e)
+        if found is None:
             raise
-        # A mistake the user can fix: one clear line naming it, no traceback.
+        # A problem the user can fix: one clear line naming it, no traceback.
+        kind, status = found
         print(f"glow-dist {args.command}: {kind} error: {e}", file=sys.stderr)
-        return 2
+        return status
 
 
-def _user_error_kind(error: Exception) -> str | None:
-    from glow_dist.checkpoint import CheckpointError
+EX_IOERR = 74   # sysexits.h: a checkpoint could not be written (disk full, I/O error); distinct from a stop (75)
+
+
+def _user_error_kind(error: Exception) -> tuple[str, int] | None:
+    """(kind, exit status) of an error the user can fix: 2 for wrong input, EX_IOERR when the disk refused a
+    write; None for a bug (the traceback is shown)."""
+    from glow_dist.checkpoint import CheckpointError, CheckpointWriteError
     from glow_dist.config import ConfigError
     from glow_dist.data import DataError
     from glow_dist.inference.latents import LatentError
     from glow_dist.mlflow_auth import TrackingAuthError
 
-    kinds = {ConfigError: "config", CheckpointError: "checkpoint", DataError: "data", LatentError: "input",
-             TrackingAuthError: "tracking"}
-    return next((name for cls, name in kinds.items() if isinstance(error, cls)), None)
+    kinds = {CheckpointWriteError: ("disk", EX_IOERR), ConfigError: ("config", 2), CheckpointError: ("checkpoint", 2),
+             DataError: ("data", 2), LatentError: ("input", 2), TrackingAuthError: ("tracking", 2)}
+    return next((found for cls, found in kinds.items() if isinstance(error, cls)), None)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ class TrainConfig:
     sample_every: int = 500       # sample grids every N steps and at the end (0: only at the end)
     checkpoint_every: int = 200   # and at the end, and on SIGTERM (0: only then)
     keep_checkpoints: int = 3
+    async_checkpoint: bool = True   # write periodic checkpoints in the background (one host copy of the state)
     run_dir: str = "runs/default"
     resume: str = "auto"          # auto | never | path to a checkpoint
     seed: int = 0

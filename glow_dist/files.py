@@ -2,15 +2,27 @@
 
 Checkpoints, the MLflow model's weights, cached attribute directions and data shards all use these, so "written"
 means the same thing everywhere: a temporary file beside the target, flushed and fsynced, then renamed over it.
+
+`HashingWriter` is the one-pass writer of large files (checkpoints): the sha256 is computed from the bytes as they
+are handed to the disk, on this thread, while a helper thread copies the same bytes into the file and asks the
+kernel to start writing them back at once, so hashing, copying and the disk all run at the same time and nothing is
+read back.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from threading import Event
 from typing import BinaryIO
+
+CHUNK = 64 << 20   # the most bytes per OS write (and per writeback request); a larger write is cut into these
+GATHER = 1 << 20   # writes smaller than this (headers, small tensors) are gathered into one block first
 
 
 def sha256_file(path: str | Path) -> str:
@@ -48,4 +60,147 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object],
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sync_file_range() -> Callable[[int, int, int], None]:
+    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range back without waiting for it, so the
+    disk works while the rest is still being produced (the final fsync then waits only for the tail). A no-op where
+    libc lacks it."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return lambda fd, offset, length: None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return lambda fd, offset, length: call(fd, offset, length, 2)   # 2: SYNC_FILE_RANGE_WRITE
+
+
+_start_writeback = _sync_file_range()
+
+
+class Superseded(Exception):
+    """A write given up because a newer file replaces it (set by its `cancel` event); its temporary file is
+    removed."""
+
+
+class HashingWriter:
+    """A write-only file object over `fd` whose sha256 is that of every byte written (`hexdigest()`).
+
+    Small writes (under GATHER) are gathered into one block; larger ones (a tensor's bytes, handed over without a
+    copy) are written in place, in CHUNK-sized blocks. Each block is hashed on the calling thread while a helper
+    thread writes it, and a write returns only once both are done, so the caller may reuse its buffer. An OSError of
+    the OS write (ENOSPC, EIO) is raised from `write` or `flush`; `cancel` set: Superseded at the next block.
+
+    With `read_back`, a third thread reads each block back from the file once it is written and hashes what it read
+    (`read_back_hexdigest()`), one block behind the writer, so a verified file costs no second pass at the end."""
+
+    def __init__(self, fd: int, read_back: bool = False, cancel: Event | None = None) -> None:
+        self.fd, self.written, self.cancel = fd, 0, cancel
+        self.error: OSError | Superseded | None = None   # why a write failed, whatever the caller made of it
+        self._digest = hashlib.sha256()
+        self._pending = bytearray()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="glow-dist-write")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="glow-dist-read-back") if read_back else None
+        self._read_back, self._read_buffer, self._reads = hashlib.sha256(), bytearray(), []
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        if view.nbytes < GATHER:
+            self._pending += view   # at most GATHER bytes: copying small writes is cheaper than a block each
+            if len(self._pending) >= GATHER:
+                self._flush_pending()
+            return view.nbytes
+        self._flush_pending()
+        for start in range(0, view.nbytes, CHUNK):
+            self._emit(view[start:start + CHUNK])
+        return view.nbytes
+
+    def flush(self) -> None:
+        self._flush_pending()
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+    def read_back_hexdigest(self) -> str:
+        for read in self._reads:
+            read.result()   # an OSError of a read is raised here
+        return self._read_back.hexdigest()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            block, self._pending = self._pending, bytearray()
+            self._emit(memoryview(block))
+
+    def _emit(self, view: memoryview) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            self.error = Superseded(f"given up after {self.written} bytes: a newer file replaces it")
+            raise self.error
+        written = self._pool.submit(self._write_all, view, self.written)
+        self._digest.update(view)   # releases the GIL: hashing and the OS write run side by side
+        try:
+            written.result()
+        except OSError as e:
+            self.error = e
+            raise
+        if self._reader is not None:
+            self._reads.append(self._reader.submit(self._hash_back, self.written, view.nbytes))
+        self.written += view.nbytes
+
+    def _hash_back(self, offset: int, length: int) -> None:
+        if len(self._read_buffer) < length:
+            self._read_buffer = bytearray(length)
+        view = memoryview(self._read_buffer)[:length]
+        done = 0
+        while done < length:
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got == 0:
+                raise OSError(errno.EIO, f"the file ended {offset + done} bytes in while reading it back")
+            done += got
+        self._read_back.update(view)
+
+    def _write_all(self, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < view.nbytes:
+            done += os.write(self.fd, view[done:])
+        _start_writeback(self.fd, offset, view.nbytes)
+
+
+def write_hashed(path: str | Path, write: Callable[[HashingWriter], object],
+                 before_rename: Callable[[], None] | None = None, read_back: bool = False,
+                 cancel: Event | None = None) -> str:
+    """write_atomic through a HashingWriter: the bytes are hashed as they are written, fsynced, renamed over
+    `path`. Returns the hex sha256 of the file. `read_back`: the file is also read back as it is written, and an
+    OSError (EIO) raised unless what was read hashes the same. `cancel` set: Superseded, at the next block or
+    before the rename. On any error the temporary file is removed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    writer = HashingWriter(fd, read_back, cancel)
+    try:
+        try:
+            write(writer)
+            writer.flush()
+        finally:
+            writer.close()
+        if read_back and writer.read_back_hexdigest() != writer.hexdigest():
+            raise OSError(errno.EIO, f"{path.name}: the bytes read back from the file differ from those written")
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        if before_rename is not None:
+            before_rename()
+        if cancel is not None and cancel.is_set():
+            raise Superseded(f"{path.name}: given up before its rename, a newer file replaces it")
+        os.replace(tmp, path)
+        return writer.hexdigest()
+    except BaseException as e:
+        if fd >= 0:
+            os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        if writer.error is not None and e is not writer.error:
+            raise writer.error from e   # the OS's reason, not what a serializer wrapped it in
         raise

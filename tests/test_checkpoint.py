@@ -33,8 +33,9 @@ def _state(step: int) -> dict:
     return {"step": step, "weights": torch.full((16,), float(step)), "config": {"model": {"levels": 2}}}
 
 
-def test_save_is_complete_and_checksummed(tmp_path: Path) -> None:
-    path = save_checkpoint(_state(7), tmp_path, step=7, keep=3)
+@pytest.mark.parametrize("read_back", [False, True])   # True: the stop checkpoint, read back as it is written
+def test_save_is_complete_and_checksummed(tmp_path: Path, read_back: bool) -> None:
+    path = save_checkpoint(_state(7), tmp_path, step=7, keep=3, read_back=read_back)
     assert path == checkpoint_dir(tmp_path) / "ckpt-00000007.pt"
     digest, name = Path(str(path) + ".sha256").read_text().split()
     assert (digest, name) == (hashlib.sha256(path.read_bytes()).hexdigest(), path.name)
@@ -42,6 +43,20 @@ def test_save_is_complete_and_checksummed(tmp_path: Path) -> None:
     loaded = load_checkpoint(path)
     assert loaded["step"] == 7 and torch.equal(loaded["weights"], _state(7)["weights"])
     assert loaded["config"] == {"model": {"levels": 2}}
+
+
+def test_large_tensors_are_hashed_as_written(tmp_path: Path) -> None:
+    """Tensors larger than a write block (written in place, in several blocks) and small entries gathered into
+    blocks: the sidecar is the sha256 of the whole file, which loads back exactly."""
+    big = torch.arange(40_000_000, dtype=torch.float32)   # 160 MB: three 64 MiB blocks
+    path = save_checkpoint({"big": big, "small": torch.ones(3), "step": 1}, tmp_path, step=1, keep=1, read_back=True)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    assert Path(str(path) + ".sha256").read_text().split()[0] == digest.hexdigest()
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["big"], big) and loaded["step"] == 1
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path) -> None:

@@ -89,6 +89,14 @@ def state_bytes(cfg: ModelConfig) -> int:
     return STATE_COPIES * 4 * params + sum(b.numel() * b.element_size() for b in model.buffers())
 
 
+def checkpoint_bytes(cfg: ModelConfig) -> int:
+    """Bytes of a checkpoint's tensors: weights and buffers twice (the model and its EMA copy), and two optimizer
+    moments per weight. Rank 0 holds one more copy of them in host memory for asynchronous checkpoints."""
+    model = meta_model(cfg)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 4 * params + 2 * sum(b.numel() * b.element_size() for b in model.buffers())
+
+
 def resolve_memory(asked: str, cfg: ModelConfig, batch: int, capacity: int) -> tuple[str, str]:
     """(memory mode, why) for `runtime.memory`: auto is plain (no recompute) when saved activations plus training
     state at `batch` fit in AUTO_PLAIN_FRACTION of `capacity` bytes (one rank's share of its device), else checkpoint

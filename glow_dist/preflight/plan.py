@@ -28,7 +28,7 @@ from glow_dist.config import Config, ModelConfig, RuntimeConfig
 from glow_dist.data.manifest import MANIFEST, read_manifest, train_batches
 from glow_dist.model import meta_model
 from glow_dist.model.layers import InvConv1x1, InvConv1x1LU
-from glow_dist.model.memory import measure_activations, state_bytes
+from glow_dist.model.memory import checkpoint_bytes, measure_activations, state_bytes
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Plan:
     train_flops_checkpoint: int   # per image, forward + backward + the recomputed forward of every step
     activation_bytes: dict[str, int]  # per rank at train.batch_size, by runtime.memory mode
     state_bytes: int              # per rank: weights, gradients, optimizer moments, EMA, buffers
+    checkpoint_bytes: int         # a checkpoint's tensors; rank 0's host copy for asynchronous checkpoints too
     batch_size: int               # per rank
     global_batch: int
     dataset_size: int | None
@@ -87,7 +88,7 @@ def make_plan(cfg: Config, world_size: int, given_dataset_size: int | None = Non
         invconv_layers=sum(isinstance(m, (InvConv1x1, InvConv1x1LU)) for m in model.modules()),
         forward_flops=forward, train_flops_plain=plain_step, train_flops_checkpoint=checkpoint_step,
         activation_bytes=measure_activations(cfg.model, cfg.train.batch_size),
-        state_bytes=state_bytes(cfg.model),
+        state_bytes=state_bytes(cfg.model), checkpoint_bytes=checkpoint_bytes(cfg.model),
         batch_size=cfg.train.batch_size, global_batch=cfg.train.batch_size * world_size,
         dataset_size=n, dataset_source=source, steps_per_epoch=per_epoch,
         epochs=cfg.train.steps / per_epoch if per_epoch else None,
@@ -124,6 +125,10 @@ def format_plan(plan: Plan, cfg: Config, title: str) -> str:
         ("activations", f"per rank at batch {plan.batch_size}: {activations} "
                         f"(saved for backward; this config: {cfg.runtime.memory})"),
         ("model state", f"per rank: {_bytes(plan.state_bytes)} (weights, grads, 2 optimizer moments, EMA, buffers)"),
+        ("checkpoint", f"{_bytes(plan.checkpoint_bytes)} per file (weights, EMA, 2 optimizer moments); "
+                       + (f"rank 0 holds one more copy in host memory, {_bytes(plan.checkpoint_bytes)}, to write it "
+                          "in the background (train.async_checkpoint)" if cfg.train.async_checkpoint
+                          else "written while training waits (train.async_checkpoint=false)")),
         ("batch", f"{plan.batch_size} per rank x {plan.world_size} ranks = {plan.global_batch} global; "
                   f"ActNorm init {cfg.train.init_batch_size} per rank = {cfg.train.init_batch_size * plan.world_size}"),
         ("data", f"{plan.dataset_size:,} train images ({plan.dataset_source})" if plan.dataset_size is not None

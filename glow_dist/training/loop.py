@@ -104,6 +104,7 @@ class TrainingLoop:
             if not result.skipped:
                 interval.add(bpd, result.grad_norm)
             t.report.step(pos.step)
+            t.checkpoints.poll(t.report)   # a background checkpoint that finished is reported; one that failed raises
             self._periodic(interval)
             if result.stop:  # voted with the skip decision, so every rank stops after the same step
                 return stop.name or "peer-signal"  # the signal reached another rank only
@@ -142,7 +143,7 @@ class TrainingLoop:
         optim.rollback_lr_factor."""
         t = self.t
         before = t.state.position
-        loaded = t.checkpoints.rollback()
+        loaded = t.checkpoints.rollback(t.report)
         restored = loaded.position.resumable(t.train_data.batches_per_epoch)
         restored.lr_scale = before.lr_scale * t.cfg.optim.rollback_lr_factor
         restored.rollbacks, restored.skipped_steps = before.rollbacks + 1, before.skipped_steps
@@ -163,6 +164,7 @@ class TrainingLoop:
         test = t.log_evaluation(pos.step, {"skipped_steps": float(pos.skipped_steps)})
         t.samples(pos.step)
         t.checkpoints.save(pos.step, t.report, t.world)
+        t.checkpoints.wait(t.report)   # the final checkpoint is on disk before the run is reported done
         t.report.results(
             f"final test bits/dim {test['bits_per_dim/test_ema']:.4f} with the EMA weights ({t.state.ema.describe()}), "
             f"{test['bits_per_dim/test_raw']:.4f} with the raw weights, after {pos.step} steps "

@@ -14,6 +14,10 @@ Determinism: data order depends on (seed, epoch), dequantization noise on (seed,
 `train.deterministic=true` a run stopped and resumed from a checkpoint ends with the same weights as one that
 never stopped.
 
+Checkpoints: rank 0 copies the state into host memory at a checkpoint step and a background thread writes it while
+training goes on (`train.async_checkpoint`; checkpoints.py). A write that fails (a full disk) stops the run at the
+next step with CheckpointWriteError, exit status 74.
+
 Reliability: a non-finite loss or gradient on any rank makes every rank skip the step; after
 `train.max_consecutive_skips` in a row, every rank rolls back to the newest good checkpoint with the learning rate
 multiplied by `optim.rollback_lr_factor`.
@@ -87,6 +91,8 @@ class Trainer:
         self.schedule = LearningRate(cfg.optim, self.world)
         self.step = build_train_step(cfg, s.model, s.optimizer, s.ema, device=self.device, rank=self.rank,
                                      faults=self.faults, log=self._log_rank0, warn=self._log_every_rank)
+        if hasattr(self, "checkpoints"):
+            self.checkpoints.wait(self.report)   # the old world's write in flight, before its manager goes
         self.checkpoints = CheckpointManager(cfg, s, main=dist.is_main())
 
     def start(self, run_id: str | None, resumed_from: str | None, fresh: bool, elastic: bool = False) -> None:

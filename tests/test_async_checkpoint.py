@@ -1,0 +1,211 @@
+"""Checkpoints written in the background (train.async_checkpoint), and their faults produced for real: the process
+SIGKILLed while a background write is held on disk, a disk that fills during the write (a small tmpfs mounted by
+the test), a stop signal while a write is in flight, and a write that fails in the background."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, assert_identical, env_with_venv, load_ckpt, train_cmd, wait_for
+
+from glow_dist.checkpoint import (
+    CheckpointWriteError,
+    checkpoint_dir,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    verify_checkpoint,
+)
+from glow_dist.config import load_config
+from glow_dist.model import build_model
+from glow_dist.tracking.reporter import NullReporter
+from glow_dist.training.background import HostSnapshot
+from glow_dist.training.checkpoints import CheckpointManager
+from glow_dist.training.ema import EMA
+from glow_dist.training.optimizer import make_optimizer
+from glow_dist.training.state import TrainingState
+
+# The debug model, one metrics line per step, nothing periodic but checkpoints.
+QUIET = ["train.log_every=1", "train.eval_every=0", "train.sample_every=0", "train.progress=false",
+         "train.threads=1", "train.max_eval_batches=2", "tracking.log_checkpoints=none", "tracking.log_model=false",
+         "data.backend=webdataset", "train.deterministic=true", "train.checkpoint_every=2"]
+
+
+def run(tmp_path: Path, shards: Path, run_dir: Path, *extra: str, env: dict | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, *train_cmd(*QUIET, f"data.root={shards}", f"train.run_dir={run_dir}",
+                                                     f"tracking.local_dir={tmp_path / 'mlflow'}", *extra)],
+                         cwd=REPO, env=env_with_venv(env), capture_output=True, text=True, timeout=300)
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def last_logged_step(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
+
+
+def temporary_files(run_dir: Path) -> list[str]:
+    return [p.name for p in checkpoint_dir(run_dir).iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_background_write_resumes_the_previous_checkpoint(tmp_path, digits_shards):
+    """The write of step 4 is held on disk (complete but not renamed) while training goes on to step 5: SIGKILL
+    there leaves step 2 as the newest checkpoint, and the resumed run ends with the weights of an unbroken one."""
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    run(tmp_path, digits_shards, straight, "train.steps=8")
+    run(tmp_path, digits_shards, crashed, "train.steps=2")
+    previous = list_checkpoints(crashed)[-1]
+    job = subprocess.Popen([sys.executable, *train_cmd(*QUIET, f"data.root={digits_shards}",
+                                                       f"train.run_dir={crashed}", "train.steps=8",
+                                                       f"tracking.local_dir={tmp_path / 'mlflow'}")],
+                           cwd=REPO, env=env_with_venv({"GLOW_DIST_INJECT_SLOW_CHECKPOINT": "600"}),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # Training goes on while the step-4 checkpoint is being written: that is what is killed.
+        wait_for(lambda: last_logged_step(crashed) >= 5 and temporary_files(crashed), 240,
+                 "step 5 trained while the step-4 checkpoint's write is in flight")
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=30)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert list_checkpoints(crashed) == [previous]   # the held write is a .tmp file, never a checkpoint
+    verify_checkpoint(previous)
+    out = run(tmp_path, digits_shards, crashed, "train.steps=8")
+    assert f"resumed from {previous}" in out.stderr, out.stderr[-3000:]
+    resumed, unbroken = load_ckpt(crashed, 8), load_ckpt(straight, 8)
+    assert resumed["position"] == unbroken["position"]
+    assert_identical(unbroken["model"], resumed["model"])
+    assert_identical(unbroken["ema"], resumed["ema"])
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    """A 4 MiB tmpfs mounted for the test (root only): a disk that fills up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; run as root (CI does) to test a full disk")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); a container needs CAP_SYS_ADMIN")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_training_with_a_clear_error_and_exit_74(tmp_path, digits_shards, small_disk):
+    """The disk fills while the step-4 checkpoint is written in the background: the error reaches the training
+    thread, names the directory and the space needed, the partial file is gone, step 2 is intact, exit 74."""
+    run_dir = small_disk / "run"
+    run(tmp_path, digits_shards, run_dir, "train.steps=2")
+    previous = list_checkpoints(run_dir)[-1]
+    size = previous.stat().st_size
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    (small_disk / "filler").write_bytes(b"\0" * (free - size // 2))   # room for half a checkpoint
+    out = run(tmp_path, digits_shards, run_dir, "train.steps=40", check=False)
+    assert out.returncode == 74, out.stderr[-3000:]
+    error = out.stderr.strip().splitlines()[-1]
+    assert error.startswith("glow-dist train: disk error: checkpoint ckpt-00000004.pt could not be written: the "
+                            f"disk of {checkpoint_dir(run_dir)} is full"), error
+    assert "needs about" in error and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert temporary_files(run_dir) == [] and list_checkpoints(run_dir) == [previous]
+    assert load_checkpoint(previous)["position"]["step"] == 2
+    assert last_logged_step(run_dir) < 40   # training stopped instead of going on without checkpoints
+
+
+@pytest.mark.slow
+def test_a_stop_while_a_write_is_in_flight_supersedes_it(tmp_path, digits_shards):
+    """SIGTERM while a periodic checkpoint's write is held: the write in flight when the stop is voted is given up
+    (its temporary file removed; which one depends on when the step votes: step 2's, or step 4's after step 4 waited
+    for step 2's), the stop step's checkpoint is written and verified, and the run exits with train.stop_exit_code."""
+    run_dir = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, *train_cmd(*QUIET, f"data.root={digits_shards}",
+                                                       f"train.run_dir={run_dir}", "train.steps=100000",
+                                                       "train.stop_exit_code=75",
+                                                       f"tracking.local_dir={tmp_path / 'mlflow'}")],
+                           cwd=REPO, env=env_with_venv({"GLOW_DIST_INJECT_SLOW_CHECKPOINT": "10"}),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: checkpoint_dir(run_dir).is_dir() and temporary_files(run_dir), 240,
+                 "the step-2 checkpoint's write in flight")
+        os.killpg(job.pid, signal.SIGTERM)
+        output, _ = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert job.returncode == 75, output[-3000:]
+    newest = list_checkpoints(run_dir)[-1]
+    verify_checkpoint(newest)
+    step = load_checkpoint(newest)["position"]["step"]
+    given_up = re.search(rf"the write of step (\d+) was given up for the stop checkpoint of step {step}\b", output)
+    assert given_up is not None, output[-3000:]
+    assert checkpoint_path(run_dir, int(given_up.group(1))) not in list_checkpoints(run_dir)
+    assert f"stopped by SIGTERM at step {step}; checkpoint {newest}" in output, output[-3000:]
+    assert temporary_files(run_dir) == []
+
+
+def debug_manager(run_dir: Path) -> CheckpointManager:
+    cfg = load_config(REPO / "configs" / "debug.yaml", [f"train.run_dir={run_dir}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    state = TrainingState(cfg, model, make_optimizer(cfg.optim, model), EMA(model, cfg.optim.ema_decay))
+    return CheckpointManager(cfg, state, main=True)
+
+
+def test_a_background_write_error_is_raised_on_the_training_thread(tmp_path):
+    """A write that fails in the background thread (here: its target is a directory) is raised by the next
+    poll/wait on the caller's thread, never lost; the checkpoints before it are intact."""
+    manager = debug_manager(tmp_path)
+    manager.save(2, NullReporter(), world_size=1)
+    manager.wait(NullReporter())
+    (checkpoint_dir(tmp_path) / "ckpt-00000004.pt").mkdir()   # os.replace over a directory fails
+    manager.save(4, NullReporter(), world_size=1)   # returns at once: the write runs in the background
+    expected = f"ckpt-00000004.pt could not be written to {checkpoint_dir(tmp_path)}"
+    with pytest.raises(CheckpointWriteError, match=expected):
+        manager.wait(NullReporter())
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002.pt"]
+    assert temporary_files(tmp_path) == []
+
+
+def test_a_snapshot_is_taken_before_training_changes_the_weights(tmp_path):
+    """The background write holds a copy: weights changed right after save() do not reach the file."""
+    manager = debug_manager(tmp_path)
+    before = {k: v.clone() for k, v in manager.state.model.state_dict().items()}
+    manager.save(2, NullReporter(), world_size=1)
+    with torch.no_grad():
+        for p in manager.state.model.parameters():
+            p.add_(1.0)   # as the next optimizer step would, while the write may still be running
+    manager.wait(NullReporter())
+    assert_identical(before, load_checkpoint(list_checkpoints(tmp_path)[-1])["model"])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_snapshot_reuses_its_host_buffers(device: str) -> None:
+    """One copy per tensor into host buffers (pinned when the state is on a GPU), the same buffers at the next
+    checkpoint, plain values as they are."""
+    snapshot = HostSnapshot()
+    state = {"w": torch.randn(300, 300, device=device), "moments": {"v": torch.randn(7, device=device)}, "step": 3}
+    first = snapshot.take(state)
+    assert first["w"].device.type == "cpu" and first["w"].is_pinned() == (device == "cuda") and first["step"] == 3
+    assert torch.equal(first["w"], state["w"].cpu()) and snapshot.nbytes == (300 * 300 + 7) * 4
+    pointer = first["w"].data_ptr()
+    state["w"].add_(1.0)
+    second = snapshot.take(state)
+    assert second["w"].data_ptr() == pointer and torch.equal(second["w"], state["w"].cpu())
