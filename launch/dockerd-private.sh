@@ -5,6 +5,7 @@
 #   eval "$(launch/dockerd-private.sh env)"    # DOCKER_HOST=unix://... for the docker client (make docker-train)
 #   launch/dockerd-private.sh stop      # SIGTERM by pid, then unmount what it left (netns/default, overlays)
 #   launch/dockerd-private.sh status
+#   launch/dockerd-private.sh sock      # the socket's path (the Makefile uses it when DOCKER_HOST is unset)
 #
 # Everything lives under $GLOW_DIST_DOCKER_ROOT (default ~/.cache/glow-dist/docker): data/ (images, layer cache, kept
 # between starts), exec/, dockerd.pid, dockerd.sock, dockerd.log. The tests use their own root
@@ -102,8 +103,9 @@ case ${1:-} in
     start) start ;;
     stop) stop ;;
     env) echo "export DOCKER_HOST=unix://$SOCK" ;;
+    sock) echo "$SOCK" ;;
     status)
         if pid=$(running_pid); then echo "dockerd-private: running (pid $pid, DOCKER_HOST=unix://$SOCK)"
         else echo "dockerd-private: not running (start it: $0 start)"; exit 3; fi ;;
-    *) echo "usage: $0 start|stop|env|status   (root: $ROOT)" >&2; exit 2 ;;
+    *) echo "usage: $0 start|stop|env|sock|status   (root: $ROOT)" >&2; exit 2 ;;
 esac
