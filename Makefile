@@ -171,6 +171,10 @@ RANKS := $(if $(filter cpu,$(FLAVOUR)),$(NP),$(GPUS))
 # Runs of `make docker-train` get their own run directory (unless RUN_DIR is given), and log to the same MLflow store
 # and experiment as `make train`: the checkout's mlflow/, mounted at the same path (the store records absolute paths).
 DOCKER_RUN_DIR := $(if $(filter file,$(origin RUN_DIR)),runs/digits-docker,$(RUN_DIR))
+MLFLOW_DIR ?= mlflow
+MLFLOW_STORE := $(abspath $(MLFLOW_DIR))
+# More `docker run` options for the training container, e.g. DOCKER_RUN_ARGS="-e NCCL_DEBUG=INFO".
+DOCKER_RUN_ARGS ?=
 # The private engine of launch/dockerd-private.sh, when no other is configured (no DOCKER_HOST, no system socket).
 ifeq ($(origin DOCKER_HOST)$(wildcard /var/run/docker.sock),undefined)
 PRIVATE_DOCKER_SOCK := $(shell bash launch/dockerd-private.sh sock)
@@ -211,18 +215,18 @@ docker-build: docker-check $(if $(filter cpu,$(FLAVOUR)),$(CPU_WHEELHOUSE)/requi
 # calling user. The digits are prepared in the container when DATA has none.
 docker-train: docker-build
 	@[ "$(RANKS)" -ge 1 ] 2>/dev/null || { echo "docker-train: no GPU found; set GPUS=N (or FLAVOUR=cpu NP=N)" >&2; exit 2; }
-	mkdir -p $(DOCKER_RUN_DIR) $(DATA) mlflow
+	mkdir -p $(DOCKER_RUN_DIR) $(DATA) $(MLFLOW_STORE)
 	[ -f $(DATA)/manifest.json ] || docker run --rm --network host --user $$(id -u):$$(id -g) -e HOME=/tmp \
 		-v $(abspath $(DATA)):/data $(IMAGE) glow-dist prepare digits --out /data
 	docker run --rm --name $(CONTAINER) $(if $(filter gpu,$(FLAVOUR)),--gpus all --ulimit memlock=-1) \
 		--network host --ipc host --stop-timeout $(STOP_GRACE) --user $$(id -u):$$(id -g) -e HOME=/tmp \
-		-v $(abspath $(DATA)):/data:ro -v $(abspath $(DOCKER_RUN_DIR)):/runs -v $(CURDIR)/mlflow:$(CURDIR)/mlflow \
-		-v $(CURDIR)/configs:/workspace/glow-dist/configs:ro \
+		-v $(abspath $(DATA)):/data:ro -v $(abspath $(DOCKER_RUN_DIR)):/runs -v $(MLFLOW_STORE):$(MLFLOW_STORE) \
+		-v $(CURDIR)/configs:/workspace/glow-dist/configs:ro $(DOCKER_RUN_ARGS) \
 		$(IMAGE) glow-dist-horovodrun -np $(RANKS) -H localhost:$(RANKS) --gloo \
 		glow-dist train --config $(CONFIG) data.root=/data train.run_dir=/runs \
-		tracking.uri=$(TRACKING_URI) tracking.local_dir=$(CURDIR)/mlflow $(TRAIN_ARGS)
+		tracking.uri=$(TRACKING_URI) tracking.local_dir=$(MLFLOW_STORE) $(TRAIN_ARGS)
 	docker run --rm $(if $(filter gpu,$(FLAVOUR)),--gpus all) --network host --user $$(id -u):$$(id -g) -e HOME=/tmp \
-		-v $(abspath $(DATA)):/data:ro -v $(abspath $(DOCKER_RUN_DIR)):/runs -v $(CURDIR)/mlflow:$(CURDIR)/mlflow \
+		-v $(abspath $(DATA)):/data:ro -v $(abspath $(DOCKER_RUN_DIR)):/runs -v $(MLFLOW_STORE):$(MLFLOW_STORE) \
 		$(IMAGE) glow-dist evaluate --checkpoint /runs --baseline
 	@echo "Review the run in MLflow: make mlflow-ui, then open http://127.0.0.1:$(MLFLOW_PORT)"
 
