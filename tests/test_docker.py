@@ -193,3 +193,34 @@ def test_docker_kill_during_the_stop_checkpoint_resumes_the_previous_one(cpu_ima
     resumed = make(docker_train(cpu_image, tmp_path, digits_shards, "run", *QUIET, "train.steps=6"), cpu_image)
     assert "resumed from /runs/checkpoints/ckpt-00000004.pt" in resumed, resumed[-3000:]
     assert load_checkpoint(list_checkpoints(run_dir)[-1])["position"]["step"] == 6
+
+
+def build_cpu(env: dict, context: Path, *args: str) -> subprocess.CompletedProcess:
+    """docker build of the CPU flavour as `make docker-build` runs it (so the apt layer comes from the cache)."""
+    return subprocess.run(["docker", "build", "--network", "host", "-f", str(REPO / "docker" / "Dockerfile"),
+                           "--build-arg", "BASE_IMAGE=debian-local:bookworm", "--build-arg",
+                           "WHEELHOUSE=wheelhouse/cpu", *args, "-t", "glow-dist:refused", str(context)],
+                          env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_the_build_names_a_missing_wheel_and_a_wheelhouse_of_the_wrong_flavour(cpu_image, tmp_path):
+    wrong = build_cpu(cpu_image, REPO, "--build-arg", "FLAVOUR=gpu")  # a CPU torch cannot make the GPU image
+    assert wrong.returncode != 0
+    assert "docker: wheelhouse/cpu holds torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl, a cpu build; " \
+           "FLAVOUR=gpu needs a wheelhouse of its own" in wrong.stdout, wrong.stdout[-3000:]
+    # The same context with the Horovod wheel missing from the wheelhouse (hard links: no copy of a GB of wheels).
+    context = tmp_path / "context"
+    for name in ("docker", "launch", "glow_dist", "configs", "pyproject.toml", "README.md", ".dockerignore"):
+        src = REPO / name
+        shutil.copytree(src, context / name) if src.is_dir() else shutil.copy(src, context / name)
+    house = context / "wheelhouse" / "cpu"
+    house.mkdir(parents=True)
+    for wheel in (REPO / "wheelhouse" / "cpu").iterdir():
+        if not wheel.name.startswith("horovod-"):
+            os.link(wheel, house / wheel.name)
+    missing = build_cpu(cpu_image, context, "--build-arg", "FLAVOUR=cpu")
+    assert missing.returncode != 0
+    # (the legacy builder streams a step's stdout and stderr alike to the client's stdout)
+    assert "No matching distribution found for horovod==0.28.1" in missing.stdout, missing.stdout[-3000:]
+    assert "docker: a wheel is missing from wheelhouse/cpu" in missing.stdout
+
