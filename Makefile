@@ -206,9 +206,12 @@ $(CPU_WHEELHOUSE)/requirements.txt:
 		bash launch/wheelhouse.sh $(CPU_WHEELHOUSE) cpu $(PYTHON)
 
 # Host network for RUN steps: engines without a bridge (the private one) have no other.
+# DOCKER_TARGET=build stops at the build stage (the venv before the project; tagging it keeps its layer cache alive
+# through `docker image prune`, which tests/test_docker.py runs).
 docker-build: docker-check $(if $(filter cpu,$(FLAVOUR)),$(CPU_WHEELHOUSE)/requirements.txt)
 	$(if $(filter cpu,$(FLAVOUR)),docker image inspect $(DOCKER_BASE) >/dev/null 2>&1 || bash launch/docker-base.sh $(DOCKER_BASE))
-	docker build --network host -f docker/Dockerfile $(DOCKER_BUILD_ARGS) -t $(IMAGE) .
+	docker build --network host -f docker/Dockerfile $(DOCKER_BUILD_ARGS) $(if $(DOCKER_TARGET),--target $(DOCKER_TARGET)) \
+		-t $(IMAGE) .
 
 # Host network: NCCL, Gloo and the tracking server as on the host. Configs are mounted, so edits need no rebuild;
 # without TRACKING_URI runs go to the checkout's mlflow/ store, as `make train`'s do. Files are written as the

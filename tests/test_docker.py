@@ -56,9 +56,12 @@ def docker_env() -> Iterator[dict]:
 @pytest.fixture(scope="module")
 def cpu_image(docker_env: dict) -> dict:
     """`make docker-build` of the CPU flavour: wheelhouse/cpu and the debootstrap base are made first if missing."""
-    out = subprocess.run(["make", "--no-print-directory", "docker-build", "GPUS=0", "IMAGE=glow-dist:cpu-test"],
-                         cwd=REPO, env=env_with_venv(docker_env), capture_output=True, text=True, timeout=2400)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    # The build stage is tagged too, so that pruning the images older builds left (GBs each) keeps its cache.
+    for args in (["IMAGE=glow-dist:cpu-test"], ["IMAGE=glow-dist:cpu-test-build", "DOCKER_TARGET=build"]):
+        out = subprocess.run(["make", "--no-print-directory", "docker-build", "GPUS=0", *args], cwd=REPO,
+                             env=env_with_venv(docker_env), capture_output=True, text=True, timeout=2400)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    docker(docker_env, "image", "prune", "--force")
     return docker_env
 
 
