@@ -32,6 +32,10 @@ help:
 	@echo "make lint       ruff over the package, tests, benchmarks and launch scripts; the layering (import-linter)"
 	@echo "make mlflow-ui  MLflow UI on the local store (http://127.0.0.1:$(MLFLOW_PORT))"
 	@echo "make bench      benchmark suite; prints tables (see BENCHMARKS.md)"
+	@echo "make docker-train  train in the image (GPU flavour on GPU machines; else CPU: digits, $(NP) ranks, built offline)"
+	@echo "make docker-daemon / docker-daemon-stop  a private dockerd (root, no systemd: launch/dockerd-private.sh)"
+	@echo "make docker-base  a Debian base image by debootstrap, where no registry can be reached"
+	@echo "make test-docker  the Docker suite (own dockerd, CPU image, training and stops in containers)"
 	@echo "make bench-quality  test bits/dim (EMA and raw) on natural-image patches at 200/400/800 steps"
 
 # WHEELHOUSE=dir (from `make wheelhouse`): install everything from that folder, with no network at all.
@@ -151,31 +155,97 @@ bench-quality: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	nice -n 10 $(PY) bench/bench_quality.py --ema-study $(BENCH_ARGS)
 
-# GPU machines: the image of docker/Dockerfile, and a training run in it on all local GPUs.
+# Docker (README, Docker): docker/Dockerfile in two flavours, gpu where `nvidia-smi` finds GPUs, else cpu.
+# GPU machines:
 # make docker-train CONFIG=configs/celeba_hq_256.yaml DATA=/data/celeba_hq_256 RUN_DIR=/runs/celeba GPUS=8 \
 #     TRACKING_URI=http://mlflow-host:5000
-IMAGE ?= glow-dist:latest
-CONFIG ?= configs/digits.yaml
+# A CPU machine: make docker-train trains the digits with $(NP) Gloo ranks in one container of the CPU image, which
+# is built first (offline, from wheelhouse/cpu, on a debootstrap base made here) when missing or out of date.
 GPUS ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
+FLAVOUR ?= $(if $(filter-out 0,$(strip $(GPUS))),gpu,cpu)
+IMAGE ?= $(if $(filter cpu,$(FLAVOUR)),glow-dist:cpu,glow-dist:latest)
+CONFIG ?= configs/digits.yaml
 TRACKING_URI ?= $(MLFLOW_TRACKING_URI)
 # `docker stop` waits this long before SIGKILL: twice bench/bench_stop.py's stop budget, 24 s, rounded up to 30 s
 # (docker's default, 10 s, is less than a checkpoint takes; README, Grace periods)
 STOP_GRACE ?= 60
+CONTAINER ?= glow-dist-train
+# The CPU image: a base image with Python 3.10+ (made by `make docker-base` where none can be pulled) and a wheelhouse
+# for its Python (bookworm: 3.11; built with the host's $(PYTHON), which must be the same version).
+DOCKER_BASE ?= debian-local:bookworm
+CPU_WHEELHOUSE ?= wheelhouse/cpu
+DOCKER_BUILD_ARGS ?= $(if $(filter cpu,$(FLAVOUR)),--build-arg FLAVOUR=cpu --build-arg BASE_IMAGE=$(DOCKER_BASE) \
+	--build-arg WHEELHOUSE=$(CPU_WHEELHOUSE))
+# Ranks in the container: every GPU, or NP CPU processes.
+RANKS := $(if $(filter cpu,$(FLAVOUR)),$(NP),$(GPUS))
+# Runs of `make docker-train` get their own run directory (unless RUN_DIR is given), and log to the same MLflow store
+# and experiment as `make train`: the checkout's mlflow/, mounted at the same path (the store records absolute paths).
+DOCKER_RUN_DIR := $(if $(filter file,$(origin RUN_DIR)),runs/digits-docker,$(RUN_DIR))
+MLFLOW_DIR ?= mlflow
+MLFLOW_STORE := $(abspath $(MLFLOW_DIR))
+# More `docker run` options for the training container, e.g. DOCKER_RUN_ARGS="-e NCCL_DEBUG=INFO".
+DOCKER_RUN_ARGS ?=
+# The private engine of launch/dockerd-private.sh, when no other is configured (no DOCKER_HOST, no system socket).
+ifeq ($(origin DOCKER_HOST)$(wildcard /var/run/docker.sock),undefined)
+PRIVATE_DOCKER_SOCK := $(shell bash launch/dockerd-private.sh sock)
+ifneq ($(wildcard $(PRIVATE_DOCKER_SOCK)),)
+export DOCKER_HOST := unix://$(PRIVATE_DOCKER_SOCK)
+endif
+endif
 
-docker-build:
-	docker build -f docker/Dockerfile -t $(IMAGE) .
+.PHONY: docker-check docker-daemon docker-daemon-stop docker-base test-docker
+docker-check:
+	@docker version >/dev/null 2>&1 || { echo "docker: no Docker daemon reachable ($${DOCKER_HOST:-/var/run/docker.sock})." \
+		"Start one: systemctl start docker; or, as root without systemd: make docker-daemon" \
+		"(launch/dockerd-private.sh start; the Makefile then finds its socket)" >&2; exit 2; }
 
-# Host network: NCCL and the tracking server as on the host. Configs are mounted, so edits need no rebuild;
-# without TRACKING_URI runs go to a sqlite store inside RUN_DIR. Files are written as the calling user.
-docker-train:
-	@[ "$(GPUS)" -ge 1 ] 2>/dev/null || { echo "docker-train: no GPU found; set GPUS=N" >&2; exit 2; }
-	mkdir -p $(RUN_DIR)
-	docker run --rm --gpus all --network host --ipc host --ulimit memlock=-1 --stop-timeout $(STOP_GRACE) \
-		--user $$(id -u):$$(id -g) -e HOME=/tmp \
-		-v $(abspath $(DATA)):/data:ro -v $(abspath $(RUN_DIR)):/runs -v $(CURDIR)/configs:/workspace/glow-dist/configs:ro \
-		$(IMAGE) glow-dist-horovodrun -np $(GPUS) -H localhost:$(GPUS) --gloo \
+docker-daemon:
+	bash launch/dockerd-private.sh start
+
+docker-daemon-stop:
+	bash launch/dockerd-private.sh stop
+
+# A Debian bookworm base from the machine's apt mirror (debootstrap), for machines that cannot pull images.
+docker-base: docker-check
+	bash launch/docker-base.sh $(DOCKER_BASE)
+
+# torch from PyTorch's CPU index where that name resolves; else from pip's configured indexes (an unreachable index
+# would cost pip's retries on every package; the wheelhouse script refuses a torch that is not a CPU build).
+$(CPU_WHEELHOUSE)/requirements.txt:
+	TORCH_INDEX=$$(getent hosts download.pytorch.org >/dev/null && echo https://download.pytorch.org/whl/cpu) \
+		bash launch/wheelhouse.sh $(CPU_WHEELHOUSE) cpu $(PYTHON)
+
+# Host network for RUN steps: engines without a bridge (the private one) have no other.
+# DOCKER_TARGET=build stops at the build stage (the venv before the project; tagging it keeps its layer cache alive
+# through `docker image prune`, which tests/test_docker.py runs).
+docker-build: docker-check $(if $(filter cpu,$(FLAVOUR)),$(CPU_WHEELHOUSE)/requirements.txt)
+	$(if $(filter cpu,$(FLAVOUR)),docker image inspect $(DOCKER_BASE) >/dev/null 2>&1 || bash launch/docker-base.sh $(DOCKER_BASE))
+	docker build --network host -f docker/Dockerfile $(DOCKER_BUILD_ARGS) $(if $(DOCKER_TARGET),--target $(DOCKER_TARGET)) \
+		-t $(IMAGE) .
+
+# Host network: NCCL, Gloo and the tracking server as on the host. Configs are mounted, so edits need no rebuild;
+# without TRACKING_URI runs go to the checkout's mlflow/ store, as `make train`'s do. Files are written as the
+# calling user. The digits are prepared in the container when DATA has none.
+docker-train: docker-build
+	@[ "$(RANKS)" -ge 1 ] 2>/dev/null || { echo "docker-train: no GPU found; set GPUS=N (or FLAVOUR=cpu NP=N)" >&2; exit 2; }
+	mkdir -p $(DOCKER_RUN_DIR) $(DATA) $(MLFLOW_STORE)
+	[ -f $(DATA)/manifest.json ] || docker run --rm --network host --user $$(id -u):$$(id -g) -e HOME=/tmp \
+		-v $(abspath $(DATA)):/data $(IMAGE) glow-dist prepare digits --out /data
+	docker run --rm --name $(CONTAINER) $(if $(filter gpu,$(FLAVOUR)),--gpus all --ulimit memlock=-1) \
+		--network host --ipc host --stop-timeout $(STOP_GRACE) --user $$(id -u):$$(id -g) -e HOME=/tmp \
+		-v $(abspath $(DATA)):/data:ro -v $(abspath $(DOCKER_RUN_DIR)):/runs -v $(MLFLOW_STORE):$(MLFLOW_STORE) \
+		-v $(CURDIR)/configs:/workspace/glow-dist/configs:ro $(DOCKER_RUN_ARGS) \
+		$(IMAGE) glow-dist-horovodrun -np $(RANKS) -H localhost:$(RANKS) --gloo \
 		glow-dist train --config $(CONFIG) data.root=/data train.run_dir=/runs \
-		tracking.uri=$(TRACKING_URI) tracking.local_dir=/runs/mlflow $(TRAIN_ARGS)
+		tracking.uri=$(TRACKING_URI) tracking.local_dir=$(MLFLOW_STORE) $(TRAIN_ARGS)
+	docker run --rm $(if $(filter gpu,$(FLAVOUR)),--gpus all) --network host --user $$(id -u):$$(id -g) -e HOME=/tmp \
+		-v $(abspath $(DATA)):/data:ro -v $(abspath $(DOCKER_RUN_DIR)):/runs -v $(MLFLOW_STORE):$(MLFLOW_STORE) \
+		$(IMAGE) glow-dist evaluate --checkpoint /runs --baseline
+	@echo "Review the run in MLflow: make mlflow-ui, then open http://127.0.0.1:$(MLFLOW_PORT)"
+
+# The Docker suite (tests/test_docker.py, marker docker): its own private dockerd, the CPU image, training, stops.
+test-docker: $(STAMP) $(HVD_STAMP)
+	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m docker tests/test_docker.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

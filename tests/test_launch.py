@@ -4,6 +4,7 @@ the Kubernetes manifests are consistent, and the MLflow server script serves a r
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -44,9 +45,10 @@ def test_dockerfile_builds_the_gpu_stack_and_copies_only_what_exists():
                if line.strip() and not line.startswith("#")]
     assert {".venv", ".git", "data", "runs"} <= set(ignored)  # the context stays small
     for line in text.splitlines():
-        if line.startswith("COPY "):
+        if line.startswith("COPY ") and not line.startswith("COPY --from="):  # --from: another stage, not the context
             *sources, _ = line.split()[1:]
             for src in sources:
+                src = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", src)  # ${WHEELHOUSE:-docker/no-wheelhouse}: the default
                 assert (REPO / src).exists(), f"COPY {src}: missing from the build context"
                 assert src.split("/")[0] not in ignored, f"COPY {src}: excluded by .dockerignore"
 
@@ -62,7 +64,7 @@ def test_make_docker_train_expands_to_horovodrun_in_the_container(tmp_path):
     commands = make_n("docker-train", "GPUS=8", "CONFIG=configs/celeba_hq_256.yaml", "DATA=/data/celeba_hq_256",
                       f"RUN_DIR={tmp_path / 'run'}", "TRACKING_URI=http://mlflow-host:5000", "IMAGE=glow-dist:test",
                       "TRAIN_ARGS=train.steps=10")
-    (docker,) = [c for c in commands if c[:2] == ["docker", "run"]]
+    (docker,) = [c for c in commands if c[:2] == ["docker", "run"] and "glow-dist-horovodrun" in c]
     i = docker.index("glow-dist:test")
     options, inside = docker[2:i], docker[i + 1:]
     assert "--gpus" in options and options[options.index("--gpus") + 1] == "all"
@@ -73,13 +75,32 @@ def test_make_docker_train_expands_to_horovodrun_in_the_container(tmp_path):
     assert inside[7:10] == ["train", "--config", "configs/celeba_hq_256.yaml"]
     assert {"data.root=/data", "train.run_dir=/runs", "tracking.uri=http://mlflow-host:5000",
             "train.steps=10"} <= set(inside)
-    assert make_n("docker-build", "IMAGE=glow-dist:test") == [
-        ["docker", "build", "-f", "docker/Dockerfile", "-t", "glow-dist:test", "."]]
+    # The GPU image is the default build where there are GPUs: no flavour arguments, the Dockerfile's defaults.
+    assert make_n("docker-build", "GPUS=8", "IMAGE=glow-dist:test")[-1] == [
+        "docker", "build", "--network", "host", "-f", "docker/Dockerfile", "-t", "glow-dist:test", "."]
 
 
-def test_make_docker_train_without_gpus_says_so():
-    out = sh("make", "--no-print-directory", "docker-train", "GPUS=0", check=False)
-    assert out.returncode != 0 and "no GPU found; set GPUS=N" in out.stderr
+def test_make_docker_train_without_gpus_builds_and_runs_the_cpu_image(tmp_path):
+    """No GPU: the CPU flavour from the wheelhouse on the local base, NP ranks, the checkout's MLflow store."""
+    commands = make_n("docker-train", "GPUS=0", f"DATA={tmp_path / 'data'}")
+    (build,) = [c for c in commands if c[:2] == ["docker", "build"]]
+    assert build == ["docker", "build", "--network", "host", "-f", "docker/Dockerfile", "--build-arg",
+                            "FLAVOUR=cpu", "--build-arg", "BASE_IMAGE=debian-local:bookworm", "--build-arg",
+                            "WHEELHOUSE=wheelhouse/cpu", "-t", "glow-dist:cpu", "."]
+    (docker,) = [c for c in commands if c[:2] == ["docker", "run"] and "glow-dist-horovodrun" in c]
+    i = docker.index("glow-dist:cpu")
+    options, inside = docker[2:i], docker[i + 1:]
+    assert "--gpus" not in options and inside[:6] == ["glow-dist-horovodrun", "-np", "2", "-H", "localhost:2", "--gloo"]
+    mounts = [options[j + 1] for j, o in enumerate(options) if o == "-v"]
+    assert f"{REPO}/mlflow:{REPO}/mlflow" in mounts and f"{REPO}/runs/digits-docker:/runs" in mounts
+    assert f"tracking.local_dir={REPO}/mlflow" in inside and "configs/digits.yaml" in inside
+
+
+def test_make_docker_train_without_a_daemon_says_how_to_start_one(tmp_path):
+    out = sh("make", "--no-print-directory", "docker-train", "GPUS=0", f"DOCKER_HOST=unix://{tmp_path}/none.sock",
+             check=False)
+    assert out.returncode != 0 and f"no Docker daemon reachable (unix://{tmp_path}/none.sock)" in out.stderr
+    assert "make docker-daemon" in out.stderr
 
 
 @pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
