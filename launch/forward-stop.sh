@@ -23,7 +23,7 @@ ranks() {  # this script's descendants with HOROVOD_RANK in their environment: t
         p=$pid
         while [[ $p != "$$" && $p != 1 && -n ${parent[$p]:-} ]]; do p=${parent[$p]}; done
         [[ $p == "$$" && $pid != "$$" ]] || continue
-        tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -q '^HOROVOD_RANK=' && echo "$pid"
+        tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep '^HOROVOD_RANK=' >/dev/null && echo "$pid"
     done
 }
 

@@ -71,7 +71,7 @@ if [ "$FLAVOUR" = cu12 ] && [ "${GLOW_DIST_HOROVOD_GPU:-auto}" != cpu ] &&
     found=
     for c in "${HOROVOD_CUDA_HOME:-}" "${CUDA_HOME:-}" "$(dirname "$(dirname "$(command -v nvcc || echo /x/x)")")" \
              /usr/local/cuda; do
-        if [ -n "$c" ] && "$c/bin/nvcc" --version 2>/dev/null | grep -q 'release 12\.'; then found=$c; break; fi
+        if [ -n "$c" ] && "$c/bin/nvcc" --version 2>/dev/null | grep 'release 12\.' >/dev/null; then found=$c; break; fi
     done
     [ -n "$found" ] || {
         echo "wheelhouse: cu12 needs a CUDA 12 toolkit to build Horovod with NCCL (PyPI's nvidia-cuda-nvcc-cu12 has" \
