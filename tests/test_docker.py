@@ -35,6 +35,11 @@ def docker_env() -> Iterator[dict]:
     """A private dockerd for this module; the environment that reaches it."""
     if os.geteuid() != 0:
         pytest.skip("the private dockerd needs root (launch/dockerd-private.sh)")
+    # Debian's engine and debootstrap (for the base image), installed where missing, as the Slurm tests install theirs
+    need = subprocess.run(["bash", str(REPO / "launch" / "netns-hosts.sh"), "need", "-", "/usr/sbin/dockerd:docker.io",
+                           "/usr/sbin/debootstrap:debootstrap"], capture_output=True, text=True, timeout=900)
+    if need.returncode != 0:
+        pytest.skip(f"Docker's engine is missing and cannot be installed here: {need.stderr.strip()[-500:]}")
     if shutil.which("dockerd") is None or shutil.which("docker") is None:
         pytest.skip("no dockerd or docker client on PATH: apt-get install -y docker.io")
     env = {**os.environ, "GLOW_DIST_DOCKER_ROOT": str(DOCKER_ROOT)}
