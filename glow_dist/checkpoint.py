@@ -25,7 +25,6 @@ import os
 import pickle
 import re
 import shutil
-import time
 from pathlib import Path
 from threading import Event
 
@@ -67,10 +66,8 @@ def _drill_slow_write(cancel: Event | None) -> None:
     # not yet renamed, as a multi-GB checkpoint would be; tests kill a stopping job at this point. A write that is
     # superseded meanwhile (`cancel`) stops holding at once, as a real one would at its next block.
     delay = float(os.environ.get("GLOW_DIST_INJECT_SLOW_CHECKPOINT", "0") or 0)
-    if delay > 0 and cancel is not None:
-        cancel.wait(delay)
-    elif delay > 0:
-        time.sleep(delay)
+    if delay > 0:
+        (cancel or Event()).wait(delay)
 
 
 def state_nbytes(state: object) -> int:

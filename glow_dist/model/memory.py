@@ -82,19 +82,23 @@ def measure_activations(cfg: ModelConfig, batch: int) -> dict[str, int]:
             "invertible": sum({**outside, **chain_outputs}.values()) + one_step}
 
 
+def _weight_and_buffer_bytes(cfg: ModelConfig) -> tuple[int, int]:
+    model = meta_model(cfg)
+    return (sum(p.numel() * p.element_size() for p in model.parameters()),
+            sum(b.numel() * b.element_size() for b in model.buffers()))
+
+
 def state_bytes(cfg: ModelConfig) -> int:
     """Bytes of a training rank's model state: weights, gradients, optimizer moments, EMA copy, buffers."""
-    model = meta_model(cfg)
-    params = sum(p.numel() for p in model.parameters())
-    return STATE_COPIES * 4 * params + sum(b.numel() * b.element_size() for b in model.buffers())
+    weights, buffers = _weight_and_buffer_bytes(cfg)
+    return STATE_COPIES * weights + buffers
 
 
 def checkpoint_bytes(cfg: ModelConfig) -> int:
     """Bytes of a checkpoint's tensors: weights and buffers twice (the model and its EMA copy), and two optimizer
     moments per weight. Rank 0 holds one more copy of them in host memory for asynchronous checkpoints."""
-    model = meta_model(cfg)
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return 4 * params + 2 * sum(b.numel() * b.element_size() for b in model.buffers())
+    weights, buffers = _weight_and_buffer_bytes(cfg)
+    return 4 * weights + 2 * buffers
 
 
 def resolve_memory(asked: str, cfg: ModelConfig, batch: int, capacity: int) -> tuple[str, str]:

@@ -77,6 +77,7 @@ class Trainer:
         self.evaluator = Evaluator(cfg, model, self.state.ema)
         self.faults = injected_faults()
         self.report = NullReporter()
+        self.checkpoints: CheckpointManager | None = None   # per world: adopt_world makes it
         self.adopt_world()
 
     def adopt_world(self) -> None:
@@ -91,7 +92,7 @@ class Trainer:
         self.schedule = LearningRate(cfg.optim, self.world)
         self.step = build_train_step(cfg, s.model, s.optimizer, s.ema, device=self.device, rank=self.rank,
                                      faults=self.faults, log=self._log_rank0, warn=self._log_every_rank)
-        if hasattr(self, "checkpoints"):
+        if self.checkpoints is not None:
             self.checkpoints.wait(self.report)   # the old world's write in flight, before its manager goes
         self.checkpoints = CheckpointManager(cfg, s, main=dist.is_main())
 
