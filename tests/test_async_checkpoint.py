@@ -139,13 +139,16 @@ def test_a_stop_while_a_write_is_in_flight_supersedes_it(tmp_path, digits_shards
                                                        f"train.run_dir={run_dir}", "train.steps=100000",
                                                        "train.stop_exit_code=75",
                                                        f"tracking.local_dir={tmp_path / 'mlflow'}")],
-                           cwd=REPO, env=env_with_venv({"GLOW_DIST_INJECT_SLOW_CHECKPOINT": "10"}),
+                           # every write held 30 s: long enough that the stop, voted a step later, finds the
+                           # periodic one still in flight on a loaded machine (10 s was not always); a superseded
+                           # write stops holding at once, the stop checkpoint's own write is held too
+                           cwd=REPO, env=env_with_venv({"GLOW_DIST_INJECT_SLOW_CHECKPOINT": "30"}),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_for(lambda: checkpoint_dir(run_dir).is_dir() and temporary_files(run_dir), 240,
                  "the step-2 checkpoint's write in flight")
         os.killpg(job.pid, signal.SIGTERM)
-        output, _ = job.communicate(timeout=120)
+        output, _ = job.communicate(timeout=240)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
