@@ -105,7 +105,7 @@ class TrainingLoop:
                 interval.add(bpd, result.grad_norm)
             t.report.step(pos.step)
             t.checkpoints.poll(t.report)   # a background checkpoint that finished is reported; one that failed raises
-            self._periodic(interval)
+            self._periodic(interval, stopping=result.stop)
             if result.stop:  # voted with the skip decision, so every rank stops after the same step
                 return stop.name or "peer-signal"  # the signal reached another rank only
             if 0 < t.cfg.train.max_consecutive_skips <= pos.consecutive_skips:
@@ -117,7 +117,10 @@ class TrainingLoop:
                 return None
         return None
 
-    def _periodic(self, interval: Interval) -> None:
+    def _periodic(self, interval: Interval, stopping: bool = False) -> None:
+        """Logging, evaluation, samples and the periodic checkpoint due after this step. On a step that voted a stop
+        the periodic checkpoint is left to the stop checkpoint, which supersedes a write in flight instead of waiting
+        for it (a slow disk would otherwise spend the scheduler's grace on a checkpoint about to be replaced)."""
         t, cfg = self.t, self.t.cfg.train
         pos = t.state.position
         if pos.step % cfg.log_every == 0:
@@ -135,7 +138,7 @@ class TrainingLoop:
             t.log_evaluation(pos.step)
         if due(cfg.sample_every):
             t.samples(pos.step)
-        if due(cfg.checkpoint_every) and pos.consecutive_skips == 0:
+        if due(cfg.checkpoint_every) and pos.consecutive_skips == 0 and not stopping:
             t.checkpoints.save(pos.step, t.report, t.world)
 
     def _rollback(self) -> None:
