@@ -21,8 +21,9 @@ from PIL import Image
 
 from glow_dist.config import Config, flatten
 from glow_dist.tracking import outbox
-from glow_dist.tracking.client import Tracker, checkpoints_to_keep, make_tracker
+from glow_dist.tracking.client import Tracker, make_tracker
 from glow_dist.tracking.reporter import NullReporter, make_reporter
+from glow_dist.tracking.uploads import checkpoints_to_keep
 
 SERVER_START_TIMEOUT_S = 120   # a cold start runs the sqlite migrations; slow on a busy 2-core machine
 
@@ -348,6 +349,95 @@ def test_checkpoint_rotation_in_mlflow_survives_a_resume(mlflow_server: str, tmp
     second.finish()
     expected = sorted(n for s in kept for n in (f"ckpt-{s:08d}.pt", f"ckpt-{s:08d}.pt.sha256"))
     assert _uploaded(mlflow_server, first.run_id) == expected
+
+
+def _uploads_cfg(tmp_path: Path, uri: str, *extra: str) -> Config:
+    from glow_dist.config import load_config
+
+    return load_config(None, [f"tracking.uri={uri}", f"train.run_dir={tmp_path / 'run'}",
+                              f"tracking.local_dir={tmp_path / 'mlflow'}", "tracking.system_metrics=false", *extra])
+
+
+@pytest.mark.slow
+def test_checkpoint_uploads_leave_training_alone_and_the_end_of_a_run_waits_for_them(
+        mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upload held 15 s (as a multi-GB one to a remote server would take) is not in MLflow when log_checkpoint
+    returns: the training thread went on. finish() waits for it, and the rotation (policy last) leaves the newest."""
+    monkeypatch.setenv("GLOW_DIST_INJECT_SLOW_UPLOAD", "15")
+    paths = _fake_checkpoints(tmp_path / "run", [1, 2])
+    tracker = make_tracker(_uploads_cfg(tmp_path, mlflow_server))
+    tracker.log_checkpoint(paths[0], 1)
+    assert _uploaded(mlflow_server, tracker.run_id) == []   # still held on the upload thread
+    tracker.log_checkpoint(paths[1], 2)
+    tracker.finish()
+    assert _uploaded(mlflow_server, tracker.run_id) == ["ckpt-00000002.pt", "ckpt-00000002.pt.sha256"]
+
+
+@pytest.mark.slow
+def test_a_stop_does_not_wait_for_checkpoint_uploads(mlflow_server: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capfd: pytest.CaptureFixture) -> None:
+    """A stop signal's run end (the Reporter after stopped()) leaves a held upload: the grace period is for the stop
+    checkpoint. The run ends KILLED at once and says which checkpoint was not uploaded and where it is."""
+    monkeypatch.setenv("GLOW_DIST_INJECT_SLOW_UPLOAD", "300")
+    path = _fake_checkpoints(tmp_path / "run", [4])[0]
+    cfg = _uploads_cfg(tmp_path, mlflow_server, "train.progress=false")
+    report = make_reporter(cfg, main=True, run_id=None, world_size=1, start_step=0)
+    report.checkpoint_saved(path, {"position": {"step": 4}})
+    report.stopped("SIGTERM", 5, None)
+    report.finish("KILLED")
+    assert MlflowClient(mlflow_server).get_run(report.run_id).info.status == "KILLED"
+    assert _uploaded(mlflow_server, report.run_id) == []
+    err = capfd.readouterr().err
+    assert "checkpoint(s) of step 4 not uploaded to MLflow (the run stopped first)" in err, err
+    assert str(tmp_path / "run") in err
+
+
+@pytest.mark.slow
+def test_a_checkpoint_upload_is_retried_when_the_server_comes_back(mlflow_server: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capfd: pytest.CaptureFixture) -> None:
+    from glow_dist.tracking import uploads
+
+    monkeypatch.setattr(uploads, "FIRST_RETRY_S", 0.5)   # retry soon, so the test need not wait 30 s
+    paths = _fake_checkpoints(tmp_path / "run", [1, 2])
+    relay = Relay(mlflow_server)
+    relay.open()
+    try:
+        tracker = make_tracker(_uploads_cfg(tmp_path, relay.uri, "tracking.log_checkpoints=all"))
+        tracker.log_checkpoint(paths[0], 1)   # uploaded while the server is there
+        deadline = time.monotonic() + 60
+        while _uploaded(mlflow_server, tracker.run_id) != ["ckpt-00000001.pt", "ckpt-00000001.pt.sha256"]:
+            assert time.monotonic() < deadline, "the first checkpoint was never uploaded"
+            time.sleep(0.2)
+        relay.close()
+        tracker.log_checkpoint(paths[1], 2)
+        err = wait_for_text(capfd, "checkpoint ckpt-00000002.pt could not be uploaded", 60)
+        assert err is not None, "no warning while the server was away"
+        assert "retrying in the background while training goes on" in err
+        relay.open()
+        deadline = time.monotonic() + 60
+        while "ckpt-00000002.pt.sha256" not in _uploaded(mlflow_server, tracker.run_id):
+            assert time.monotonic() < deadline, "the upload was not retried once the server came back"
+            time.sleep(0.2)
+        tracker.finish()
+        assert "[tracking] checkpoint ckpt-00000002.pt uploaded" in capfd.readouterr().out
+    finally:
+        relay.close()
+    both = [f"ckpt-0000000{step}.pt{suffix}" for step in (1, 2) for suffix in ("", ".sha256")]
+    assert _uploaded(mlflow_server, tracker.run_id) == both   # policy all, train.keep_checkpoints 3
+
+
+def wait_for_text(capfd: pytest.CaptureFixture, text: str, timeout: float) -> str | None:
+    """Standard error captured so far, once it contains `text` (None after `timeout` seconds without it)."""
+    seen, deadline = "", time.monotonic() + timeout
+    while True:
+        seen += capfd.readouterr().err
+        if text in seen:
+            return seen
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
 
 
 # ---- run description and names ----------------------------------------------------------------------------------

@@ -25,13 +25,14 @@ Checkpoints in MLflow (`tracking.log_checkpoints`), after every upload the older
            (`true`, the old boolean spelling, means this; `false` means none)
   every_n  each is uploaded; MLflow keeps those of steps that are multiples of `tracking.log_checkpoints_every`
            (milestones) plus the newest
+Uploads run on a thread of their own (glow_dist/tracking/uploads.py): training does not wait for them, the end of a
+run does (a stop does not: the checkpoints are in the run's folder).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 import warnings
@@ -45,24 +46,10 @@ from glow_dist.config import Config, dump_yaml, tracking_store
 from glow_dist.mlflow_auth import refusal, refused_status
 from glow_dist.tracking.metadata import default_run_name, source_tags, split_count, with_evaluation
 from glow_dist.tracking.outbox import MAX_BUFFERED_METRICS, Outbox, warn
+from glow_dist.tracking.uploads import CheckpointUploads, rotate_checkpoints
 
 _PARAM_VALUE_LEN = 6000   # MLflow's limit on a param's value (mlflow/utils/validation.py): longer ones are cut
-_CHECKPOINT_ARTIFACT = re.compile(r"^checkpoints/ckpt-(\d{8})\.pt$")
 RUN_VIEW = "?workflowType=machine_learning"   # MLflow 3's UI opens runs in its GenAI view unless told otherwise
-
-
-def checkpoints_to_keep(steps: list[int], policy: str, every: int = 0, keep: int = 0) -> set[int]:
-    """Of the checkpoint steps uploaded to a run, those `tracking.log_checkpoints` keeps (see the module doc)."""
-    if not steps or policy == "none":
-        return set()
-    newest = max(steps)
-    if policy == "last":
-        return {newest}
-    if policy == "all":
-        return set(sorted(steps)[-keep:]) if keep > 0 else set(steps)
-    if policy == "every_n":
-        return {s for s in steps if every > 0 and s % every == 0} | {newest}
-    raise ValueError(f"tracking.log_checkpoints={policy!r}: expected none, last, all or every_n")
 
 
 def log_evaluation(cfg: Config, run_id: str | None, step: int, metrics: dict[str, float],
@@ -116,6 +103,7 @@ class Tracker:
         if local is not None:
             local.mkdir(parents=True, exist_ok=True)   # everything of the local store stays in tracking.local_dir
         self._dropped_warned = False
+        self._uploads: CheckpointUploads | None = None   # started with the first checkpoint upload
         self._outbox = Outbox(cfg.tracking, uri, (local / "artifacts").as_uri() if local else None, run_id,
                               cfg.tracking.run_name or run_name, {**source_tags(), **(tags or {})}, self.metrics_file)
         self._outbox.flush(force=True)
@@ -198,33 +186,36 @@ class Tracker:
 
         self.call(f"image {key} step {step}", upload, staged)
 
-    def log_checkpoint(self, path: str | Path, step: int | None = None) -> None:
+    def log_checkpoint(self, path: str | Path, step: int) -> None:
         """Upload a checkpoint and its checksum under `checkpoints/`, then delete the uploaded checkpoints that
-        `tracking.log_checkpoints` no longer keeps."""
+        `tracking.log_checkpoints` no longer keeps: on the upload thread (glow_dist/tracking/uploads.py), so that
+        training goes on meanwhile; with everything else, in order, while the run is not on the server yet."""
         if self._cfg.log_checkpoints == "none":
+            return
+        path = Path(path).resolve()
+        if self._uploads is None and self._outbox.ready and self._outbox.online:
+            try:
+                repo = self._artifact_repository()
+            except Exception as e:   # the server went away just now: the Outbox's way below, retried with the rest
+                warn(f"the run's artifact store could not be found ({str(e).splitlines()[0][:300]})")
+            else:
+                self._uploads = CheckpointUploads(repo, self._cfg.log_checkpoints, self._cfg.log_checkpoints_every,
+                                                  self._keep_checkpoints)
+        if self._uploads is not None:
+            self._uploads.put(path, step)
             return
         self.log_artifact(path, "checkpoints")
         sidecar = Path(str(path) + ".sha256")
         if sidecar.exists():
             self.log_artifact(sidecar, "checkpoints")
-        self.call("checkpoint rotation", self._rotate_checkpoints)
+        self.call("checkpoint rotation", lambda: rotate_checkpoints(
+            self._artifact_repository(), self._cfg.log_checkpoints, self._cfg.log_checkpoints_every,
+            self._keep_checkpoints))
 
-    def _rotate_checkpoints(self) -> None:
-        # Read the run's checkpoint list from MLflow itself, so checkpoints uploaded before a resume rotate too.
-        names = [a.path for a in self.client.list_artifacts(self.run_id, "checkpoints")]
-        steps = {int(m.group(1)): p for p in names if (m := _CHECKPOINT_ARTIFACT.match(p))}
-        keep = checkpoints_to_keep(list(steps), self._cfg.log_checkpoints, self._cfg.log_checkpoints_every,
-                                   self._keep_checkpoints)
-        stale = [p for s, p in steps.items() if s not in keep]
-        if not stale:
-            return
+    def _artifact_repository(self) -> Any:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        repo = get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri, tracking_uri=self.uri)
-        for path in stale:
-            for name in (path + ".sha256", path):   # sidecar first, as the local rotation does
-                if name == path or name in names:
-                    repo.delete_artifacts(name)
+        return get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri, tracking_uri=self.uri)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._outbox.tags.update({k: str(v) for k, v in tags.items()})
@@ -243,8 +234,17 @@ class Tracker:
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         self.call(f"dataset {dataset.name}", lambda: self.client.log_inputs(self.run_id, datasets=[entity]))
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """Send what is left (one last try) and close the run with FINISHED, FAILED or KILLED."""
+    def finish(self, status: str = "FINISHED", wait_for_uploads: bool = True) -> None:
+        """Send what is left (one last try) and close the run with FINISHED, FAILED or KILLED. Checkpoint uploads
+        still queued are finished first, unless `wait_for_uploads` is false (a stop: the scheduler's grace is for
+        the stop checkpoint; they are all in the run's checkpoint folder)."""
+        if self._uploads is not None:
+            left = self._uploads.close(wait=wait_for_uploads)
+            if left:
+                warn(f"checkpoint(s) of step {', '.join(map(str, left))} not uploaded to MLflow (the run "
+                     f"{'stopped' if not wait_for_uploads else 'ended'} first); they are in {self._staging.parent}"
+                     "/checkpoints while train.keep_checkpoints keeps them")
+            self._uploads = None
         self._outbox.close(status)
 
     def url(self) -> str:

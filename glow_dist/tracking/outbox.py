@@ -37,7 +37,7 @@ def warn(message: str) -> None:
     print(f"[tracking] WARNING: {message}", file=sys.stderr, flush=True)
 
 
-def _is_transient(error: Exception) -> bool:
+def is_transient(error: Exception) -> bool:
     from mlflow.exceptions import MlflowException
 
     return not isinstance(error, MlflowException) or error.error_code in _TRANSIENT_CODES
@@ -127,7 +127,7 @@ class Outbox:
                 action = f"open the run in experiment {self.cfg.experiment!r}"
                 raise TrackingAuthError(f"{refusal(self.uri, status, action)}. Training did not start; `glow-dist "
                                         "doctor` checks the credentials") from None
-            if status != 401 and not _is_transient(e) and self.ready:
+            if status != 401 and not is_transient(e) and self.ready:
                 warn(f"MLflow rejected {what} ({e}); dropped it (metrics.jsonl still has every metric)")
                 return True   # retrying cannot help; move on to the rest of the buffer
             if (self.online or self._next_retry == 0.0) and status:

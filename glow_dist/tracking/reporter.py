@@ -111,6 +111,7 @@ class Reporter(NullReporter):
         self._final_state: dict | None = None                  # the newest checkpoint's EMA weights and config
         self._decoders: dict[int, Decoder] = {}               # id(model) -> its sample-grid decoder
         self._decode_tagged: dict[str, str] = {}              # the decode-mode tags set last
+        self._stopped = False                                  # a stop signal ended the run
 
     def for_rank(self, main: bool, cfg: Config, run_id: str | None, world_size: int,
                  start_step: int) -> NullReporter:
@@ -210,7 +211,9 @@ class Reporter(NullReporter):
         self._final_state.update(mlflow_run_id=self.run_id, source_checkpoint=path.name)
 
     def stopped(self, reason: str, step: int, checkpoint: Path | None, seconds: float | None = None) -> None:
-        """A stop signal ended the run at `step`: the stop.* tags, and a line saying how to resume."""
+        """A stop signal ended the run at `step`: the stop.* tags, and a line saying how to resume. The run's end
+        then does not wait for checkpoint uploads still queued (the scheduler's grace is for the stop checkpoint)."""
+        self._stopped = True
         self.tracker.set_tags({"stop.reason": reason, "stop.step": str(step),
                                "stop.checkpoint": str(checkpoint) if checkpoint else "none"})
         if checkpoint is not None:
@@ -260,4 +263,4 @@ class Reporter(NullReporter):
             lines += self._log_model()
         if lines and self._note:
             self.tracker.set_tags({NOTE_TAG: metadata.with_results(self._note, lines)})
-        self.tracker.finish(status)
+        self.tracker.finish(status, wait_for_uploads=not self._stopped)
