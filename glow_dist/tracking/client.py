@@ -195,7 +195,7 @@ class Tracker:
         path = Path(path).resolve()
         if self._uploads is None and self._outbox.ready and self._outbox.online:
             try:
-                repo = self._artifact_repository()
+                repo = self.artifact_repository()
             except Exception as e:   # the server went away just now: the Outbox's way below, retried with the rest
                 warn(f"the run's artifact store could not be found ({str(e).splitlines()[0][:300]})")
             else:
@@ -209,10 +209,10 @@ class Tracker:
         if sidecar.exists():
             self.log_artifact(sidecar, "checkpoints")
         self.call("checkpoint rotation", lambda: rotate_checkpoints(
-            self._artifact_repository(), self._cfg.log_checkpoints, self._cfg.log_checkpoints_every,
+            self.artifact_repository(), self._cfg.log_checkpoints, self._cfg.log_checkpoints_every,
             self._keep_checkpoints))
 
-    def _artifact_repository(self) -> Any:
+    def artifact_repository(self) -> Any:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         return get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri, tracking_uri=self.uri)
