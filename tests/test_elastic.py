@@ -7,6 +7,7 @@ discovery script (launch/discover_hosts.sh) reads them from a file. Horovod blac
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -18,6 +19,8 @@ import pytest
 import torch
 from helpers import BIN, REPO, assert_identical, env_with_venv, train_cmd, wait_for
 from mlflow.tracking import MlflowClient
+
+from glow_dist.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
 
 HOSTS = ("localhost", "127.0.0.1")
 ELASTIC_CHECK = REPO / "tests" / "scripts" / "elastic_check.py"
@@ -133,3 +136,54 @@ def test_killed_worker_job_continues_then_worker_rejoins(tmp_path, digits_shards
     (run,) = client.search_runs([client.get_experiment_by_name("glow-dist-debug").experiment_id])
     history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "world_size"))
     assert [w for _, w in history] == [2.0, 1.0, 2.0]
+
+
+@pytest.mark.slow
+def test_a_stop_signal_ends_an_elastic_job_with_a_checkpoint_and_it_resumes(tmp_path, digits_shards):
+    """`glow-dist train dist.elastic=true` under glow-dist-horovodrun's elastic launch (as launch/celeba_hq_256.sh
+    runs it with HOST_DISCOVERY, and the sbatch script with ELASTIC=1), SIGTERM to the job's process group (`timeout`,
+    scancel): both ranks stop after the same step, rank 0 writes a verified checkpoint, the launcher exits with
+    train.stop_exit_code (not a restart of the "failed" workers), and the same command resumes from that step."""
+    run_dir, hosts_file = tmp_path / "run", tmp_path / "hosts.txt"
+    hosts_file.write_text("".join(f"{h}:1\n" for h in HOSTS))
+    elastic_cmd(tmp_path, [])   # the same skips
+    overrides = [f"data.root={digits_shards}", f"train.run_dir={run_dir}", f"tracking.local_dir={tmp_path / 'ml'}",
+                 "train.log_every=2", "train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=0",
+                 "train.progress=false", "train.threads=1", "train.max_eval_batches=2", "dist.commit_every=5",
+                 "tracking.log_checkpoints=none", "dist.elastic=true"]
+
+    def launch(*extra: str) -> list[str]:
+        return [str(BIN / "glow-dist-horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2",
+                "--host-discovery-script", str(REPO / "launch" / "discover_hosts.sh"), "--gloo",
+                sys.executable, *train_cmd(*overrides, *extra)]
+
+    env = env_with_venv({"GLOW_DIST_HOSTS_FILE": str(hosts_file)})
+    log = tmp_path / "stop.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen(launch("train.steps=1000000", "train.stop_exit_code=75"), cwd=REPO, stdout=out,
+                               stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: len(records(run_dir / "metrics.jsonl")) >= 4, 180, "steps on 2 workers", log)
+        os.killpg(job.pid, signal.SIGTERM)
+        job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait(timeout=30)
+    output = log.read_text()
+    assert job.returncode == 75, output[-3000:]
+    (path,) = list_checkpoints(run_dir)
+    verify_checkpoint(path)
+    step = load_checkpoint(path)["position"]["step"]
+    assert f"stopped by SIGTERM at step {step}; checkpoint {path} saved and verified" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'ml' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("glow-dist-debug").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["stop.step"] == str(step)
+
+    resumed = subprocess.run(launch(f"train.steps={step + 3}"), cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert f"resumed from {path}" in resumed.stdout + resumed.stderr
+    final = load_checkpoint(list_checkpoints(run_dir)[-1])
+    assert final["position"]["step"] == step + 3 and final["mlflow_run_id"] == run.info.run_id
