@@ -361,9 +361,9 @@ def _uploads_cfg(tmp_path: Path, uri: str, *extra: str) -> Config:
 @pytest.mark.slow
 def test_checkpoint_uploads_leave_training_alone_and_the_end_of_a_run_waits_for_them(
         mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An upload held 15 s (as a multi-GB one to a remote server would take) is not in MLflow when log_checkpoint
+    """An upload held 10 s (as a multi-GB one to a remote server would take) is not in MLflow when log_checkpoint
     returns: the training thread went on. finish() waits for it, and the rotation (policy last) leaves the newest."""
-    monkeypatch.setenv("GLOW_DIST_INJECT_SLOW_UPLOAD", "15")
+    monkeypatch.setenv("GLOW_DIST_INJECT_SLOW_UPLOAD", "10")
     paths = _fake_checkpoints(tmp_path / "run", [1, 2])
     tracker = make_tracker(_uploads_cfg(tmp_path, mlflow_server))
     tracker.log_checkpoint(paths[0], 1)
