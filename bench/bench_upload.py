@@ -6,12 +6,14 @@ upload thread (glow_dist/tracking/uploads.py); prints a table.
     .venv/bin/python bench/bench_upload.py --gib 1 --repeats 5 --dir /shared/runs
 
 A real `mlflow server` on 127.0.0.1 (sqlite backend, proxied artifacts under the same directory, one worker) takes
-the uploads, as a team's tracking server does; a remote server adds its network. Each repetition, on one file of
-random bytes and its sidecar:
+the uploads, as a team's tracking server does; a remote server adds its network. Each repetition, on files of random
+bytes and their sidecars (written and synced to disk first, as a finished checkpoint is):
 - sync: the whole upload on the calling thread through the run's artifact repository (the checkpoint, its sidecar
-  and the rotation of `checkpoints/`: what `Tracker.log_checkpoint` did before), i.e. the training stall;
-- async: `Tracker.log_checkpoint` returning (the training stall now), and then how long the upload took to land
-  (`Tracker.finish` waits for it, as the end of a run does).
+  and the rotation of `checkpoints/`, which deletes the previous one: what `Tracker.log_checkpoint` did before),
+  i.e. the training stall then;
+- async: `Tracker.log_checkpoint` returning (the training stall now), and how long until the upload and its rotation
+  have landed and the run is closed (`Tracker.finish` waits for them, as the end of a run does): time the upload
+  thread works while training goes on.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from glow_dist.config import load_config
 from glow_dist.tracking.client import make_tracker
@@ -70,7 +73,15 @@ def make_checkpoint(folder: Path, step: int, nbytes: int) -> Path:
             f.write(block)
         f.write(block[: nbytes % len(block)])
     (folder / f"{path.name}.sha256").write_text(f"{'0' * 64}  {path.name}\n")
+    os.sync()   # each upload starts with the disk's writeback idle, not behind this file's dirty pages
     return path
+
+
+def upload(repo: Any, path: Path) -> None:
+    """What Tracker.log_checkpoint did on the training thread before: the checkpoint, its sidecar, the rotation."""
+    repo.log_artifact(str(path), "checkpoints")
+    repo.log_artifact(str(path) + ".sha256", "checkpoints")
+    rotate_checkpoints(repo, "last", 0, 1)
 
 
 def main() -> None:
@@ -94,24 +105,23 @@ def main() -> None:
         for i in range(args.repeats):
             tracker = make_tracker(cfg)
             repo = tracker.artifact_repository()
-            first = make_checkpoint(work / "run" / "checkpoints", 10 * i + 1, nbytes)
+            folder = work / "run" / "checkpoints"
+            seed, before, now = (make_checkpoint(folder, 10 * i + k, nbytes) for k in (1, 2, 3))
+            upload(repo, seed)   # so that both measured uploads also rotate one checkpoint away, as in a run
             t0 = time.perf_counter()
-            repo.log_artifact(str(first), "checkpoints")
-            repo.log_artifact(str(first) + ".sha256", "checkpoints")
-            rotate_checkpoints(repo, "last", 0, 1)
+            upload(repo, before)
             sync = time.perf_counter() - t0
-            second = make_checkpoint(work / "run" / "checkpoints", 10 * i + 2, nbytes)
             t0 = time.perf_counter()
-            tracker.log_checkpoint(second, 10 * i + 2)
+            tracker.log_checkpoint(now, 10 * i + 3)
             stall = time.perf_counter() - t0
             tracker.finish()
             landed = time.perf_counter() - t0
             names = [f.path for f in repo.list_artifacts("checkpoints")]
-            assert names == [f"checkpoints/{second.name}", f"checkpoints/{second.name}.sha256"], names
+            assert names == [f"checkpoints/{now.name}", f"checkpoints/{now.name}.sha256"], names
             rows.append((sync, stall, landed))
             print(f"repeat {i + 1}: sync {sync:.2f} s; async stall {stall:.3f} s, landed after {landed:.2f} s",
                   flush=True)
-            for path in (first, second):
+            for path in (seed, before, now):
                 path.unlink()
                 Path(str(path) + ".sha256").unlink()
     finally:
