@@ -135,17 +135,19 @@ def test_a_stop_while_a_write_is_in_flight_supersedes_it(tmp_path, digits_shards
     (its temporary file removed), the stop step's checkpoint is written and verified, and the run exits with
     train.stop_exit_code. Which write is given up depends on when the signal lands: step 2's; or, if the signal
     lands while step 4 waits for step 2's write, step 4's. A stop voted at step 4 itself (a checkpoint step) skips
-    step 4's periodic checkpoint and gives up step 2's write: it used to wait 30 s for it, start step 4's write and
+    step 4's periodic checkpoint and gives up step 2's write: it used to wait for it, start step 4's write and
     then find its own write done, giving nothing up (seen in CI on a loaded machine)."""
     run_dir = tmp_path / "run"
     job = subprocess.Popen([sys.executable, *train_cmd(*QUIET, f"data.root={digits_shards}",
                                                        f"train.run_dir={run_dir}", "train.steps=100000",
                                                        "train.stop_exit_code=75",
                                                        f"tracking.local_dir={tmp_path / 'mlflow'}")],
-                           # every write held 30 s: long enough that the stop, voted a step later, finds the
-                           # periodic one still in flight on a loaded machine (10 s was not always); a superseded
-                           # write stops holding at once, the stop checkpoint's own write is held too
-                           cwd=REPO, env=env_with_venv({"GLOW_DIST_INJECT_SLOW_CHECKPOINT": "30"}),
+                           # every write held 10 s. A periodic write is then in flight almost all the time (each
+                           # checkpoint step waits for the previous write and starts its own at once), so whenever
+                           # the stop is voted one is given up; a superseded write stops holding at once, the stop
+                           # checkpoint's own write is held too. (Holding longer did not help against the bug
+                           # above: CI failed with 30 s.)
+                           cwd=REPO, env=env_with_venv({"GLOW_DIST_INJECT_SLOW_CHECKPOINT": "10"}),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_for(lambda: checkpoint_dir(run_dir).is_dir() and temporary_files(run_dir), 240,
