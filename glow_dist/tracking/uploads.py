@@ -106,9 +106,9 @@ class CheckpointUploads:
             with self._cond:
                 self._current = None
 
-    def _give_up_waiting(self) -> bool:
-        """A retry wait ends early: the run ends, or (policy last) a newer checkpoint replaces this one."""
-        return self._final or (self.policy == "last" and bool(self._pending))
+    def _newer_queued(self) -> bool:
+        """Under `last`, a newer checkpoint waits: the one in hand need not (or no longer) be uploaded."""
+        return self.policy == "last" and bool(self._pending)
 
     def _upload(self, path: Path, step: int) -> None:
         if self._drill_s > 0:
@@ -116,7 +116,7 @@ class CheckpointUploads:
                 self._cond.wait_for(lambda: self._abandon, timeout=self._drill_s)
         delay = FIRST_RETRY_S
         while True:
-            if self._abandon or (self.policy == "last" and self._pending):
+            if self._abandon or self._newer_queued():
                 return   # a stop, or a newer checkpoint to upload instead
             if not path.exists():
                 return   # rotated away locally before its turn: a newer checkpoint follows
@@ -139,5 +139,5 @@ class CheckpointUploads:
                     warn(f"checkpoint {path.name} could not be uploaded ({str(e).splitlines()[0][:300]}); retrying "
                          "in the background while training goes on")
             with self._cond:
-                self._cond.wait_for(self._give_up_waiting, timeout=delay)
+                self._cond.wait_for(lambda: self._final or self._newer_queued(), timeout=delay)   # retry early
             delay = min(delay * 2, MAX_RETRY_S)
