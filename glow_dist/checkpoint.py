@@ -5,8 +5,14 @@ Layout under a run directory:
     run_dir/checkpoints/ckpt-00001200.pt          torch.save of a state dict
     run_dir/checkpoints/ckpt-00001200.pt.sha256   "<hex digest>  ckpt-00001200.pt" (sha256sum format)
 
-A checkpoint counts only once its sidecar exists, and both are moved into place with os.replace, so a process
-killed mid-write leaves at most a `.tmp-*` file that is never picked up. The file is written in one pass: its sha256
+A checkpoint counts only when its file matches a digest its sidecar records. Both are moved into place with
+os.replace, the sidecar first: a process killed mid-write leaves at most a `.tmp-*` file that is never picked up (and
+that the next training start removes: glow_dist/training/checkpoint_folder.py). Re-saving a step that already has a
+checkpoint (a finished job run again, an elastic reset, a resume from an older file) never leaves the step without
+one: the sidecar first lists the old file's digest and the new one's, then the new file replaces the old in one
+rename, then the sidecar is cut to the new digest; whenever the process dies, the file in place matches a line of its
+sidecar (`sha256sum -c` reports the other line of such a two-line sidecar as failed; the next start trims it).
+The file is written in one pass: its sha256
 is computed from the bytes as they go to the disk (glow_dist/files.py, HashingWriter), never read back, and the zip
 records' own CRC32 is not computed (the sha256 covers every byte; torch.load does not need it).
 
@@ -20,6 +26,7 @@ arrays (their RNG state), allowed by name (glow_dist/safe_pickle.py) and said on
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -30,7 +37,7 @@ from threading import Event
 
 import torch
 
-from glow_dist.files import fsync_dir, sha256_file, write_atomic, write_hashed
+from glow_dist.files import Superseded, fsync_dir, sha256_file, write_atomic, write_hashed
 from glow_dist.safe_pickle import numpy_array_globals
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -63,7 +70,8 @@ def sidecar(path: str | Path) -> Path:
 
 def _drill_slow_write(cancel: Event | None) -> None:
     # Fault drill: GLOW_DIST_INJECT_SLOW_CHECKPOINT=SECONDS holds every write here, its temporary file complete but
-    # not yet renamed, as a multi-GB checkpoint would be; tests kill a stopping job at this point. A write that is
+    # not yet renamed (its sidecar already lists it, and the old file's digest on a re-save), as a multi-GB
+    # checkpoint would be; tests kill a stopping job at this point. A write that is
     # superseded meanwhile (`cancel`) stops holding at once, as a real one would at its next block.
     delay = float(os.environ.get("GLOW_DIST_INJECT_SLOW_CHECKPOINT", "0") or 0)
     if delay > 0:
@@ -89,7 +97,7 @@ def _save(state: dict, f: object) -> None:
         torch.save(state, f)
 
 
-def _gib(n: float) -> str:
+def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
@@ -98,10 +106,10 @@ def write_error(path: Path, error: OSError, needed: int, keep: int = 1) -> Check
     directory = path.parent
     free = shutil.disk_usage(directory).free if directory.is_dir() else 0
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        room = f"about {_gib(needed)} per checkpoint" + (f", {_gib(needed * (keep + 1))} to write one while "
+        room = f"about {gib(needed)} per checkpoint" + (f", {gib(needed * (keep + 1))} to write one while "
                                                         f"keeping {keep} (train.keep_checkpoints)" if keep > 0 else "")
         return CheckpointWriteError(
-            f"checkpoint {path.name} could not be written: the disk of {directory} is full ({_gib(free)} free; it "
+            f"checkpoint {path.name} could not be written: the disk of {directory} is full ({gib(free)} free; it "
             f"needs {room}). The partial file was removed and the previous checkpoints are intact. Free space there "
             "or set train.run_dir to a larger disk, then run the same command again to resume")
     return CheckpointWriteError(f"checkpoint {path.name} could not be written to {directory}: {error}. The partial "
@@ -109,26 +117,64 @@ def write_error(path: Path, error: OSError, needed: int, keep: int = 1) -> Check
                                 "the same command again to resume")
 
 
+def recorded_digests(path: str | Path) -> list[str]:
+    """The digests a checkpoint's sidecar records: one, or two in the middle of a re-save (old, new); [] without
+    a sidecar."""
+    try:
+        lines = sidecar(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [line.split()[0] for line in lines if line.split()]
+
+
+def _write_sidecar(path: Path, digests: list[str]) -> None:
+    write_atomic(sidecar(path), lambda f: f.write("".join(f"{d}  {path.name}\n" for d in digests).encode()))
+    fsync_dir(path.parent)
+
+
 def save_verified(state: dict, path: str | Path, keep: int = 1, read_back: bool = False,
                   cancel: Event | None = None) -> Path:
-    """torch.save `state` to `path` atomically, then its sha256 sidecar, hashed from the bytes as they were written
-    (one pass). `read_back`: the file is also read back while it is written and must hash the same (the stop
-    checkpoint; a second pass at the end would cost as much as the write). CheckpointWriteError when the disk
-    refuses it (full, I/O error, a read-back that differs); Superseded when `cancel` is set meanwhile."""
+    """torch.save `state` to `path` atomically with its sha256 sidecar, hashed from the bytes as they were written
+    (one pass). An existing checkpoint at `path` stays one until the new file replaces it (the module doc).
+    `read_back`: the file is also read back from the disk while it is written and must hash the same (the stop
+    checkpoint). CheckpointWriteError when the disk refuses it (full, I/O error, a read-back that differs);
+    Superseded when `cancel` is set meanwhile. Either way the file at `path`, if any, is as it was."""
     path = Path(path)
-    sidecar(path).unlink(missing_ok=True)  # re-saving: it must not look complete until rewritten
-    renamed = False
+    previous = recorded_digests(path) if path.is_file() else []   # what the file in place may match
+    if path.is_file() and not previous:
+        path.unlink()   # never completed (no sidecar): not a checkpoint, and it must not meet the new sidecar
+    switched = False
+
+    def switch(digest: str) -> None:   # the new file is complete and fsynced, not yet renamed
+        nonlocal switched
+        switched = True
+        _write_sidecar(path, [*dict.fromkeys([*previous, digest])])   # the old file and the new one both verify
+        _drill_slow_write(cancel)
+        if cancel is not None and cancel.is_set():
+            raise Superseded(f"{path.name}: given up before its rename, a newer file replaces it")
+
     try:
-        digest = write_hashed(path, lambda f: _save(state, f), before_rename=lambda: _drill_slow_write(cancel),
-                              read_back=read_back, cancel=cancel)
-        renamed = True
-        write_atomic(sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
-        fsync_dir(path.parent)
-    except OSError as e:
-        if renamed:   # in place, but its sidecar could not be written: not a checkpoint
-            sidecar(path).unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
-        raise write_error(path, e, state_nbytes(state), keep) from e
+        digest = write_hashed(path, lambda f: _save(state, f), before_rename=switch, read_back=read_back,
+                              cancel=cancel)
+    except BaseException as e:
+        if switched:   # the new file never replaced the old one: the sidecar goes back to what it was
+            with contextlib.suppress(OSError):
+                if previous:
+                    _write_sidecar(path, previous)
+                else:
+                    sidecar(path).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e, state_nbytes(state), keep) from e
+        raise
+    try:
+        fsync_dir(path.parent)   # the rename is on disk
+    except OSError as e:   # the new file is in place and verifies; whether it survives a crash is unsure
+        raise CheckpointWriteError(f"checkpoint {path.name} was written to {path.parent}, but the disk failed to "
+                                   f"record it ({e}); check the disk, then run the same command again to resume") \
+            from e
+    if previous:
+        with contextlib.suppress(OSError):   # if not: two lines, the file matches the second; the next start trims
+            _write_sidecar(path, [digest])
     return path
 
 
@@ -160,23 +206,28 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int, read
 
 
 def recorded_sha256(path: str | Path) -> str:
-    """The digest a checkpoint's sidecar records ("" when the sidecar is empty)."""
-    fields = sidecar(path).read_text().split()
-    return fields[0] if fields else ""
+    """The digest a checkpoint's sidecar records ("" when the sidecar is empty); of a two-line sidecar (a re-save
+    cut short), the one the file matches."""
+    digests = recorded_digests(path)
+    if len(digests) > 1:
+        actual = sha256_file(path)
+        return actual if actual in digests else digests[-1]
+    return digests[0] if digests else ""
 
 
 def verify_checkpoint(path: str | Path) -> None:
-    """Raise CheckpointError unless `path` exists and matches its sha256 sidecar."""
+    """Raise CheckpointError unless `path` exists and matches (a digest of) its sha256 sidecar."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not sidecar(path).is_file():
         raise CheckpointError(f"checkpoint {path} has no checksum file {sidecar(path).name}; it was not completely "
                               "written")
-    expected, actual = recorded_sha256(path), sha256_file(path)
-    if actual != expected:
+    expected, actual = recorded_digests(path), sha256_file(path)
+    if actual not in expected:
+        recorded = " or ".join(f"{e[:12]}..." for e in expected) or "nothing"
         raise CheckpointError(
-            f"checkpoint {path} fails its checksum (sha256 {actual[:12]}..., expected {expected[:12]}...): "
+            f"checkpoint {path} fails its checksum (sha256 {actual[:12]}..., expected {recorded}): "
             "the file is corrupt or was modified; delete it to resume from the previous one"
         )
 

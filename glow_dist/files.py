@@ -2,6 +2,8 @@
 
 Checkpoints, the MLflow model's weights, cached attribute directions and data shards all use these, so "written"
 means the same thing everywhere: a temporary file beside the target, flushed and fsynced, then renamed over it.
+The temporary file is named `.tmp-<target>@<host>+<pid>-<random>` and locked (flock) by its writer until the rename,
+so a later process can tell a live writer's file from one that a killed write left behind (`live_writer`).
 
 `HashingWriter` is the one-pass writer of large files (checkpoints): the sha256 is computed from the bytes as they
 are handed to the disk, on this thread, while a helper thread copies the same bytes into the file and asks the
@@ -12,8 +14,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,15 +48,75 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
+_TEMPORARY = re.compile(r"^\.tmp-(?P<target>.+)@(?P<host>[^@+/]+)\+(?P<pid>\d+)-(?P<random>[a-z0-9_]{8})$")
+
+
+def _host() -> str:
+    return re.sub(r"[@+/]", "_", socket.gethostname())
+
+
+def temporary_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file beside `path` (fd, name), named after its target, this host and this process, and locked
+    by this process for as long as the fd is open (writers close it only after the rename)."""
+    prefix = f".tmp-{path.name}@{_host()}+{os.getpid()}-"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pass   # a filesystem without locks: live_writer falls back to the host and pid in the name
+    return fd, tmp
+
+
+def temporary_target(name: str) -> str | None:
+    """The file a temporary file (its name) was to become, or None for a name that is not one of ours. Names of
+    earlier versions (`.tmp-<target>-<random>`) count too."""
+    if not name.startswith(".tmp-"):
+        return None
+    match = _TEMPORARY.match(name)
+    return match["target"] if match else name[len(".tmp-"):].rsplit("-", 1)[0]
+
+
+def live_writer(path: Path) -> str | None:
+    """Who still writes the temporary file `path` ("pid 123 on this host", "host h"), or None when nobody does: its
+    writer's lock is free (a process killed mid-write holds none). Where the filesystem has no locks, the name
+    decides: a dead pid on this host is nobody; a writer on another host cannot be checked and counts as live."""
+    match = _TEMPORARY.match(path.name)
+    try:
+        fd = os.open(path, os.O_RDWR)   # NFS turns flock into a POSIX lock, whose exclusive kind needs a writable fd
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return f"pid {match['pid']} on {match['host']}" if match else "another process"
+    except OSError:   # no locks here (ENOLCK, EOPNOTSUPP): the name decides
+        if match is None:
+            return None
+        if match["host"] != _host():
+            return f"host {match['host']} (not checkable from here)"
+        try:
+            os.kill(int(match["pid"]), 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return f"pid {match['pid']} on this host"
+    finally:
+        os.close(fd)   # releases the lock taken above
+
+
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object],
                  before_rename: Callable[[], None] | None = None) -> None:
     """Call write(file) on a temp file beside `path`, fsync it, then rename it over `path`: a reader (or a process
     killed at any moment) sees the old file or the new one, never a part. `before_rename` runs between the fsync and
     the rename (a fault drill holds writes there)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    fd, tmp = temporary_beside(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb", closefd=False) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -61,6 +126,8 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object],
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)   # the lock goes with it, after the rename
 
 
 def _sync_file_range() -> Callable[[int, int, int], None]:
@@ -171,14 +238,15 @@ class HashingWriter:
 
 
 def write_hashed(path: str | Path, write: Callable[[HashingWriter], object],
-                 before_rename: Callable[[], None] | None = None, read_back: bool = False,
+                 before_rename: Callable[[str], None] | None = None, read_back: bool = False,
                  cancel: Event | None = None) -> str:
     """write_atomic through a HashingWriter: the bytes are hashed as they are written, fsynced, renamed over
-    `path`. Returns the hex sha256 of the file. `read_back`: the file is also read back as it is written, and an
+    `path`. Returns the hex sha256 of the file. `before_rename(digest)` runs between the fsync and the rename (the
+    checkpoint's sidecar is switched there). `read_back`: the file is also read back as it is written, and an
     OSError (EIO) raised unless what was read hashes the same. `cancel` set: Superseded, at the next block or
     before the rename. On any error the temporary file is removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    fd, tmp = temporary_beside(path)
     writer = HashingWriter(fd, read_back, cancel)
     try:
         try:
@@ -189,18 +257,16 @@ def write_hashed(path: str | Path, write: Callable[[HashingWriter], object],
         if read_back and writer.read_back_hexdigest() != writer.hexdigest():
             raise OSError(errno.EIO, f"{path.name}: the bytes read back from the file differ from those written")
         os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        if before_rename is not None:
-            before_rename()
         if cancel is not None and cancel.is_set():
             raise Superseded(f"{path.name}: given up before its rename, a newer file replaces it")
+        if before_rename is not None:
+            before_rename(writer.hexdigest())
         os.replace(tmp, path)
         return writer.hexdigest()
     except BaseException as e:
-        if fd >= 0:
-            os.close(fd)
         Path(tmp).unlink(missing_ok=True)
         if writer.error is not None and e is not writer.error:
             raise writer.error from e   # the OS's reason, not what a serializer wrapped it in
         raise
+    finally:
+        os.close(fd)   # and with it the writer's lock, once the file is renamed or removed

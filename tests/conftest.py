@@ -1,6 +1,8 @@
-"""Shared fixtures: real digits shards written by `glow-dist prepare`, and one real MLflow server per session."""
+"""Shared fixtures: real digits shards written by `glow-dist prepare`, one real MLflow server per session, and a
+small tmpfs that fills up."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -43,3 +45,20 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.uri
     finally:
         server.stop()
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    """A 4 MiB tmpfs mounted for the test (root only): a disk that fills up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; run as root (CI does) to test a full disk")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); a container needs CAP_SYS_ADMIN")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

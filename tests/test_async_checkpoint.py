@@ -3,6 +3,7 @@ SIGKILLed while a background write is held on disk, a disk that fills during the
 the test), a stop signal while a write is in flight, and a write that fails in the background."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -83,29 +84,18 @@ def test_sigkill_during_a_background_write_resumes_the_previous_checkpoint(tmp_p
             job.wait()
     assert list_checkpoints(crashed) == [previous]   # the held write is a .tmp file, never a checkpoint
     verify_checkpoint(previous)
+    leftovers = sorted(p.name for p in checkpoint_dir(crashed).iterdir() if p.name not in
+                       (previous.name, previous.name + ".sha256"))
+    assert leftovers, "the held write left nothing: nothing to clean"
     out = run(tmp_path, digits_shards, crashed, "train.steps=8")
     assert f"resumed from {previous}" in out.stderr, out.stderr[-3000:]
+    cleaned = next(line for line in out.stdout.splitlines() if "removed what interrupted checkpoint writes" in line)
+    assert all(name in cleaned for name in leftovers) and "freed" in cleaned, cleaned
+    assert temporary_files(crashed) == []
     resumed, unbroken = load_ckpt(crashed, 8), load_ckpt(straight, 8)
     assert resumed["position"] == unbroken["position"]
     assert_identical(unbroken["model"], resumed["model"])
     assert_identical(unbroken["ema"], resumed["ema"])
-
-
-@pytest.fixture()
-def small_disk(tmp_path: Path):
-    """A 4 MiB tmpfs mounted for the test (root only): a disk that fills up."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root; run as root (CI does) to test a full disk")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); a container needs CAP_SYS_ADMIN")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.slow
@@ -167,6 +157,32 @@ def test_a_stop_while_a_write_is_in_flight_supersedes_it(tmp_path, digits_shards
     assert checkpoint_path(run_dir, int(given_up.group(1))) not in list_checkpoints(run_dir)
     assert f"stopped by SIGTERM at step {step}; checkpoint {newest}" in output, output[-3000:]
     assert temporary_files(run_dir) == []
+
+
+@pytest.mark.slow
+def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, digits_shards):
+    """Checkpoints 4, 6, 8; resume explicitly from 4 and train to 7 with keep=2: the abandoned line's 6 and 8 are
+    moved (verifiable, unchanged) into checkpoints/abandoned-after-step-00000004-*, the folder holds the new line's
+    6 and 7, and the next train.resume=auto continues from 7. (Rotation by step number used to keep {7, 8} and auto
+    went back to the abandoned 8.)"""
+    run_dir = tmp_path / "run"
+    run(tmp_path, digits_shards, run_dir, "train.steps=8", "train.keep_checkpoints=3")
+    abandoned = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in list_checkpoints(run_dir)[1:]}
+    assert sorted(abandoned) == ["ckpt-00000006.pt", "ckpt-00000008.pt"]
+    out = run(tmp_path, digits_shards, run_dir, "train.steps=7", "train.keep_checkpoints=2",
+              f"train.resume={checkpoint_path(run_dir, 4)}")
+    assert f"resumed from {checkpoint_path(run_dir, 4)}" in out.stderr, out.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(run_dir)] == ["ckpt-00000006.pt", "ckpt-00000007.pt"]
+    (folder,) = [p for p in checkpoint_dir(run_dir).iterdir() if p.is_dir()]
+    assert folder.name.startswith("abandoned-after-step-00000004-")
+    line = next(line for line in out.stdout.splitlines() if "starts a new line" in line)
+    assert str(folder) in line and "ckpt-00000006.pt, ckpt-00000008.pt" in line, line
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*abandoned, *(n + ".sha256" for n in abandoned)])
+    for name, digest in abandoned.items():
+        verify_checkpoint(folder / name)
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+    out = run(tmp_path, digits_shards, run_dir, "train.steps=8", "train.keep_checkpoints=2")
+    assert f"resumed from {checkpoint_path(run_dir, 7)}" in out.stderr, out.stderr[-3000:]
 
 
 def debug_manager(run_dir: Path) -> CheckpointManager:

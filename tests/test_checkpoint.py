@@ -127,3 +127,124 @@ def test_sigkill_mid_write_keeps_previous_checkpoint(tmp_path: Path) -> None:
     assert _newest(tmp_path).name == f"ckpt-{saved[-1]:08d}.pt"
     path, state = load_latest(tmp_path)
     assert state["step"] == saved[-1] and bool((state["big"] == saved[-1]).all())
+
+
+# ---- re-saving a step, and what killed writes leave -------------------------------------------------------------
+
+def _writer(run_dir: Path, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, str(ROOT / "tests/scripts/checkpoint_writer.py"), str(run_dir), *args],
+                            env=env, stdout=subprocess.PIPE, text=True)
+
+
+def _read_until(proc: subprocess.Popen, line: str) -> None:
+    got = proc.stdout.readline().strip()
+    while got and got != line:
+        got = proc.stdout.readline().strip()
+    assert got == line, f"the writer never printed {line!r} (exit {proc.poll()})"
+
+
+def _held_temporary(directory: Path, timeout: float = 120) -> Path:
+    """The temporary file of a write held before its rename (complete: no longer growing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [p for p in directory.iterdir() if p.name.startswith(".tmp-ckpt-") and ".sha256" not in p.name]
+        if found:
+            size = found[0].stat().st_size
+            time.sleep(0.5)
+            if found[0].exists() and found[0].stat().st_size == size and size > 0:
+                return found[0]
+        time.sleep(0.1)
+    raise AssertionError("no held temporary checkpoint file appeared")
+
+
+@pytest.mark.slow   # a second process writing 20 MB checkpoints
+def test_sigkill_while_a_step_is_resaved_keeps_its_old_checkpoint(tmp_path: Path) -> None:
+    """A finished step written again (keep=1) and SIGKILLed while the new file is complete but not yet renamed: the
+    old file is still a checkpoint that verifies and resume=auto finds (it used to lose its sidecar first, leaving
+    nothing to resume from). The next start removes the dead writer's temporary file and trims the sidecar."""
+    proc = _writer(tmp_path, "--resave", "600")
+    directory = checkpoint_dir(tmp_path)
+    try:
+        _read_until(proc, "resaving 1")
+        temporary = _held_temporary(directory)
+        path, state = load_latest(tmp_path)   # while the rewrite is held: the old file is still the checkpoint
+        assert path.name == "ckpt-00000001.pt" and bool((state["big"] == 1.0).all())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert temporary.exists(), "killed after the rename: nothing tested"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000001.pt"]
+    path, state = load_latest(tmp_path)
+    assert bool((state["big"] == 1.0).all()), "the old checkpoint must be the one in place"
+    assert len(Path(str(path) + ".sha256").read_text().splitlines()) == 2   # old and new digest, mid-switch
+    from glow_dist.training.checkpoint_folder import remove_leftovers
+
+    size = temporary.stat().st_size
+    removed, live = remove_leftovers(tmp_path)
+    assert [(p.name, n) for p, n, _ in removed] == [(temporary.name, size)] and live == []
+    assert size > 10_000_000 and not temporary.exists()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert Path(str(path) + ".sha256").read_text() == f"{digest}  {path.name}\n"   # trimmed to the file's line
+    assert bool((load_checkpoint(path)["big"] == 1.0).all())
+
+
+def test_a_resave_that_fills_the_disk_leaves_the_old_checkpoint(small_disk: Path) -> None:
+    """A re-save of the same step on a full disk (a 4 MiB tmpfs): the error says the previous checkpoints are intact,
+    and they are: the old file of that step still verifies and is the newest checkpoint."""
+    from glow_dist.checkpoint import CheckpointWriteError, verify_checkpoint
+
+    save_checkpoint({"step": 3, "w": torch.full((400_000,), 3.0)}, small_disk, step=3, keep=1)   # 1.6 MB
+    with pytest.raises(CheckpointWriteError, match="the previous checkpoints are intact"):
+        save_checkpoint({"step": 3, "w": torch.full((700_000,), 4.0)}, small_disk, step=3, keep=1)   # 2.8 MB
+    (path,) = list_checkpoints(small_disk)
+    verify_checkpoint(path)
+    assert bool((load_checkpoint(path)["w"] == 3.0).all())
+    assert sorted(p.name for p in checkpoint_dir(small_disk).iterdir()) == [path.name, path.name + ".sha256"]
+
+
+def test_a_resave_replaces_the_file_and_leaves_one_digest(tmp_path: Path) -> None:
+    first = save_checkpoint(_state(5), tmp_path, step=5, keep=1)
+    save_checkpoint({**_state(5), "weights": torch.full((16,), 9.0)}, tmp_path, step=5, keep=1)
+    assert torch.equal(load_checkpoint(first)["weights"], torch.full((16,), 9.0))
+    digest = hashlib.sha256(first.read_bytes()).hexdigest()
+    assert Path(str(first) + ".sha256").read_text() == f"{digest}  {first.name}\n"
+    assert sorted(p.name for p in checkpoint_dir(tmp_path).iterdir()) == [first.name, first.name + ".sha256"]
+
+
+@pytest.mark.slow   # a second process writing 200 MB checkpoints
+def test_leftovers_of_killed_writes_are_removed_but_never_a_live_writers(tmp_path: Path) -> None:
+    """A live writer's temporary file (held before its rename) is left and named; SIGKILLed, the same file is
+    removed with its size, and so are a checkpoint without its sidecar (an earlier version's write cut between its
+    two renames) and a sidecar without its checkpoint. Complete checkpoints and other files are untouched."""
+    from glow_dist.training.checkpoint_folder import remove_leftovers
+
+    save_checkpoint(_state(1), tmp_path, step=1, keep=0)
+    proc = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, torch\n"
+        "from glow_dist.checkpoint import save_checkpoint\n"
+        "os.environ['GLOW_DIST_INJECT_SLOW_CHECKPOINT'] = '600'\n"
+        "save_checkpoint({'big': torch.ones(5_000_000)}, sys.argv[1], 2, keep=0)\n"), str(tmp_path)],
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
+    directory = checkpoint_dir(tmp_path)
+    try:
+        temporary = _held_temporary(directory)
+        removed, live = remove_leftovers(tmp_path)
+        assert removed == [] and [(p.name, f"pid {proc.pid}" in who) for p, who in live] == [(temporary.name, True)]
+        assert temporary.exists() and (directory / "ckpt-00000002.pt.sha256").exists()   # its sidecar too
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    save_checkpoint(_state(3), tmp_path, step=3, keep=0)
+    Path(str(checkpoint_dir(tmp_path) / "ckpt-00000003.pt") + ".sha256").unlink()   # written, never completed
+    (directory / "notes.txt").write_text("mine")
+    size = temporary.stat().st_size
+    removed, live = remove_leftovers(tmp_path)
+    found = {p.name: (n, why) for p, n, why in removed}
+    assert live == [] and set(found) == {temporary.name, "ckpt-00000002.pt.sha256", "ckpt-00000003.pt"}
+    assert found[temporary.name][0] == size >= 20_000_000
+    assert "never completed" in found["ckpt-00000003.pt"][1]
+    assert sorted(p.name for p in directory.iterdir()) == ["ckpt-00000001.pt", "ckpt-00000001.pt.sha256", "notes.txt"]
+    assert remove_leftovers(tmp_path) == ([], [])

@@ -26,7 +26,9 @@ from threading import Event
 
 from glow_dist.checkpoint import (
     CheckpointError,
+    checkpoint_dir,
     checkpoint_path,
+    gib,
     list_checkpoints,
     load_checkpoint,
     load_latest,
@@ -38,6 +40,7 @@ from glow_dist.distributed import gateway as dist
 from glow_dist.files import Superseded
 from glow_dist.tracking.reporter import NullReporter
 from glow_dist.training.background import BackgroundWrite, HostSnapshot
+from glow_dist.training.checkpoint_folder import remove_leftovers, set_aside_past
 from glow_dist.training.state import Loaded, TrainingState
 
 
@@ -49,7 +52,10 @@ class CheckpointManager:
         self._in_flight: tuple[BackgroundWrite, dict, bool] | None = None   # the write, its state, upload
 
     def find_resume(self) -> tuple[Path, dict] | None:
-        """The checkpoint `train.resume` asks for (read on rank 0 only), or None for a fresh start."""
+        """The checkpoint `train.resume` asks for (read on rank 0 only), or None for a fresh start. First the
+        folder is tidied (what killed writes left is removed); a resume from a checkpoint older than the folder's
+        newest sets the newer ones aside (glow_dist/training/checkpoint_folder.py). Both are printed."""
+        self._remove_leftovers()
         mode = self.cfg.train.resume
         if mode == "never":
             if list_checkpoints(self.run_dir):
@@ -57,11 +63,38 @@ class CheckpointManager:
                                   "would rotate them away. Use train.resume=auto, or another train.run_dir")
             return None
         if mode == "auto":
-            return load_latest(self.run_dir)
-        path = Path(mode)
-        if not path.is_file():
-            raise CheckpointError(f"train.resume={mode}: no such checkpoint file; use auto, never or a ckpt-*.pt path")
-        return path, load_checkpoint(path)
+            found = load_latest(self.run_dir)
+        else:
+            path = Path(mode)
+            if not path.is_file():
+                raise CheckpointError(f"train.resume={mode}: no such checkpoint file; use auto, never or a ckpt-*.pt "
+                                      "path")
+            found = path, load_checkpoint(path)
+        if found is not None:
+            self._set_aside_past(*found)
+        return found
+
+    def _remove_leftovers(self) -> None:
+        removed, live = remove_leftovers(self.run_dir)
+        if removed:
+            files = ", ".join(f"{p.name} ({gib(size)}, {why})" for p, size, why in removed)
+            print(f"[checkpoint] removed what interrupted checkpoint writes left in {checkpoint_dir(self.run_dir)}: "
+                  f"{files}; {gib(sum(size for _, size, _ in removed))} freed", flush=True)
+        for path, owner in live:
+            print(f"[checkpoint] left {path}: it is still being written by {owner}; is another job writing to "
+                  f"{self.run_dir}?", flush=True)
+
+    def _set_aside_past(self, path: Path, saved: dict) -> None:
+        step = saved.get("position", {}).get("step") if isinstance(saved.get("position"), dict) else None
+        if not isinstance(step, int):
+            return   # not a glow-dist checkpoint: TrainingState.load says so
+        moved = set_aside_past(self.run_dir, path, step)
+        if moved is not None:
+            folder, past = moved
+            print(f"[checkpoint] resuming from step {step} ({path}) starts a new line of training: the checkpoints "
+                  f"of later steps ({', '.join(p.name for p in past)}) belong to the line abandoned there and were "
+                  f"moved to {folder}, so that train.resume=auto and the rotation do not return to them (nothing "
+                  "deleted: resume one with train.resume=PATH, or delete the folder)", flush=True)
 
     def load_local(self, found: tuple[Path, dict] | None) -> Loaded | None:
         """Load what rank 0 found into this process (no collective)."""
