@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,69 @@ def test_a_stop_while_a_write_is_in_flight_supersedes_it(tmp_path, digits_shards
     assert checkpoint_path(run_dir, int(given_up.group(1))) not in list_checkpoints(run_dir)
     assert f"stopped by SIGTERM at step {step}; checkpoint {newest}" in output, output[-3000:]
     assert temporary_files(run_dir) == []
+
+
+@pytest.mark.slow
+def test_a_stop_after_a_failed_periodic_write_still_writes_its_checkpoint(tmp_path, digits_shards):
+    """The periodic write of step 2 fails (a directory stands where its file goes: an OSError at the rename, as an
+    I/O error would be) and the stop is voted at step 3, before the failure was raised: the stop checkpoint of step 3
+    is written and verified all the same, the failure is reported, and the run exits train.stop_exit_code. (The
+    failure used to be raised on the stop step: exit 74 and no stop checkpoint.)"""
+    run_dir = tmp_path / "run"
+    checkpoint_path(run_dir, 2).mkdir(parents=True)
+    job = subprocess.Popen([sys.executable, *train_cmd(*QUIET, f"data.root={digits_shards}",
+                                                       f"train.run_dir={run_dir}", "train.steps=100000",
+                                                       "train.stop_exit_code=75",
+                                                       f"tracking.local_dir={tmp_path / 'mlflow'}")],
+                           # every step lasts 8 s more: the signal lands in step 2's wait, after its vote
+                           cwd=REPO, env=env_with_venv({"GLOW_DIST_INJECT_SLOW_STEP": "8"}),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: last_logged_step(run_dir) >= 1, 240, "step 1")
+        time.sleep(3)
+        assert last_logged_step(run_dir) == 1, "too late: step 2 already ended"
+        os.killpg(job.pid, signal.SIGTERM)
+        output, _ = job.communicate(timeout=240)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert job.returncode == 75, output[-3000:]
+    assert "the write of step 2 had failed: checkpoint ckpt-00000002.pt could not be written" in output, output[-3000:]
+    (newest,) = list_checkpoints(run_dir)
+    verify_checkpoint(newest)
+    assert load_checkpoint(newest)["position"]["step"] == 3
+    assert f"stopped by SIGTERM at step 3; checkpoint {newest}" in output, output[-3000:]
+
+
+class Messages(NullReporter):
+    """The reporter's interface, keeping what rank 0 would print and tag."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.tagged: dict[str, str] = {}
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        self.tagged.update(tags)
+
+
+def test_the_stop_checkpoint_is_written_after_a_write_that_failed(tmp_path):
+    """A background write that failed before the stop (here its target is a directory) is reported and tagged, and
+    the stop checkpoint is written and verified all the same (it used to raise the old failure instead)."""
+    manager, report = debug_manager(tmp_path), Messages()
+    checkpoint_path(tmp_path, 2).mkdir(parents=True)
+    manager.save(2, report, world_size=1)
+    wait_for(lambda: manager._in_flight[0].done(), 60, "the failed write of step 2")
+    path = manager.save_verified(3, report, world_size=1)
+    assert list_checkpoints(tmp_path) == [path] and path == checkpoint_path(tmp_path, 3)
+    verify_checkpoint(path)
+    (line,) = [line for line in report.lines if "had failed" in line]
+    assert line.startswith("[checkpoint] the write of step 2 had failed: checkpoint ckpt-00000002.pt could not be "
+                           "written") and "stop checkpoint of step 3" in line
+    assert report.tagged["stop.failed_write"].startswith("step 2: checkpoint ckpt-00000002.pt could not be written")
 
 
 @pytest.mark.slow

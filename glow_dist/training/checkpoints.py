@@ -12,8 +12,8 @@ Periodic and final checkpoints are asynchronous (`train.async_checkpoint`, defau
 into host memory (glow_dist/training/background.py) and training goes on while a thread serializes, hashes and
 writes it. At most one write is in flight: a checkpoint step that comes while the previous write runs waits for it,
 and says how long. A write's error (a full disk) is raised on the training thread at the next step. The stop
-checkpoint supersedes the write in flight (it is given up), then writes the stop step's state directly and
-verifies it.
+checkpoint supersedes the write in flight (it is given up; if it had failed, the failure is reported and the stop
+checkpoint written all the same), then writes the stop step's state directly and verifies it.
 
 Only rank 0 reads and writes files; the others get what it read through broadcasts, so every collective here is
 made by every rank. The file format is glow_dist/checkpoint.py's.
@@ -164,24 +164,30 @@ class CheckpointManager:
 
     def save_verified(self, step: int, report: NullReporter, world_size: int) -> Path | None:
         """The stop checkpoint. A write in flight of an earlier step is superseded (given up at its next block; if
-        it was already complete it counts as the previous checkpoint); then the state of `step` is written from the
-        live tensors (training has stopped), local only (an upload of GBs would outlast the scheduler's grace), and
-        read back against its sha256 while it is written, so the stop is reported only once the file is known good.
-        Rank 0; None elsewhere."""
+        it was already complete it counts as the previous checkpoint); one that failed (an I/O error) is reported
+        and does not stop this one. Then the state of `step` is written from the live tensors (training has
+        stopped), local only (an upload of GBs would outlast the scheduler's grace), and read back
+        against its sha256 while it is written, so the stop is reported only once the file is known good. Rank 0;
+        None elsewhere."""
         if not self.main:
             return None
         in_flight = self._in_flight[0].step if self._in_flight is not None else None
         if in_flight is not None and in_flight != step:
             self._in_flight[0].supersede()   # the stop step's checkpoint replaces it; no need to finish it
+        path = checkpoint_path(self.run_dir, step)
         try:
             self.wait(report, upload=False)
         except Superseded:
             report.message(f"[checkpoint] the write of step {in_flight} was given up for the stop checkpoint of "
                            f"step {step}")
-        path = checkpoint_path(self.run_dir, step)
-        if in_flight == step:   # the write just finished is the stop step's own checkpoint
-            verify_checkpoint(path)
-            return path
+        except Exception as e:   # noqa: BLE001  (whatever became of it, the stop checkpoint is attempted)
+            report.message(f"[checkpoint] the write of step {in_flight} had failed: {e}. Writing the stop "
+                           f"checkpoint of step {step} all the same")
+            report.tags({"stop.failed_write": f"step {in_flight}: {e}"})
+        else:
+            if in_flight == step:   # the write just finished is the stop step's own checkpoint
+                verify_checkpoint(path)
+                return path
         state = self.state.checkpoint(report.run_id, world_size)
         self._write(state, step, read_back=True)   # read back while written: verified when it is in place
         report.checkpoint_saved(path, state, upload=False)

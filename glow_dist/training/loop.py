@@ -104,7 +104,10 @@ class TrainingLoop:
             if not result.skipped:
                 interval.add(bpd, result.grad_norm)
             t.report.step(pos.step)
-            t.checkpoints.poll(t.report)   # a background checkpoint that finished is reported; one that failed raises
+            # A background checkpoint that finished is reported; one that failed raises. Not on a stop: the stop
+            # checkpoint reports the write in flight, and is written whatever became of it.
+            if not result.stop:
+                t.checkpoints.poll(t.report)
             self._periodic(interval, stopping=result.stop)
             if result.stop:  # voted with the skip decision, so every rank stops after the same step
                 return stop.name or "peer-signal"  # the signal reached another rank only
