@@ -428,6 +428,66 @@ def test_a_checkpoint_upload_is_retried_when_the_server_comes_back(mlflow_server
     assert _uploaded(mlflow_server, tracker.run_id) == both   # policy all, train.keep_checkpoints 3
 
 
+@pytest.mark.slow
+def test_a_checkpoint_logged_while_the_server_is_away_is_uploaded_by_the_upload_thread(
+        mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server is away when the run starts and at its first checkpoint; when it is back, the training thread's
+    next flush creates the run but does not upload the checkpoint (held 10 s on the upload thread, as a multi-GB
+    upload takes); the end of the run waits for the upload thread. (The checkpoint used to wait in the Outbox, whose
+    flush uploaded it on the training thread.)"""
+    monkeypatch.setattr(outbox, "FIRST_RETRY_S", 0.5)   # the Outbox retries soon, so the test need not wait 30 s
+    monkeypatch.setenv("GLOW_DIST_INJECT_SLOW_UPLOAD", "10")
+    path = _fake_checkpoints(tmp_path / "run", [1])[0]
+    relay = Relay(mlflow_server)   # not open yet: the server is away
+    try:
+        tracker = make_tracker(_uploads_cfg(tmp_path, relay.uri))
+        tracker.log_checkpoint(path, 1)
+        relay.open()
+        time.sleep(1.0)
+        tracker.log_metrics({"loss": 1.0}, step=1)   # past the retry time: the run is created, the buffer flushed
+        assert tracker.run_id is not None
+        assert MlflowClient(mlflow_server).get_run(tracker.run_id).data.metrics == {"loss": 1.0}
+        assert _uploaded(mlflow_server, tracker.run_id) == []   # not uploaded by the training thread's flush
+        tracker.finish()
+    finally:
+        relay.close()
+    assert _uploaded(mlflow_server, tracker.run_id) == ["ckpt-00000001.pt", "ckpt-00000001.pt.sha256"]
+
+
+@pytest.mark.slow
+def test_a_stop_does_not_upload_a_checkpoint_logged_while_the_server_was_away(
+        mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
+    """The server is away at the checkpoint and back at the stop: closing the run (KILLED) sends what the Outbox
+    holds, but not the checkpoint, which the stop leaves on the upload thread and names. (Closing the Outbox used to
+    upload it inside the scheduler's grace period.)"""
+    monkeypatch.setenv("GLOW_DIST_INJECT_SLOW_UPLOAD", "300")
+    path = _fake_checkpoints(tmp_path / "run", [4])[0]
+    relay = Relay(mlflow_server)   # not open yet: the server is away
+    try:
+        report = make_reporter(_uploads_cfg(tmp_path, relay.uri, "train.progress=false"), main=True, run_id=None,
+                               world_size=1, start_step=0)
+        report.checkpoint_saved(path, {"position": {"step": 4}})
+        relay.open()
+        report.stopped("SIGTERM", 5, None)
+        report.finish("KILLED")
+    finally:
+        relay.close()
+    run_id = report.tracker.run_id   # created once the server was back, at the close
+    assert MlflowClient(mlflow_server).get_run(run_id).info.status == "KILLED"
+    assert _uploaded(mlflow_server, run_id) == []
+    err = capfd.readouterr().err
+    assert "checkpoint(s) of step 4 not uploaded to MLflow (the run stopped first)" in err, err
+
+
+def test_rotation_keeps_the_newest_of_the_current_line() -> None:
+    """After a resume from step 4 of a run that had uploaded 6 and 8: the upload of the new line's 6 keeps it
+    (the newest of its line), and the abandoned line's 8 is neither the newest nor deleted."""
+    assert checkpoints_to_keep([2, 4, 6, 8], "last", current=6) == {6, 8}
+    assert checkpoints_to_keep([2, 4, 6, 8], "all", keep=2, current=4) == {2, 4, 6, 8}
+    assert checkpoints_to_keep([2, 4, 5, 6, 8], "all", keep=2, current=5) == {4, 5, 6, 8}
+    assert checkpoints_to_keep([2, 4, 5, 6, 8], "every_n", every=4, current=5) == {4, 5, 6, 8}
+
+
 def wait_for_text(capfd: pytest.CaptureFixture, text: str, timeout: float) -> str | None:
     """Standard error captured so far, once it contains `text` (None after `timeout` seconds without it)."""
     seen, deadline = "", time.monotonic() + timeout

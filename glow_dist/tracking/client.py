@@ -25,8 +25,9 @@ Checkpoints in MLflow (`tracking.log_checkpoints`), after every upload the older
            (`true`, the old boolean spelling, means this; `false` means none)
   every_n  each is uploaded; MLflow keeps those of steps that are multiples of `tracking.log_checkpoints_every`
            (milestones) plus the newest
-Uploads run on a thread of their own (glow_dist/tracking/uploads.py): training does not wait for them, the end of a
-run does (a stop does not: the checkpoints are in the run's folder).
+Uploads run on a thread of their own (glow_dist/tracking/uploads.py), also when the server is away at the first
+checkpoint: training does not wait for them, the end of a run does (a stop does not: the checkpoints are in the run's
+folder).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from glow_dist.config import Config, dump_yaml, tracking_store
 from glow_dist.mlflow_auth import refusal, refused_status
 from glow_dist.tracking.metadata import default_run_name, source_tags, split_count, with_evaluation
 from glow_dist.tracking.outbox import MAX_BUFFERED_METRICS, Outbox, warn
-from glow_dist.tracking.uploads import CheckpointUploads, rotate_checkpoints
+from glow_dist.tracking.uploads import CheckpointUploads
 
 _PARAM_VALUE_LEN = 6000   # MLflow's limit on a param's value (mlflow/utils/validation.py): longer ones are cut
 RUN_VIEW = "?workflowType=machine_learning"   # MLflow 3's UI opens runs in its GenAI view unless told otherwise
@@ -188,29 +189,26 @@ class Tracker:
 
     def log_checkpoint(self, path: str | Path, step: int) -> None:
         """Upload a checkpoint and its checksum under `checkpoints/`, then delete the uploaded checkpoints that
-        `tracking.log_checkpoints` no longer keeps: on the upload thread (glow_dist/tracking/uploads.py), so that
-        training goes on meanwhile; with everything else, in order, while the run is not on the server yet."""
+        `tracking.log_checkpoints` no longer keeps: always on the upload thread (glow_dist/tracking/uploads.py), so
+        that training goes on meanwhile, also while the run is not on the server yet (the thread waits for it)."""
         if self._cfg.log_checkpoints == "none":
             return
-        path = Path(path).resolve()
-        if self._uploads is None and self._outbox.ready and self._outbox.online:
-            try:
-                repo = self.artifact_repository()
-            except Exception as e:   # the server went away just now: the Outbox's way below, retried with the rest
-                warn(f"the run's artifact store could not be found ({str(e).splitlines()[0][:300]})")
-            else:
-                self._uploads = CheckpointUploads(repo, self._cfg.log_checkpoints, self._cfg.log_checkpoints_every,
-                                                  self._keep_checkpoints)
-        if self._uploads is not None:
-            self._uploads.put(path, step)
-            return
-        self.log_artifact(path, "checkpoints")
-        sidecar = Path(str(path) + ".sha256")
-        if sidecar.exists():
-            self.log_artifact(sidecar, "checkpoints")
-        self.call("checkpoint rotation", lambda: rotate_checkpoints(
-            self.artifact_repository(), self._cfg.log_checkpoints, self._cfg.log_checkpoints_every,
-            self._keep_checkpoints))
+        if self._uploads is None:
+            self._uploads = CheckpointUploads(self._find_artifact_repository, self._cfg.log_checkpoints,
+                                              self._cfg.log_checkpoints_every, self._keep_checkpoints)
+        self._uploads.put(Path(path).resolve(), step)
+
+    def _find_artifact_repository(self) -> Any:
+        """The run's artifact store, for the upload thread: with a client of its own (the training thread's is the
+        Outbox's), once the Outbox has the run on the server."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        from mlflow.tracking import MlflowClient
+
+        run_id = self._outbox.run_id if self._outbox.ready else None
+        if run_id is None:
+            raise ConnectionError(f"the run is not on the MLflow server at {self.uri} yet")
+        uri = MlflowClient(tracking_uri=self.uri).get_run(run_id).info.artifact_uri
+        return get_artifact_repository(uri, tracking_uri=self.uri)
 
     def artifact_repository(self) -> Any:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository

@@ -1,13 +1,16 @@
 """Checkpoint uploads to the run's artifact store on a thread of their own, so that a multi-GB upload never stalls
 training (a checkpoint's write is already off the training path: glow_dist/training/background.py).
 
-    uploads = CheckpointUploads(repo, "last", every=0, keep=3)   # repo: the run's MLflow artifact repository
+    uploads = CheckpointUploads(find_repo, "last", every=0, keep=3)   # find_repo(): the run's artifact repository
     uploads.put(Path("run/checkpoints/ckpt-00000100.pt"), 100)   # returns at once
     uploads.close(wait=True)     # the end of a run: until every queued upload is done; False (a stop): at once
 
-One upload at a time, in order: the checkpoint, its sha256 sidecar, then the rotation of `checkpoints/` in the
-artifact store per `tracking.log_checkpoints` (glow_dist/tracking/client.py). Only the artifact store is touched
-(no tracking-server calls), so the thread shares nothing with the Outbox on the training thread. Under `last`, a
+Every checkpoint upload runs here, also when the server was away at the first checkpoint (the run's artifact
+store is then looked up on this thread once the server answers, never on the training thread). One upload at a time,
+in order: the checkpoint, its sha256 sidecar, then the rotation of `checkpoints/` in the artifact store per
+`tracking.log_checkpoints` (glow_dist/tracking/client.py). Apart from finding the artifact store (with a client of its
+own), only the artifact store is touched, so the thread shares nothing with the Outbox on the training thread. Under
+`last`, a
 queued upload that has not started is dropped when a newer one comes (the rotation would delete it at once); a file
 rotated away locally before its upload starts is skipped. A failure is warned once per outage and retried with the
 Outbox's backoff (30 s doubling to 10 minutes); a rejection (not a transient error) drops that upload. The sidecar
@@ -23,6 +26,7 @@ import os
 import re
 import threading
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +35,14 @@ from glow_dist.tracking.outbox import FIRST_RETRY_S, MAX_RETRY_S, is_transient, 
 _CHECKPOINT_ARTIFACT = re.compile(r"^checkpoints/ckpt-(\d{8})\.pt$")
 
 
-def checkpoints_to_keep(steps: list[int], policy: str, every: int = 0, keep: int = 0) -> set[int]:
-    """Of the checkpoint steps uploaded to a run, those `tracking.log_checkpoints` keeps (see client.py's doc)."""
+def checkpoints_to_keep(steps: list[int], policy: str, every: int = 0, keep: int = 0,
+                        current: int | None = None) -> set[int]:
+    """Of the checkpoint steps uploaded to a run, those `tracking.log_checkpoints` keeps (see client.py's doc).
+    `current`: the step just uploaded; steps past it are of a line of training abandoned by a resume from an older
+    checkpoint, neither the newest nor deleted (their local files were set aside, not deleted, too)."""
+    if current is not None:
+        past = {s for s in steps if s > current}
+        return past | checkpoints_to_keep([s for s in steps if s <= current], policy, every, keep)
     if not steps or policy == "none":
         return set()
     newest = max(steps)
@@ -45,12 +55,12 @@ def checkpoints_to_keep(steps: list[int], policy: str, every: int = 0, keep: int
     raise ValueError(f"tracking.log_checkpoints={policy!r}: expected none, last, all or every_n")
 
 
-def rotate_checkpoints(repo: Any, policy: str, every: int, keep: int) -> None:
-    """Delete from the artifact store the uploaded checkpoints (and sidecars) the policy no longer keeps. MLflow's
-    own list is read, so checkpoints uploaded before a resume rotate too."""
+def rotate_checkpoints(repo: Any, policy: str, every: int, keep: int, current: int | None = None) -> None:
+    """Delete from the artifact store the uploaded checkpoints (and sidecars) the policy no longer keeps, after the
+    upload of step `current`. MLflow's own list is read, so checkpoints uploaded before a resume rotate too."""
     names = [f.path for f in repo.list_artifacts("checkpoints")]
     steps = {int(m.group(1)): p for p in names if (m := _CHECKPOINT_ARTIFACT.match(p))}
-    keep_steps = checkpoints_to_keep(list(steps), policy, every, keep)
+    keep_steps = checkpoints_to_keep(list(steps), policy, every, keep, current)
     for step, path in steps.items():
         if step in keep_steps:
             continue
@@ -60,8 +70,10 @@ def rotate_checkpoints(repo: Any, policy: str, every: int, keep: int) -> None:
 
 
 class CheckpointUploads:
-    def __init__(self, repo: Any, policy: str, every: int = 0, keep: int = 0) -> None:
-        self.repo, self.policy, self.every, self.keep = repo, policy, every, keep
+    def __init__(self, find_repo: Callable[[], Any], policy: str, every: int = 0, keep: int = 0) -> None:
+        self.policy, self.every, self.keep = policy, every, keep
+        self._find_repo = find_repo
+        self.repo: Any = None    # found on this thread before the first upload (retried while the server is away)
         self._pending: deque[tuple[Path, int]] = deque()
         self._current: tuple[Path, int] | None = None
         self._failed: list[int] = []
@@ -121,11 +133,13 @@ class CheckpointUploads:
             if not path.exists():
                 return   # rotated away locally before its turn: a newer checkpoint follows
             try:
+                if self.repo is None:
+                    self.repo = self._find_repo()
                 self.repo.log_artifact(str(path), "checkpoints")
                 sidecar = path.with_name(path.name + ".sha256")
                 if sidecar.exists():
                     self.repo.log_artifact(str(sidecar), "checkpoints")
-                rotate_checkpoints(self.repo, self.policy, self.every, self.keep)
+                rotate_checkpoints(self.repo, self.policy, self.every, self.keep, step)
                 if delay > FIRST_RETRY_S:   # after retries
                     print(f"[tracking] checkpoint {path.name} uploaded", flush=True)
                 return
