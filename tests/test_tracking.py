@@ -455,6 +455,23 @@ def test_a_checkpoint_logged_while_the_server_is_away_is_uploaded_by_the_upload_
 
 
 @pytest.mark.slow
+def test_the_end_of_a_run_uploads_a_checkpoint_logged_while_the_server_was_away(mlflow_server: str,
+                                                                               tmp_path: Path) -> None:
+    """The server is away at the checkpoint (the upload thread's first try fails and waits 30 s) and back at the
+    end: finish() puts the run on the server first, then the upload thread uploads the checkpoint."""
+    path = _fake_checkpoints(tmp_path / "run", [1])[0]
+    relay = Relay(mlflow_server)   # not open yet: the server is away
+    try:
+        tracker = make_tracker(_uploads_cfg(tmp_path, relay.uri))
+        tracker.log_checkpoint(path, 1)
+        relay.open()
+        tracker.finish()
+    finally:
+        relay.close()
+    assert _uploaded(mlflow_server, tracker.run_id) == ["ckpt-00000001.pt", "ckpt-00000001.pt.sha256"]
+
+
+@pytest.mark.slow
 def test_a_stop_does_not_upload_a_checkpoint_logged_while_the_server_was_away(
         mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
     """The server is away at the checkpoint and back at the stop: closing the run (KILLED) sends what the Outbox

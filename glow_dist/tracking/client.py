@@ -237,6 +237,8 @@ class Tracker:
         still queued are finished first, unless `wait_for_uploads` is false (a stop: the scheduler's grace is for
         the stop checkpoint; they are all in the run's checkpoint folder)."""
         if self._uploads is not None:
+            if wait_for_uploads and not self._outbox.ready:
+                self._outbox.flush(force=True)   # the run on the server first: the upload thread needs it
             left = self._uploads.close(wait=wait_for_uploads)
             if left:
                 warn(f"checkpoint(s) of step {', '.join(map(str, left))} not uploaded to MLflow (the run "
