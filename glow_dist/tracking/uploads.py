@@ -10,12 +10,12 @@ store is then looked up on this thread once the server answers, never on the tra
 in order: the checkpoint, its sha256 sidecar, then the rotation of `checkpoints/` in the artifact store per
 `tracking.log_checkpoints` (glow_dist/tracking/client.py). Apart from finding the artifact store (with a client of its
 own), only the artifact store is touched, so the thread shares nothing with the Outbox on the training thread. Under
-`last`, a
-queued upload that has not started is dropped when a newer one comes (the rotation would delete it at once); a file
-rotated away locally before its upload starts is skipped. A failure is warned once per outage and retried with the
-Outbox's backoff (30 s doubling to 10 minutes); a rejection (not a transient error) drops that upload. The sidecar
-goes up after its checkpoint, so an upload cut short (a stop's exit, a kill) leaves at most a checkpoint without its
-sidecar: incomplete by the format's own rule (glow_dist/checkpoint.py), and rotated away by the next upload.
+`last`, a queued upload that has not started is dropped when a newer one comes (the rotation would delete it at
+once); a file rotated away locally before its upload starts is skipped. A failure is warned once per outage and
+retried with the Outbox's backoff (30 s doubling to 10 minutes); a rejection (not a transient error) drops that
+upload. The sidecar goes up after its checkpoint, so an upload cut short (a stop's exit, a kill) leaves at most a
+checkpoint without its sidecar: incomplete by the format's own rule (glow_dist/checkpoint.py), and rotated away by
+the next upload.
 
 Fault drill: GLOW_DIST_INJECT_SLOW_UPLOAD=SECONDS holds every upload that long before it starts, as a multi-GB
 upload to a remote server would take; tests check that training and its end do not (or do) wait for it.
