@@ -249,8 +249,8 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, d
     assert f"resumed from {checkpoint_path(run_dir, 7)}" in out.stderr, out.stderr[-3000:]
 
 
-def debug_manager(run_dir: Path) -> CheckpointManager:
-    cfg = load_config(REPO / "configs" / "debug.yaml", [f"train.run_dir={run_dir}"])
+def debug_manager(run_dir: Path, *overrides: str) -> CheckpointManager:
+    cfg = load_config(REPO / "configs" / "debug.yaml", [f"train.run_dir={run_dir}", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     state = TrainingState(cfg, model, make_optimizer(cfg.optim, model), EMA(model, cfg.optim.ema_decay))
@@ -270,6 +270,28 @@ def test_a_background_write_error_is_raised_on_the_training_thread(tmp_path):
         manager.wait(NullReporter())
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000002.pt"]
     assert temporary_files(tmp_path) == []
+
+
+def test_a_resume_from_another_folder_starts_the_line_in_this_one(tmp_path, capsys):
+    """train.resume=PATH of another run's step-4 checkpoint, in a folder holding 2 and 6: 6 is set aside, and the
+    resumed file is hard-linked in as ckpt-4 (the same file, no copy), so that a job stopped before its first
+    checkpoint resumes step 4 with auto, not 2 or the abandoned 6."""
+    other, here = tmp_path / "other", tmp_path / "here"
+    for folder, steps in ((other, [4]), (here, [2, 6])):
+        writer = debug_manager(folder)
+        for step in steps:
+            writer.state.position.step = step   # as after training to it
+            writer.save(step, NullReporter(), world_size=1)
+            writer.wait(NullReporter())
+    resumed = checkpoint_path(other, 4)
+    path, _ = debug_manager(here, f"train.resume={resumed}").find_resume()
+    assert path == resumed and [p.name for p in list_checkpoints(here)] == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
+    assert os.path.samefile(checkpoint_path(here, 4), resumed)
+    verify_checkpoint(checkpoint_path(here, 4))
+    (folder,) = [p for p in checkpoint_dir(here).iterdir() if p.is_dir()]
+    assert sorted(p.name for p in folder.iterdir()) == ["ckpt-00000006.pt", "ckpt-00000006.pt.sha256"]
+    assert "starts a new line of training" in capsys.readouterr().out
+    assert debug_manager(here).find_resume()[0] == checkpoint_path(here, 4)   # auto: the new line's start
 
 
 def test_a_snapshot_is_taken_before_training_changes_the_weights(tmp_path):

@@ -3,6 +3,7 @@ older checkpoint sets the newer ones aside. Rank 0 only, before anything is writ
 
     removed = remove_leftovers(run_dir)                # [(file, bytes, why)]: printed by the caller
     moved = set_aside_past(run_dir, resumed_path, 500)  # the folder they went to, and the checkpoints moved
+    linked = adopt(run_dir, resumed_path, 500)          # a resumed file from elsewhere, hard-linked in
 
 Leftovers are files of this folder's own patterns only: `.tmp-ckpt-<step>.pt...` temporary files whose writer is
 gone (each is locked by its writer until its rename: glow_dist/files.py, live_writer), `ckpt-<step>.pt` files without
@@ -13,10 +14,12 @@ A resume from a checkpoint older than the newest of the folder starts a new line
 of later steps belong to the abandoned line; left in place, `train.resume=auto` would return to them at the next
 requeue, and rotation (by step number) would keep them and delete the new line's. They are moved, with their
 sidecars, into `checkpoints/abandoned-after-step-<step>-<UTC time>/`: nothing is deleted, and any of them can still
-be resumed with `train.resume=PATH`.
+be resumed with `train.resume=PATH`. A resumed file from outside the folder is hard-linked into it (no copy; not
+across filesystems), so that a job stopped before its first checkpoint resumes the new line with `auto` too.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -108,3 +111,23 @@ def set_aside_past(run_dir: str | Path, resumed: Path, step: int) -> tuple[Path,
     fsync_dir(folder)
     fsync_dir(directory)
     return folder, past
+
+
+def adopt(run_dir: str | Path, resumed: Path, step: int) -> Path | None:
+    """Hard-link `resumed` (a checkpoint from outside the run's folder) and its sidecar into the folder as the
+    checkpoint of `step`; None when it is inside already, the step is taken, or no link can be made (another
+    filesystem: OSError is left to the caller to say)."""
+    directory = checkpoint_dir(run_dir)
+    target = directory / f"ckpt-{step:08d}.pt"
+    if resumed.resolve().parent == directory.resolve() or target.exists():
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    recorded = sidecar(resumed).read_bytes().replace(resumed.name.encode(), target.name.encode())
+    os.link(resumed, target)
+    try:
+        write_atomic(sidecar(target), lambda f: f.write(recorded))
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    fsync_dir(directory)
+    return target

@@ -40,7 +40,7 @@ from glow_dist.distributed import gateway as dist
 from glow_dist.files import Superseded
 from glow_dist.tracking.reporter import NullReporter
 from glow_dist.training.background import BackgroundWrite, HostSnapshot
-from glow_dist.training.checkpoint_folder import remove_leftovers, set_aside_past
+from glow_dist.training.checkpoint_folder import adopt, remove_leftovers, set_aside_past
 from glow_dist.training.state import Loaded, TrainingState
 
 
@@ -95,6 +95,11 @@ class CheckpointManager:
                   f"of later steps ({', '.join(p.name for p in past)}) belong to the line abandoned there and were "
                   f"moved to {folder}, so that train.resume=auto and the rotation do not return to them (nothing "
                   "deleted: resume one with train.resume=PATH, or delete the folder)", flush=True)
+        try:
+            adopt(self.run_dir, path, step)
+        except OSError as e:   # another filesystem: the line's first checkpoint will be its start in this folder
+            print(f"[checkpoint] {path} could not be linked into {checkpoint_dir(self.run_dir)} ({e}); until this "
+                  "run's first checkpoint, train.resume=auto would not find the step it started from", flush=True)
 
     def load_local(self, found: tuple[Path, dict] | None) -> Loaded | None:
         """Load what rank 0 found into this process (no collective)."""
