@@ -3,6 +3,7 @@ periodic checkpoint (sync vs async), the stop time, and the grace periods that f
 
     .venv/bin/python bench/bench_stop.py                       # 3 repetitions on runs/ (a few minutes)
     .venv/bin/python bench/bench_stop.py --dir /shared/runs --repeats 5 --step-seconds 3
+    .venv/bin/python bench/bench_stop.py --repeats 0 --read-back-pairs 8  # only the stop's read-back, disk vs cache
 
 Everything is measured in one run on one directory, so the rows compare:
 - disk: the same byte count written as `dd bs=16M conv=fsync` does (16 MiB writes of random bytes, then fsync);
@@ -10,9 +11,11 @@ Everything is measured in one run on one directory, so the rows compare:
 - stall: the extra time of the training step that checkpoints (the CheckpointManager.save call after it), with
   train.async_checkpoint=false (the whole save) and true (a snapshot into host memory; the write goes on in the
   background), plus the time the following steps lost while that write ran;
-- stop: signal to verified checkpoint (CheckpointManager.save_verified: write the stop step, read back against its
-  sha256 as it is written), with no write in flight and with a periodic write just started (it is superseded:
-  given up at its next block).
+- stop: signal to verified checkpoint (CheckpointManager.save_verified: write the stop step, read back from the disk
+  against its sha256 as it is written: each block written back and dropped from the page cache before it is read),
+  with no write in flight and with a periodic write just started (it is superseded: given up at its next block);
+  and, side by side, the same stop whose read-back reads the page cache instead (glow-dist before issue 30, which
+  compared memory with memory). `save` is the same write with no read-back at all.
 The state is the real one of configs/celeba_hq_256.yaml: weights, EMA and Adamax's two moments with random values (no
 filesystem compression can flatter the write), plus the trainer's small entries. The "step" is a fixed CPU job on one
 thread (matrix products, about --step-seconds), standing for a GPU step that leaves the host's cores to the writer.
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from glow_dist import files
 from glow_dist.checkpoint import save_checkpoint, state_nbytes, verify_checkpoint
 from glow_dist.config import load_config
 from glow_dist.model import build_model
@@ -123,13 +127,27 @@ def stall(manager: CheckpointManager, step: Step, plain: float, at: int) -> tupl
     return extra, lost
 
 
-def stop(manager: CheckpointManager, at: int, in_flight: bool) -> float:
+def storage_reads() -> int:
+    """Bytes this process has had fetched from the storage layer, not the page cache (0 where Linux does not say)."""
+    try:
+        lines = Path("/proc/self/io").read_text().splitlines()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in lines if line.startswith("read_bytes:")), 0)
+
+
+def stop(manager: CheckpointManager, at: int, in_flight: bool, from_disk: bool = True) -> float:
+    """Seconds of the stop checkpoint; `from_disk` false: its read-back reads the page cache (before issue 30)."""
     report = NullReporter()
     if in_flight:
         manager.save(at - 1, report, 40)
-    t0 = time.perf_counter()
-    manager.save_verified(at, report, 40)
-    return time.perf_counter() - t0
+    files.READ_BACK_FROM_DISK = from_disk
+    try:
+        t0 = time.perf_counter()
+        manager.save_verified(at, report, 40)
+        return time.perf_counter() - t0
+    finally:
+        files.READ_BACK_FROM_DISK = True
 
 
 def main() -> None:
@@ -144,6 +162,9 @@ def main() -> None:
                         help="closing the MLflow run: final metrics flush and status (one retry budget)")
     parser.add_argument("--exit-seconds", type=float, default=5.0,
                         help="loader workers, Horovod shutdown and interpreter exit")
+    parser.add_argument("--read-back-pairs", type=int, default=0,
+                        help="then this many pairs of stops, read-back from the disk and from the cache, in turns "
+                             "first; the differences within a pair are what a loaded machine leaves comparable")
     args = parser.parse_args()
 
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +181,8 @@ def main() -> None:
     print(f"disk: {disk_of(workdir)} at {workdir}; load average {os.getloadavg()[0]:.2f} "
           f"(1 min) on {os.cpu_count()} cores")
     step = Step(args.step_seconds)
-    rows = []
+    rows: list[tuple] = []
+    pairs: list[tuple[float, int, float, int, float]] = []
     try:
         background.save(1, NullReporter(), 40)   # the first snapshot allocates its host buffers: not measured
         background.wait(NullReporter())
@@ -177,28 +199,62 @@ def main() -> None:
             size = path.stat().st_size
             sync_extra, _ = stall(sync, step, plain, 10 * i + 4)
             async_extra, async_lost = stall(background, step, plain, 10 * i + 5)
-            stop_idle = stop(background, 10 * i + 6, in_flight=False)
-            stop_busy = stop(background, 10 * i + 8, in_flight=True)
+            # the two read-backs one after the other, in turns first, so neither always meets a warmer machine
+            if i % 2:
+                stop_cache = stop(background, 10 * i + 6, in_flight=False, from_disk=False)
+            stop_idle = stop(background, 10 * i + 7, in_flight=False)
+            if not i % 2:
+                stop_cache = stop(background, 10 * i + 8, in_flight=False, from_disk=False)
+            stop_busy = stop(background, 10 * i + 9, in_flight=True)
             rows.append((size, disk, save, verify, plain, sync_extra, async_extra, async_lost,
-                         stop_idle, stop_busy, load))
-            print(f"repeat {i + 1}: disk {disk:.1f} s, save {save:.1f} s, stop {stop_idle:.1f} s", flush=True)
+                         stop_idle, stop_busy, load, stop_cache))
+            print(f"repeat {i + 1}: disk {disk:.1f} s, save {save:.1f} s, stop {stop_idle:.1f} s (read-back from the "
+                  f"cache {stop_cache:.1f} s)", flush=True)
+        for i in range(args.read_back_pairs):
+            load = os.getloadavg()[0]
+            timed = {}
+            for k, from_disk in enumerate((not i % 2, bool(i % 2))):   # in turns first
+                before = storage_reads()
+                seconds = stop(background, 1000 + 2 * i + k, in_flight=False, from_disk=from_disk)
+                timed[from_disk] = seconds, storage_reads() - before
+            pairs.append((*timed[True], *timed[False], load))
+            print(f"pair {i + 1}: read-back from the disk {timed[True][0]:.1f} s, from the cache "
+                  f"{timed[False][0]:.1f} s", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    report(rows, args)
+    if rows:
+        report(rows, args)
+    if pairs:
+        report_pairs(pairs)
+
+
+def report_pairs(pairs: list[tuple[float, int, float, int, float]]) -> None:
+    """Stops side by side: (seconds, bytes fetched from the storage layer) with the read-back from the disk, the same
+    from the cache, and the load."""
+    print("\n| pair | stop, read-back from the disk | read from the disk | stop, read-back from the cache | read from "
+          "the disk | difference | load |\n|---|---|---|---|---|---|---|")
+    for i, (disk, disk_read, cache, cache_read, load) in enumerate(pairs, 1):
+        print(f"| {i} | {disk:.2f} s | {disk_read / 1e9:.2f} GB | {cache:.2f} s | {cache_read / 1e9:.2f} GB | "
+              f"{disk - cache:+.2f} s | {load:.1f} |")
+    med = [statistics.median(p[k] for p in pairs) for k in range(5)]
+    print(f"| median | {med[0]:.2f} s | {med[1] / 1e9:.2f} GB | {med[2]:.2f} s | {med[3] / 1e9:.2f} GB | "
+          f"{statistics.median(p[0] - p[2] for p in pairs):+.2f} s | {med[4]:.1f} |")
 
 
 def report(rows: list[tuple], args: argparse.Namespace) -> None:
     print("\n| run | file | disk (dd-like, fsync) | save | save / disk | MB/s | verify (read back) | step | "
-          "stall sync | stall async | async: later steps lost | stop | stop / disk | stop, write in flight | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for i, (size, disk, save, verify, plain, sync_x, async_x, lost, stop_i, stop_b, load) in enumerate(rows, 1):
+          "stall sync | stall async | async: later steps lost | stop | stop / disk | stop, write in flight | "
+          "stop, read-back from the cache | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for i, (size, disk, save, verify, plain, sync_x, async_x, lost, stop_i, stop_b, load, stop_c) in \
+            enumerate(rows, 1):
         print(f"| {i} | {size / 2**30:.2f} GiB | {disk:.2f} s | {save:.2f} s | {save / disk:.2f}x | "
               f"{size / save / 1e6:.0f} | {verify:.2f} s | {plain:.2f} s | {sync_x:.2f} s | {async_x:.2f} s | "
-              f"{lost:.2f} s | {stop_i:.2f} s | {stop_i / disk:.2f}x | {stop_b:.2f} s | {load:.1f} |")
+              f"{lost:.2f} s | {stop_i:.2f} s | {stop_i / disk:.2f}x | {stop_b:.2f} s | {stop_c:.2f} s | {load:.1f} |")
     med = [statistics.median(r[k] for r in rows) for k in range(len(rows[0]))]
     print(f"| median | | {med[1]:.2f} s | {med[2]:.2f} s | {med[2] / med[1]:.2f}x | {med[0] / med[2] / 1e6:.0f} | "
           f"{med[3]:.2f} s | {med[4]:.2f} s | {med[5]:.2f} s | {med[6]:.2f} s | {med[7]:.2f} s | {med[8]:.2f} s | "
-          f"{med[8] / med[1]:.2f}x | {med[9]:.2f} s | {med[10]:.1f} |")
+          f"{med[8] / med[1]:.2f}x | {med[9]:.2f} s | {med[11]:.2f} s | {med[10]:.1f} |")
     worst_stop = max(max(r[8], r[9]) for r in rows)
     budget = args.stop_step_seconds + worst_stop + args.mlflow_seconds + args.exit_seconds
     grace = 30 * math.ceil(2 * budget / 30)

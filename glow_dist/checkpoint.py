@@ -12,8 +12,8 @@ checkpoint (a finished job run again, an elastic reset, a resume from an older f
 one: the sidecar first lists the old file's digest and the new one's, then the new file replaces the old in one
 rename, then the sidecar is cut to the new digest; whenever the process dies, the file in place matches a line of its
 sidecar (`sha256sum -c` reports the other line of such a two-line sidecar as failed; the next start trims it).
-The file is written in one pass: its sha256
-is computed from the bytes as they go to the disk (glow_dist/files.py, HashingWriter), never read back, and the zip
+The file is written in one pass: its sha256 is computed from the bytes as they go to the disk (glow_dist/files.py,
+HashingWriter), never read back (but for the stop checkpoint, read back from the disk as it is written), and the zip
 records' own CRC32 is not computed (the sha256 covers every byte; torch.load does not need it).
 
 What a state holds is the trainer's business (glow_dist/training/state.py); this module only stores, verifies and
@@ -71,8 +71,8 @@ def sidecar(path: str | Path) -> Path:
 def _drill_slow_write(cancel: Event | None) -> None:
     # Fault drill: GLOW_DIST_INJECT_SLOW_CHECKPOINT=SECONDS holds every write here, its temporary file complete but
     # not yet renamed (its sidecar already lists it, and the old file's digest on a re-save), as a multi-GB
-    # checkpoint would be; tests kill a stopping job at this point. A write that is
-    # superseded meanwhile (`cancel`) stops holding at once, as a real one would at its next block.
+    # checkpoint would be; tests kill a stopping job at this point. A write that is superseded meanwhile (`cancel`)
+    # stops holding at once, as a real one would at its next block.
     delay = float(os.environ.get("GLOW_DIST_INJECT_SLOW_CHECKPOINT", "0") or 0)
     if delay > 0:
         (cancel or Event()).wait(delay)

@@ -12,6 +12,7 @@ read back.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -130,19 +131,28 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object],
         os.close(fd)   # the lock goes with it, after the rename
 
 
-def _sync_file_range() -> Callable[[int, int, int], None]:
-    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range back without waiting for it, so the
-    disk works while the rest is still being produced (the final fsync then waits only for the tail). A no-op where
-    libc lacks it."""
+def _sync_file_range(flags: int) -> Callable[[int, int, int], None]:
+    """Linux's sync_file_range with `flags`: 2 (SYNC_FILE_RANGE_WRITE) starts writing a range back without waiting
+    for it, so the disk works while the rest is still being produced (the final fsync then waits only for the tail);
+    7 (WAIT_BEFORE | WRITE | WAIT_AFTER) returns once the range is on the disk. A no-op where libc lacks it."""
     try:
         call = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (AttributeError, OSError):
         return lambda fd, offset, length: None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return lambda fd, offset, length: call(fd, offset, length, 2)   # 2: SYNC_FILE_RANGE_WRITE
+    return lambda fd, offset, length: call(fd, offset, length, flags)
 
 
-_start_writeback = _sync_file_range()
+_start_writeback, _wait_writeback = _sync_file_range(2), _sync_file_range(7)
+# The read-back reads the disk: each block is written back and dropped from the page cache before it is read (else
+# it compares memory with memory). False only in bench/bench_stop.py, which measures what that costs.
+READ_BACK_FROM_DISK = True
+
+
+def _drop_cached(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to forget the cached pages of a range that is already on the disk (clean pages only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 class Superseded(Exception):
@@ -158,8 +168,12 @@ class HashingWriter:
     thread writes it, and a write returns only once both are done, so the caller may reuse its buffer. An OSError of
     the OS write (ENOSPC, EIO) is raised from `write` or `flush`; `cancel` set: Superseded at the next block.
 
-    With `read_back`, a third thread reads each block back from the file once it is written and hashes what it read
-    (`read_back_hexdigest()`), one block behind the writer, so a verified file costs no second pass at the end."""
+    With `read_back`, a third thread reads each block back from the disk once it is written and hashes what it read
+    (`read_back_hexdigest()`), one block behind the writer, so a verified file costs no second pass at the end:
+    the block is written back (sync_file_range) and its pages dropped from the cache (posix_fadvise DONTNEED) first,
+    so what is compared is what the disk returns, not the memory just written; dropped again once hashed, so a
+    multi-GB checkpoint does not push the training's own files out of the cache. (On tmpfs there is no disk: the
+    cache is the file. Network filesystems may serve the read from their own client or server caches.)"""
 
     def __init__(self, fd: int, read_back: bool = False, cancel: Event | None = None) -> None:
         self.fd, self.written, self.cancel = fd, 0, cancel
@@ -222,6 +236,9 @@ class HashingWriter:
         if len(self._read_buffer) < length:
             self._read_buffer = bytearray(length)
         view = memoryview(self._read_buffer)[:length]
+        if READ_BACK_FROM_DISK:
+            _wait_writeback(self.fd, offset, length)
+            _drop_cached(self.fd, offset, length)
         done = 0
         while done < length:
             got = os.preadv(self.fd, [view[done:]], offset + done)
@@ -229,6 +246,8 @@ class HashingWriter:
                 raise OSError(errno.EIO, f"the file ended {offset + done} bytes in while reading it back")
             done += got
         self._read_back.update(view)
+        if READ_BACK_FROM_DISK:
+            _drop_cached(self.fd, offset, length)
 
     def _write_all(self, view: memoryview, offset: int) -> None:
         done = 0

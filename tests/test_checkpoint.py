@@ -248,3 +248,26 @@ def test_leftovers_of_killed_writes_are_removed_but_never_a_live_writers(tmp_pat
     assert "never completed" in found["ckpt-00000003.pt"][1]
     assert sorted(p.name for p in directory.iterdir()) == ["ckpt-00000001.pt", "ckpt-00000001.pt.sha256", "notes.txt"]
     assert remove_leftovers(tmp_path) == ([], [])
+
+
+def _bytes_read_from_storage() -> int:
+    """What this process has caused to be fetched from the storage layer (not the page cache), in bytes."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    raise AssertionError("no read_bytes in /proc/self/io")
+
+
+def test_the_stop_checkpoints_read_back_reads_the_disk(tmp_path: Path) -> None:
+    """The read-back of a stop checkpoint (read_back=True) fetches the file's bytes from the disk, not the page cache
+    that the write has just filled (it used to read the cache: 0 bytes from the disk)."""
+    if not Path("/proc/self/io").exists():
+        pytest.skip("no /proc/self/io (I/O accounting) on this kernel")
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()
+    if fs in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is on {fs}: the page cache is the only copy, there is no disk to read")
+    big = torch.rand(24_000_000)   # 96 MB: a block of 64 MiB and its tail
+    before = _bytes_read_from_storage()
+    path = save_checkpoint({"big": big, "step": 1}, tmp_path, step=1, keep=1, read_back=True)
+    read = _bytes_read_from_storage() - before
+    assert read >= 0.95 * path.stat().st_size, f"{read} bytes read from the disk for a {path.stat().st_size}-byte file"

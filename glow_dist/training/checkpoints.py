@@ -5,7 +5,7 @@
     manager.save(step, report)              # rank 0 snapshots the state; a background thread writes it
     manager.poll(report)                    # after every step: a finished write is reported, a failed one raised
     manager.wait(report)                    # the write in flight finished (before a rollback, at the end)
-    path = manager.save_verified(step, report)   # the stop checkpoint: local only, read back as it is written
+    path = manager.save_verified(step, report)   # the stop checkpoint: local only, read back from the disk
     loaded = manager.rollback()             # after too many non-finite steps: the newest good checkpoint
 
 Periodic and final checkpoints are asynchronous (`train.async_checkpoint`, default true): rank 0 copies the state
@@ -171,7 +171,7 @@ class CheckpointManager:
         """The stop checkpoint. A write in flight of an earlier step is superseded (given up at its next block; if
         it was already complete it counts as the previous checkpoint); one that failed (an I/O error) is reported
         and does not stop this one. Then the state of `step` is written from the live tensors (training has
-        stopped), local only (an upload of GBs would outlast the scheduler's grace), and read back
+        stopped), local only (an upload of GBs would outlast the scheduler's grace), and read back from the disk
         against its sha256 while it is written, so the stop is reported only once the file is known good. Rank 0;
         None elsewhere."""
         if not self.main:
