@@ -403,3 +403,44 @@ def test_scancel_past_killwait_keeps_the_previous_checkpoint_which_resumes(stop_
     assert_identical(straight["ema"], resumed["ema"])
     print(f"{PAST_KILLWAIT}: job {job.ids[0]} CANCELLED, the stop checkpoint cut by SIGKILL after KillWait; "
           f"job {job.ids[-1]} resumed from {previous.name}: {info['JobState']}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The cluster's folder: root trusts what it holds (munge.key, slurm.conf, the lines copied into /etc/hosts).
+
+PLANTED = ["owned by another user", "writable by others", "a symbolic link", "below another user's folder"]
+
+
+@pytest.mark.parametrize("how", PLANTED)
+def test_local_cluster_refuses_a_folder_another_user_could_have_planted(tmp_path, how):
+    """A folder that a local user created first (or can write or swap) is refused in one line, exit 2, before root
+    reads anything from it. `status` and `env` go through the same check as `start` (start would otherwise set up
+    the namespaces, which may not run beside another cluster)."""
+    if os.geteuid() != 0:
+        pytest.skip("the check guards root's use of the folder; as another user there is nothing to guard")
+    tmp_path.chmod(0o700)
+    planted = tmp_path / "glow-slurm"
+    if how == "owned by another user":
+        planted.mkdir()
+        os.chown(planted, 12345, 12345)   # any uid but root's: the folder's maker
+    elif how == "writable by others":
+        planted.mkdir()
+        planted.chmod(0o777)
+    elif how == "a symbolic link":
+        (tmp_path / "elsewhere").mkdir()
+        planted.symlink_to(tmp_path / "elsewhere")
+    else:
+        (tmp_path / "users").mkdir()
+        os.chown(tmp_path / "users", 12345, 12345)
+        planted = tmp_path / "users" / "glow-slurm"
+        planted.mkdir()
+    (planted / "slurm.conf").write_text("SlurmctldHost=attacker\n")
+    for action in ("status", "env"):
+        out = subprocess.run(["bash", str(CLUSTER), action, str(planted)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and out.stdout == "", (action, out)
+        (line,) = out.stderr.splitlines()
+        assert line.startswith(f"local-cluster: refusing {planted}: ") and "another user could have planted" in line
+    fresh = tmp_path / "fresh"   # a folder of root's, 0700, is accepted
+    fresh.mkdir(mode=0o700)
+    out = subprocess.run(["bash", str(CLUSTER), "env", str(fresh)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and f"SLURM_CONF={fresh}/slurm.conf" in out.stdout, out
