@@ -16,6 +16,11 @@ It takes horovodrun's arguments and runs horovodrun (Gloo) in this process. Thre
    stop signals (the setting is inherited, and sh and ssh keep a signal that was ignored when they started).
 3. A rank's non-zero exit status becomes the launcher's (horovodrun prints a traceback and exits 1), so
    `train.stop_exit_code` reaches the scheduler.
+4. Secrets stay off command lines. horovodrun writes every exported variable into each rank's command, and into
+   `ssh host '...'` for other hosts, where `ps` shows it to every user. The variables that credentials.is_secret
+   names (MLFLOW_TRACKING_PASSWORD, AWS_SECRET_ACCESS_KEY, *_TOKEN, ...) are left out of those commands, and the
+   middleman writes them to the rank's standard input instead (over ssh's channel to another host); the rank reads
+   them into its environment at start (credentials.receive, in `glow-dist`'s main).
 
 A stop signal that comes while the ranks are still starting (Slurm's time-limit warning or a scancel during a slow
 start) is not lost: each rank on this host gets it as soon as it has installed its handler (the signal's bit in
@@ -34,16 +39,54 @@ import sys
 import threading
 from typing import Any
 
+from glow_dist.distributed import credentials
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def _middleman(*args: Any) -> None:
-    """horovodrun's per-rank middleman process, ignoring the stop signals (inherited by `sh -c` and ssh)."""
+    """horovodrun's per-rank middleman process, ignoring the stop signals (inherited by `sh -c` and ssh), and giving
+    a rank's command the secrets on its stdin."""
     from horovod.runner.common.util import safe_shell_exec
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    _secrets_to_stdin(command=args[0])
     safe_shell_exec._exec_middleman(*args)
+
+
+# Secrets (4. above): off the command lines, onto each rank's stdin.
+
+def _hold_back_secrets() -> None:
+    """Leave this environment's secrets out of the commands horovodrun writes (local ranks still inherit them as
+    environment, which only their user can read) and tell the ranks to read them from stdin."""
+    from horovod.runner.common.util import env as env_util
+
+    secrets = credentials.secrets_in(os.environ)
+    if not secrets:
+        return
+    exportable = env_util.is_exportable   # gloo_run calls env_util.is_exportable(name) for each variable it writes
+    env_util.is_exportable = lambda name: exportable(name) and name not in secrets
+    os.environ[credentials.ON_STDIN] = ",".join(sorted(secrets))   # names only: exported, so every rank sees it
+
+
+def _secrets_to_stdin(command: str) -> None:
+    """In the middleman: when `command` starts a rank (it carries ON_STDIN), make the secrets its stdin (a pipe
+    that holds the one line, then EOF; ssh forwards it to a remote rank). Other commands (horovodrun's ssh checks)
+    keep /dev/null."""
+    names = os.environ.get(credentials.ON_STDIN)
+    if not names or f"{credentials.ON_STDIN}=" not in command:
+        return
+    line = credentials.encode({name: os.environ[name] for name in names.split(",")})
+    read, write = os.pipe()
+
+    def feed() -> None:   # a thread: a line longer than the pipe's buffer must not block the start
+        with os.fdopen(write, "wb") as pipe:
+            pipe.write(line)
+
+    threading.Thread(target=feed, daemon=True).start()
+    os.dup2(read, 0)   # the command (sh -c, then ssh or the rank) inherits fd 0
+    os.close(read)
 
 
 def local_ranks() -> list[Any]:
@@ -154,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gloo_run.register_shutdown_event = register_shutdown_event
     safe_shell_exec._exec_middleman = _middleman  # spawned by reference: the child imports this module
+    _hold_back_secrets()
     for sig in STOP_SIGNALS:  # from here on, before horovodrun has started anything
         signal.signal(sig, forward)
     if argv is not None:
