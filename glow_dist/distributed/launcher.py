@@ -22,6 +22,13 @@ It takes horovodrun's arguments and runs horovodrun (Gloo) in this process. Thre
    middleman writes them to the rank's standard input instead (over ssh's channel to another host); the rank reads
    them into its environment at start (credentials.receive, in `glow-dist`'s main).
 
+5. On a Slurm site with pam_slurm_adopt, the ssh sessions that horovodrun opens to the other nodes join the job,
+   so scancel or preemption sends SIGTERM to their sshd too: each session ends, its ssh here exits 255 ("Connection
+   to hostB closed by remote host") and horovodrun would kill rank 0 5 s later, in the middle of the stop checkpoint
+   (tests/test_slurm.py reproduces it). The remote rank itself got the signal and stops with the others, over Gloo,
+   which needs no ssh. So when a remote rank's ssh ends with 255 within SESSION_GRACE_S of a stop signal (the nodes
+   are signalled at about the same time, in either order), the launcher says so and waits for the ranks instead.
+
 A stop signal that comes while the ranks are still starting (Slurm's time-limit warning or a scancel during a slow
 start) is not lost: each rank on this host gets it as soon as it has installed its handler (the signal's bit in
 SigCgt of /proc/PID/status; before that the signal's default action would kill it), until the launcher ends.
@@ -37,6 +44,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 from glow_dist.distributed import credentials
@@ -178,6 +186,37 @@ class _Forwarder:
         self.shutdown.set()
 
 
+# A remote rank's ssh session ended by the stop (5. above).
+
+SSH_LOST = 255          # ssh's own status: the connection ended (the remote command's status is unknown)
+SESSION_GRACE_S = 5.0   # how long after a stop signal (or before it) an ended session is put down to the stop
+
+
+def _execute_tolerating_stopped_sessions(execute: Any, forward: _Forwarder) -> Any:
+    """horovodrun's safe_shell_exec.execute, except that a remote rank's ssh ending with SSH_LOST around a stop signal
+    counts as done rather than failed, so that horovodrun does not terminate the other ranks for it; rank 0's own
+    status still decides the launcher's."""
+    from horovod.runner.util.remote import SSH_COMMAND_PREFIX
+
+    def run(command: str, *args: Any, **kwargs: Any) -> int:
+        status = execute(command, *args, **kwargs)
+        if status != SSH_LOST or not command.startswith(SSH_COMMAND_PREFIX) or "HOROVOD_RANK=" not in command:
+            return status
+        deadline = time.monotonic() + SESSION_GRACE_S
+        while not forward.stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not forward.stopping:
+            return status
+        rank = re.search(r"HOROVOD_RANK=(\d+)", command)
+        host = re.search(r"HOROVOD_HOSTNAME=(\S+)", command)
+        _say(f"rank {rank.group(1) if rank else '?'} on {host.group(1) if host else '?'}: its ssh session ended "
+             "with the stop signal (a scheduler that signals ssh sessions too); it stops with the others over Gloo, "
+             "so the ranks are left to finish the stop")
+        return 0
+
+    return run
+
+
 def _say(text: str) -> None:
     print(f"glow-dist-horovodrun: {text}", file=sys.stderr, flush=True)
 
@@ -197,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gloo_run.register_shutdown_event = register_shutdown_event
     safe_shell_exec._exec_middleman = _middleman  # spawned by reference: the child imports this module
+    safe_shell_exec.execute = _execute_tolerating_stopped_sessions(safe_shell_exec.execute, forward)
     _hold_back_secrets()
     for sig in STOP_SIGNALS:  # from here on, before horovodrun has started anything
         signal.signal(sig, forward)
