@@ -481,6 +481,19 @@ def adopted_processes(cluster: Cluster, job_id: str, host: str) -> list[int]:
     return [pid for session in sorted(sessions) for pid in below(session)]
 
 
+def job_ranks(job_id: str) -> list[int]:
+    """The job's rank processes left on any node (SLURM_JOB_ID and HOROVOD_RANK in their environment)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"SLURM_JOB_ID={job_id}".encode() in env and any(v.startswith(b"HOROVOD_RANK=") for v in env):
+            found.append(int(entry.name))
+    return found
+
+
 def test_scancel_that_also_signals_the_ranks_ssh_sessions_still_ends_with_the_stop_checkpoint(
         cluster, cluster_mlflow, digits_shards, tmp_path_factory):
     """scancel on a site with pam_slurm_adopt: SIGTERM to every process of the job on every host, on hostB the
@@ -502,8 +515,10 @@ def test_scancel_that_also_signals_the_ranks_ssh_sessions_still_ends_with_the_st
             os.kill(pid, signal.SIGTERM)
     try:
         wait_final(cluster, [job], 120)
+        # Rank 1 lost its session (its output goes nowhere now) but stopped with rank 0 and exited by itself.
+        wait_for(lambda: not job_ranks(job_id), 60, f"the ranks of job {job_id} to exit")
     finally:
-        for pid in adopted_processes(cluster, job_id, "hostB"):   # what a real site's job end would SIGKILL
+        for pid in job_ranks(job_id):   # what a real site's job end would SIGKILL
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     output = job.output

@@ -2,8 +2,8 @@
 
     glow-dist-horovodrun -np 2 -H localhost:2 --gloo glow-dist train --config configs/digits.yaml
 
-It takes horovodrun's arguments and runs horovodrun (Gloo) in this process. Three things differ, all about stopping
-(horovod 0.28.1, horovod/runner/gloo_run.py and common/util/safe_shell_exec.py):
+It takes horovodrun's arguments and runs horovodrun (Gloo) in this process. Five things differ, all but the fourth
+about stopping (horovod 0.28.1, horovod/runner/gloo_run.py and common/util/safe_shell_exec.py):
 
 1. horovodrun answers SIGTERM or SIGINT by sending SIGTERM to each rank and SIGKILL 5 s later
    (GRACEFUL_TERMINATION_TIME_S, not an option): rank 0, busy writing the stop checkpoint, is killed and horovodrun
@@ -21,13 +21,13 @@ It takes horovodrun's arguments and runs horovodrun (Gloo) in this process. Thre
    names (MLFLOW_TRACKING_PASSWORD, AWS_SECRET_ACCESS_KEY, *_TOKEN, ...) are left out of those commands, and the
    middleman writes them to the rank's standard input instead (over ssh's channel to another host); the rank reads
    them into its environment at start (credentials.receive, in `glow-dist`'s main).
-
 5. On a Slurm site with pam_slurm_adopt, the ssh sessions that horovodrun opens to the other nodes join the job,
    so scancel or preemption sends SIGTERM to their sshd too: each session ends, its ssh here exits 255 ("Connection
    to hostB closed by remote host") and horovodrun would kill rank 0 5 s later, in the middle of the stop checkpoint
    (tests/test_slurm.py reproduces it). The remote rank itself got the signal and stops with the others, over Gloo,
-   which needs no ssh. So when a remote rank's ssh ends with 255 within SESSION_GRACE_S of a stop signal (the nodes
-   are signalled at about the same time, in either order), the launcher says so and waits for the ranks instead.
+   which needs no ssh. So when a remote rank's ssh ends with 255 during a stop, or SESSION_GRACE_S before its signal
+   reaches this launcher (the nodes are signalled at about the same time, in either order), the launcher says so and
+   waits for the ranks instead; without a stop it is a failure as before, SESSION_GRACE_S later.
 
 A stop signal that comes while the ranks are still starting (Slurm's time-limit warning or a scancel during a slow
 start) is not lost: each rank on this host gets it as soon as it has installed its handler (the signal's bit in
