@@ -185,6 +185,10 @@ MLFLOW_DIR ?= mlflow
 MLFLOW_STORE := $(abspath $(MLFLOW_DIR))
 # More `docker run` options for the training container, e.g. DOCKER_RUN_ARGS="-e NCCL_DEBUG=INFO".
 DOCKER_RUN_ARGS ?=
+# Credentials set in this environment (MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_*, *_TOKEN: the set is defined once,
+# in glow_dist/distributed/credentials.py) go into the containers by name: `-e NAME`, whose value docker copies from
+# its own environment. `-e NAME=value` would put the secret on make's and docker's command lines, which `ps` shows.
+DOCKER_ENV_ARGS = $(shell $(PYTHON) -m glow_dist.distributed.credentials docker-env)
 # The private engine of launch/dockerd-private.sh, when no other is configured (no DOCKER_HOST, no system socket).
 ifeq ($(origin DOCKER_HOST)$(wildcard /var/run/docker.sock),undefined)
 PRIVATE_DOCKER_SOCK := $(shell bash launch/dockerd-private.sh sock)
@@ -234,13 +238,13 @@ docker-train: docker-build
 	docker run --rm --name $(CONTAINER) $(if $(filter gpu,$(FLAVOUR)),--gpus all --ulimit memlock=-1) \
 		--network host --ipc host --stop-timeout $(STOP_GRACE) --user $$(id -u):$$(id -g) -e HOME=/tmp \
 		-v $(abspath $(DATA)):/data:ro -v $(abspath $(DOCKER_RUN_DIR)):/runs -v $(MLFLOW_STORE):$(MLFLOW_STORE) \
-		-v $(CURDIR)/configs:/workspace/glow-dist/configs:ro $(DOCKER_RUN_ARGS) \
+		-v $(CURDIR)/configs:/workspace/glow-dist/configs:ro $(DOCKER_ENV_ARGS) $(DOCKER_RUN_ARGS) \
 		$(IMAGE) glow-dist-horovodrun -np $(RANKS) -H localhost:$(RANKS) --gloo \
 		glow-dist train --config $(CONFIG) data.root=/data train.run_dir=/runs \
 		tracking.uri=$(TRACKING_URI) tracking.local_dir=$(MLFLOW_STORE) $(TRAIN_ARGS)
 	docker run --rm $(if $(filter gpu,$(FLAVOUR)),--gpus all) --network host --user $$(id -u):$$(id -g) -e HOME=/tmp \
 		-v $(abspath $(DATA)):/data:ro -v $(abspath $(DOCKER_RUN_DIR)):/runs -v $(MLFLOW_STORE):$(MLFLOW_STORE) \
-		$(IMAGE) glow-dist evaluate --checkpoint /runs --baseline
+		$(DOCKER_ENV_ARGS) $(IMAGE) glow-dist evaluate --checkpoint /runs --baseline
 	@echo "Review the run in MLflow: make mlflow-ui, then open http://127.0.0.1:$(MLFLOW_PORT)"
 
 # The Docker suite (tests/test_docker.py, marker docker): its own private dockerd, the CPU image, training, stops.

@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from glow_dist.distributed.credentials import CredentialsError, receive
+
+    try:
+        receive()   # under glow-dist-horovodrun: the secrets it kept off the command line, before anything reads them
+    except CredentialsError as e:
+        print(f"glow-dist: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

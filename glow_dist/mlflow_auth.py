@@ -1,9 +1,9 @@
 """Who this process is to an MLflow tracking server, and what to say when the server refuses it.
 
 Clients authenticate the standard MLflow way, which every MLflow call here inherits: MLFLOW_TRACKING_USERNAME and
-MLFLOW_TRACKING_PASSWORD, else the `[mlflow]` section of ~/.mlflow/credentials (`mlflow_tracking_username`,
-`mlflow_tracking_password`; the better choice under horovodrun, which passes environment variables to remote ranks on
-the ssh command line); over https the server's certificate is checked, against MLFLOW_TRACKING_SERVER_CERT_PATH
+MLFLOW_TRACKING_PASSWORD (under glow-dist-horovodrun they reach the ranks on stdin, never on a command line:
+distributed/credentials.py), else the `[mlflow]` section of ~/.mlflow/credentials (`mlflow_tracking_username`,
+`mlflow_tracking_password`); over https the server's certificate is checked, against MLFLOW_TRACKING_SERVER_CERT_PATH
 when set. A refusal is not an outage: HTTP 401 (who you are) or 403 (what you may do) cannot be fixed by retrying,
 so training stops at start with the message `refusal` gives, where an unreachable server would only be retried.
 """

@@ -39,10 +39,13 @@ if [[ -n $HOST_DISCOVERY ]]; then
 else
     hosts=(--hostfile "$HOSTFILE")
 fi
+# The ranks find the tracking server in $MLFLOW_TRACKING_URI (exported above), not in a tracking.uri argument: a URI
+# may hold a password (http://user:password@host), and glow-dist-horovodrun keeps secrets off every command line,
+# sending them to the ranks over ssh's channel (README, Security). Credentials: MLFLOW_TRACKING_USERNAME and
+# MLFLOW_TRACKING_PASSWORD in this environment, or ~/.mlflow/credentials on every host.
 cmd=(glow-dist-horovodrun -np "$NP" "${hosts[@]}" --gloo --network-interfaces "$NIC"
      --start-timeout "$START_TIMEOUT" -p "$SSH_PORT"
-     glow-dist train --config "$CONFIG" "data.root=$DATA" "train.run_dir=$RUN_DIR"
-     "tracking.uri=$MLFLOW_TRACKING_URI" "$@")
+     glow-dist train --config "$CONFIG" "data.root=$DATA" "train.run_dir=$RUN_DIR" "$@")
 if [[ ${DRY_RUN:-0} == 1 ]]; then
     printf '%q ' "${cmd[@]}"; echo
     exit 0

@@ -15,8 +15,10 @@ state are printed (pytest -rP shows them).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -403,3 +405,131 @@ def test_scancel_past_killwait_keeps_the_previous_checkpoint_which_resumes(stop_
     assert_identical(straight["ema"], resumed["ema"])
     print(f"{PAST_KILLWAIT}: job {job.ids[0]} CANCELLED, the stop checkpoint cut by SIGKILL after KillWait; "
           f"job {job.ids[-1]} resumed from {previous.name}: {info['JobState']}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The cluster's folder: root trusts what it holds (munge.key, slurm.conf, the lines copied into /etc/hosts).
+
+PLANTED = ["owned by another user", "writable by others", "a symbolic link", "below another user's folder"]
+
+
+@pytest.mark.parametrize("how", PLANTED)
+def test_local_cluster_refuses_a_folder_another_user_could_have_planted(tmp_path, how):
+    """A folder that a local user created first (or can write or swap) is refused in one line, exit 2, before root
+    reads anything from it. `status` and `env` go through the same check as `start` (start would otherwise set up
+    the namespaces, which may not run beside another cluster)."""
+    if os.geteuid() != 0:
+        pytest.skip("the check guards root's use of the folder; as another user there is nothing to guard")
+    tmp_path.chmod(0o700)
+    planted = tmp_path / "glow-slurm"
+    if how == "owned by another user":
+        planted.mkdir()
+        os.chown(planted, 12345, 12345)   # any uid but root's: the folder's maker
+    elif how == "writable by others":
+        planted.mkdir()
+        planted.chmod(0o777)
+    elif how == "a symbolic link":
+        (tmp_path / "elsewhere").mkdir()
+        planted.symlink_to(tmp_path / "elsewhere")
+    else:
+        (tmp_path / "users").mkdir()
+        os.chown(tmp_path / "users", 12345, 12345)
+        planted = tmp_path / "users" / "glow-slurm"
+        planted.mkdir()
+    (planted / "slurm.conf").write_text("SlurmctldHost=attacker\n")
+    for action in ("status", "env"):
+        out = subprocess.run(["bash", str(CLUSTER), action, str(planted)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and out.stdout == "", (action, out)
+        (line,) = out.stderr.splitlines()
+        assert line.startswith(f"local-cluster: refusing {planted}: ") and "another user could have planted" in line
+    fresh = tmp_path / "fresh"   # a folder of root's, 0700, is accepted
+    fresh.mkdir(mode=0o700)
+    out = subprocess.run(["bash", str(CLUSTER), "env", str(fresh)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and f"SLURM_CONF={fresh}/slurm.conf" in out.stdout, out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A site where processes started over ssh join the job (pam_slurm_adopt): scancel signals them too.
+
+ADOPT_CHECKPOINT_SECONDS = "12"   # the stop checkpoint outlasts horovodrun's 5 s between SIGTERM and SIGKILL
+
+
+def adopted_processes(cluster: Cluster, job_id: str, host: str) -> list[int]:
+    """What pam_slurm_adopt puts into job `job_id` on `host`: each sshd session that started one of the job's ranks
+    there (the child of the node's sshd listener that the rank descends from), and every process below it (the
+    remote shell of horovodrun's command, the rank, its workers)."""
+    listener = int((cluster.dir / "hosts" / f"sshd_{host}.pid").read_text())
+    parent, environ = {}, {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ[int(entry.name)] = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+    sessions = set()
+    for pid, env in environ.items():
+        if f"SLURM_JOB_ID={job_id}".encode() in env and any(v.startswith(b"HOROVOD_RANK=") for v in env):
+            p = pid
+            while parent.get(p, listener) not in (listener, 0, 1):
+                p = parent[p]
+            if parent.get(p) == listener:
+                sessions.add(p)
+
+    def below(pid: int) -> list[int]:
+        return [pid] + [d for child, up in parent.items() if up == pid for d in below(child)]
+
+    return [pid for session in sorted(sessions) for pid in below(session)]
+
+
+def job_ranks(job_id: str) -> list[int]:
+    """The job's rank processes left on any node (SLURM_JOB_ID and HOROVOD_RANK in their environment)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"SLURM_JOB_ID={job_id}".encode() in env and any(v.startswith(b"HOROVOD_RANK=") for v in env):
+            found.append(int(entry.name))
+    return found
+
+
+def test_scancel_that_also_signals_the_ranks_ssh_sessions_still_ends_with_the_stop_checkpoint(
+        cluster, cluster_mlflow, digits_shards, tmp_path_factory):
+    """scancel on a site with pam_slurm_adopt: SIGTERM to every process of the job on every host, on hostB the
+    sshd session that horovodrun opened there and everything below it (its `bash -c` wrapper, the rank). The stop
+    checkpoint takes longer than horovodrun's 5 s grace; it must still be written and verified, not cut by
+    horovodrun killing rank 0 because rank 1's ssh ended."""
+    job = Job("adopted", tmp_path_factory.mktemp("slurm-adopted") / "job")
+    submit(cluster, cluster_mlflow, digits_shards, job, "--partition=high",
+           env={"GLOW_DIST_INJECT_SLOW_CHECKPOINT": ADOPT_CHECKPOINT_SECONDS})
+    job_id = job.ids[0]
+    wait_for(lambda: job.steps_logged() >= 20 and cluster.state(job_id) == "RUNNING", 300, "the job to train")
+    on_b = adopted_processes(cluster, job_id, "hostB")
+    assert on_b, "no process of the job found below hostB's sshd"
+    names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace") for pid in on_b}
+    job.signalled_at = time.time()
+    cluster.run("scancel", job_id)   # SIGTERM to the job's processes on hostA (its batch step), SIGKILL KillWait later
+    for pid in on_b:                 # ... and, as pam_slurm_adopt makes it, to the ones it adopted on hostB
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    try:
+        wait_final(cluster, [job], 120)
+        # Rank 1 lost its session (its output goes nowhere now) but stopped with rank 0 and exited by itself.
+        wait_for(lambda: not job_ranks(job_id), 60, f"the ranks of job {job_id} to exit")
+    finally:
+        for pid in job_ranks(job_id):   # what a real site's job end would SIGKILL
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    output = job.output
+    print(f"adopted: job {job_id}, SIGTERM on hostB to {sorted(names.values())}\n{output[-3000:]}")
+    stops = stop_checkpoints(job)
+    assert stops, f"no stop checkpoint: horovodrun ended the job first\n{output[-4000:]}"
+    verify_checkpoint(stops[0][1])
+    # horovodrun did not take rank 1's ended session for a failed rank; rank 0's status (75) is the launcher's.
+    assert "Terminating remaining workers after failure of Process 1" not in output, output[-4000:]
+    assert "rank 1 on hostB: its ssh session ended with the stop signal" in output, output[-4000:]
+    assert "glow-dist-horovodrun: a rank exited with status 75; exiting with it" in output, output[-4000:]
+    written = Path(f"{stops[0][1]}.sha256").stat().st_mtime
+    print(f"adopted: signal -> verified stop checkpoint (step {stops[0][0]}) {written - job.signalled_at:.1f} s; "
+          f"final state {cluster.state(job_id)}")

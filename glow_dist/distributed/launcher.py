@@ -2,8 +2,8 @@
 
     glow-dist-horovodrun -np 2 -H localhost:2 --gloo glow-dist train --config configs/digits.yaml
 
-It takes horovodrun's arguments and runs horovodrun (Gloo) in this process. Three things differ, all about stopping
-(horovod 0.28.1, horovod/runner/gloo_run.py and common/util/safe_shell_exec.py):
+It takes horovodrun's arguments and runs horovodrun (Gloo) in this process. Five things differ, all but the fourth
+about stopping (horovod 0.28.1, horovod/runner/gloo_run.py and common/util/safe_shell_exec.py):
 
 1. horovodrun answers SIGTERM or SIGINT by sending SIGTERM to each rank and SIGKILL 5 s later
    (GRACEFUL_TERMINATION_TIME_S, not an option): rank 0, busy writing the stop checkpoint, is killed and horovodrun
@@ -16,6 +16,18 @@ It takes horovodrun's arguments and runs horovodrun (Gloo) in this process. Thre
    stop signals (the setting is inherited, and sh and ssh keep a signal that was ignored when they started).
 3. A rank's non-zero exit status becomes the launcher's (horovodrun prints a traceback and exits 1), so
    `train.stop_exit_code` reaches the scheduler.
+4. Secrets stay off command lines. horovodrun writes every exported variable into each rank's command, and into
+   `ssh host '...'` for other hosts, where `ps` shows it to every user. The variables that credentials.is_secret
+   names (MLFLOW_TRACKING_PASSWORD, AWS_SECRET_ACCESS_KEY, *_TOKEN, ...) are left out of those commands, and the
+   middleman writes them to the rank's standard input instead (over ssh's channel to another host); the rank reads
+   them into its environment at start (credentials.receive, in `glow-dist`'s main).
+5. On a Slurm site with pam_slurm_adopt, the ssh sessions that horovodrun opens to the other nodes join the job,
+   so scancel or preemption sends SIGTERM to their sshd too: each session ends, its ssh here exits 255 ("Connection
+   to hostB closed by remote host") and horovodrun would kill rank 0 5 s later, in the middle of the stop checkpoint
+   (tests/test_slurm.py reproduces it). The remote rank itself got the signal and stops with the others, over Gloo,
+   which needs no ssh. So when a remote rank's ssh ends with 255 during a stop, or SESSION_GRACE_S before its signal
+   reaches this launcher (the nodes are signalled at about the same time, in either order), the launcher says so and
+   waits for the ranks instead; without a stop it is a failure as before, SESSION_GRACE_S later.
 
 A stop signal that comes while the ranks are still starting (Slurm's time-limit warning or a scancel during a slow
 start) is not lost: each rank on this host gets it as soon as it has installed its handler (the signal's bit in
@@ -32,18 +44,57 @@ import re
 import signal
 import sys
 import threading
+import time
 from typing import Any
+
+from glow_dist.distributed import credentials
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def _middleman(*args: Any) -> None:
-    """horovodrun's per-rank middleman process, ignoring the stop signals (inherited by `sh -c` and ssh)."""
+    """horovodrun's per-rank middleman process, ignoring the stop signals (inherited by `sh -c` and ssh), and giving
+    a rank's command the secrets on its stdin."""
     from horovod.runner.common.util import safe_shell_exec
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    _secrets_to_stdin(command=args[0])
     safe_shell_exec._exec_middleman(*args)
+
+
+# Secrets (4. above): off the command lines, onto each rank's stdin.
+
+def _hold_back_secrets() -> None:
+    """Leave this environment's secrets out of the commands horovodrun writes (local ranks still inherit them as
+    environment, which only their user can read) and tell the ranks to read them from stdin."""
+    from horovod.runner.common.util import env as env_util
+
+    secrets = credentials.secrets_in(os.environ)
+    if not secrets:
+        return
+    exportable = env_util.is_exportable   # gloo_run calls env_util.is_exportable(name) for each variable it writes
+    env_util.is_exportable = lambda name: exportable(name) and name not in secrets
+    os.environ[credentials.ON_STDIN] = ",".join(sorted(secrets))   # names only: exported, so every rank sees it
+
+
+def _secrets_to_stdin(command: str) -> None:
+    """In the middleman: when `command` starts a rank (it carries ON_STDIN), make the secrets its stdin (a pipe
+    that holds the one line, then EOF; ssh forwards it to a remote rank). Other commands (horovodrun's ssh checks)
+    keep /dev/null."""
+    names = os.environ.get(credentials.ON_STDIN)
+    if not names or f"{credentials.ON_STDIN}=" not in command:
+        return
+    line = credentials.encode({name: os.environ[name] for name in names.split(",")})
+    read, write = os.pipe()
+
+    def feed() -> None:   # a thread: a line longer than the pipe's buffer must not block the start
+        with os.fdopen(write, "wb") as pipe:
+            pipe.write(line)
+
+    threading.Thread(target=feed, daemon=True).start()
+    os.dup2(read, 0)   # the command (sh -c, then ssh or the rank) inherits fd 0
+    os.close(read)
 
 
 def local_ranks() -> list[Any]:
@@ -135,6 +186,37 @@ class _Forwarder:
         self.shutdown.set()
 
 
+# A remote rank's ssh session ended by the stop (5. above).
+
+SSH_LOST = 255          # ssh's own status: the connection ended (the remote command's status is unknown)
+SESSION_GRACE_S = 5.0   # how long after a stop signal (or before it) an ended session is put down to the stop
+
+
+def _execute_tolerating_stopped_sessions(execute: Any, forward: _Forwarder) -> Any:
+    """horovodrun's safe_shell_exec.execute, except that a remote rank's ssh ending with SSH_LOST around a stop signal
+    counts as done rather than failed, so that horovodrun does not terminate the other ranks for it; rank 0's own
+    status still decides the launcher's."""
+    from horovod.runner.util.remote import SSH_COMMAND_PREFIX
+
+    def run(command: str, *args: Any, **kwargs: Any) -> int:
+        status = execute(command, *args, **kwargs)
+        if status != SSH_LOST or not command.startswith(SSH_COMMAND_PREFIX) or "HOROVOD_RANK=" not in command:
+            return status
+        deadline = time.monotonic() + SESSION_GRACE_S
+        while not forward.stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not forward.stopping:
+            return status
+        rank = re.search(r"HOROVOD_RANK=(\d+)", command)
+        host = re.search(r"HOROVOD_HOSTNAME=(\S+)", command)
+        _say(f"rank {rank.group(1) if rank else '?'} on {host.group(1) if host else '?'}: its ssh session ended "
+             "with the stop signal (a scheduler that signals ssh sessions too); it stops with the others over Gloo, "
+             "so the ranks are left to finish the stop")
+        return 0
+
+    return run
+
+
 def _say(text: str) -> None:
     print(f"glow-dist-horovodrun: {text}", file=sys.stderr, flush=True)
 
@@ -154,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
 
     gloo_run.register_shutdown_event = register_shutdown_event
     safe_shell_exec._exec_middleman = _middleman  # spawned by reference: the child imports this module
+    safe_shell_exec.execute = _execute_tolerating_stopped_sessions(safe_shell_exec.execute, forward)
+    _hold_back_secrets()
     for sig in STOP_SIGNALS:  # from here on, before horovodrun has started anything
         signal.signal(sig, forward)
     if argv is not None:

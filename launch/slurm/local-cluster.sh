@@ -14,6 +14,10 @@
 #
 # DIR (default /tmp/glow-slurm) holds slurm.conf, munge's key and socket, the daemons' logs and state, and the ssh
 # key and wrapper. Exit 77: this machine cannot run it (not root, no namespaces, packages not installable).
+# Root trusts what DIR holds (it runs munged with that key, the daemons with that slurm.conf, and copies lines into
+# /etc/hosts), so DIR must be root's alone: it is made 0700 when absent, and one that another user owns or could write
+# (or could replace: a folder above it that is not root's, or writable by others without the sticky bit, as /tmp
+# has) is refused in one line, exit 2 (trusted_dir).
 #
 # Topology. hostA and hostB talk over their own link (eth0 is not used: gd0, 10.200.0.1-2, named in /etc/hosts), as
 # the ranks do. The controller runs in this (the root) namespace at 10.201.9.1 ("glow-slurmctld"), reached by each
@@ -43,6 +47,39 @@ say() { echo "local-cluster: $*" >&2; }
 
 if [[ $action == node-* ]]; then dir=${3:+$2} node=${3:-${2:-}}; else dir=${2:-}; fi
 dir=${dir:-/tmp/glow-slurm}
+# DIR and every folder above it: root's, and writable by no one else (the folders above may be sticky, as /tmp is),
+# so that no other local user planted or can swap what root reads from it. `start` makes DIR (0700) when absent.
+trusted_dir() {
+    local path real owner mode why=""
+    (($(id -u) == 0)) || return 0   # only root's use of DIR is at stake (start says it needs root)
+    if [[ ! -e $dir && ! -L $dir && $action == start ]]; then
+        mkdir -p "$(dirname "$dir")"
+        mkdir -m 0700 "$dir" 2>/dev/null || true   # fails if someone made it meanwhile: checked below like any other
+    fi
+    [[ -e $dir || -L $dir ]] || return 0   # nothing there: stop, status and env have nothing to trust
+    if [[ -L $dir ]]; then
+        why="it is a symbolic link"
+    elif [[ ! -d $dir ]]; then
+        why="it is not a directory"
+    else
+        real=$(cd "$dir" && pwd -P)
+        path=$real
+        while :; do
+            read -r owner mode < <(stat -c '%u %a' "$path")
+            if ((owner != 0)); then
+                why="${path} is owned by uid $owner, not root"
+            elif ((8#$mode & 8#022)) && { [[ $path == "$real" ]] || ! ((8#$mode & 8#1000)); }; then
+                why="${path} is writable by group or others (mode $mode)"
+            fi
+            [[ -z $why && $path != / ]] || break
+            path=$(dirname "$path")
+        done
+    fi
+    [[ -z $why ]] && return 0
+    echo "local-cluster: refusing $dir: $why, so another user could have planted munge.key, slurm.conf or the" \
+        "/etc/hosts lines that root would use; remove it or pass a folder only root can write: $0 $action /root/glow-slurm" >&2
+    exit 2
+}
 ns_of() { echo "glow${1#host}-$TAG"; }   # hostA -> glowA-slurm
 letter() { echo "${1#host}"; }
 
@@ -258,6 +295,7 @@ status() {
     squeue
 }
 
+case $action in start | stop | status | env | node-kill | node-start) trusted_dir ;; esac
 case $action in
     start) start ;;
     stop) stop ;;
