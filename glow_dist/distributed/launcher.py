@@ -15,7 +15,9 @@ It takes horovodrun's arguments and runs horovodrun (Gloo) in this process. Thre
    `ssh` to a remote host. horovodrun reads their death as a failed rank and kills the rest. Here they ignore the
    stop signals (the setting is inherited, and sh and ssh keep a signal that was ignored when they started).
 3. A rank's non-zero exit status becomes the launcher's (horovodrun prints a traceback and exits 1), so
-   `train.stop_exit_code` reaches the scheduler.
+   `train.stop_exit_code` reaches the scheduler. When any rank exited 69 (a lost peer: glow_dist/failures.py),
+   that is the status, whichever rank horovodrun saw fail first: the ranks killed after a lost peer (the ssh to a
+   dead host: 255; a rank terminated by horovodrun: 143) say nothing about what to do, 69 does (rerun to resume).
 
 A stop signal that comes while the ranks are still starting (Slurm's time-limit warning or a scancel during a slow
 start) is not lost: each rank on this host gets it as soon as it has installed its handler (the signal's bit in
@@ -33,6 +35,8 @@ import signal
 import sys
 import threading
 from typing import Any
+
+from glow_dist.failures import EX_PEER_LOST
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -135,6 +139,19 @@ class _Forwarder:
         self.shutdown.set()
 
 
+def _recording(exec_command_fn: Any, statuses: list[int]) -> Any:
+    """horovodrun's per-rank executor factory, recording every rank's exit status in `statuses`."""
+    def factory(settings: Any) -> Any:
+        run_rank = exec_command_fn(settings)
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            exit_code, timestamp = run_rank(*args, **kwargs)
+            statuses.append(exit_code)
+            return exit_code, timestamp
+        return recorded
+    return factory
+
+
 def _say(text: str) -> None:
     print(f"glow-dist-horovodrun: {text}", file=sys.stderr, flush=True)
 
@@ -153,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         return shutdown
 
     gloo_run.register_shutdown_event = register_shutdown_event
+    statuses: list[int] = []
+    gloo_run._exec_command_fn = _recording(gloo_run._exec_command_fn, statuses)
     safe_shell_exec._exec_middleman = _middleman  # spawned by reference: the child imports this module
     for sig in STOP_SIGNALS:  # from here on, before horovodrun has started anything
         signal.signal(sig, forward)
@@ -166,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         status = int(code.group(1))
         status = 128 - status if status < 0 else status  # killed by a signal: the shell's convention
+        if EX_PEER_LOST in statuses and status != EX_PEER_LOST:
+            _say(f"a rank exited with status {status} after a peer was lost; exiting with {EX_PEER_LOST}")
+            return EX_PEER_LOST
         _say(f"a rank exited with status {status}; exiting with it")
         return status or 1
     return 0
