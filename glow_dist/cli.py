@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from glow_dist.failures import JobFailure, announce
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     except JobFailure as e:
         # A fault that ended the job (a lost peer): its one line, on the one rank that speaks for the job.
         announce(e, args.command)
+        if e.exit_now:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.status)
         return e.status
     except Exception as e:
         found = _user_error_kind(e)

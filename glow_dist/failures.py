@@ -6,7 +6,8 @@ tags, and an exit status that tells a scheduler or a script what to do.
 
 The Trainer reports it through the rank-0 reporter (`report.failed(f)`: tags `failure.reason`, `failure.step`,
 `failure.checkpoint`, `failure.message`) and closes the run FAILED; `glow-dist` then prints
-`glow-dist train: peer error: <line>` on the rank that `speaks` (the others print nothing) and exits `status`.
+`glow-dist train: peer error: <line>` on the rank that `speaks` (the others print nothing) and exits `status`
+(at once, with os._exit, when `exit_now`).
 Where no exception can be raised (the step watchdog's thread, while the main thread is stuck inside a collective),
 `announce(f)` prints the same line, at most once per process, and the caller ends the process with os._exit.
 """
@@ -28,10 +29,13 @@ class JobFailure(Exception):
     rank that prints it; `step` is the last step every rank completed; `checkpoint` the newest verified one."""
 
     def __init__(self, line: str, *, reason: str, kind: str = "job", status: int = 1, speaks: bool = True,
-                 step: int | None = None, checkpoint: str | None = None) -> None:
+                 step: int | None = None, checkpoint: str | None = None, exit_now: bool = False) -> None:
         super().__init__(line)
         self.reason, self.kind, self.status, self.speaks = reason, kind, status, speaks
         self.step, self.checkpoint = step, checkpoint
+        # Once the line is out, end the process at once (os._exit) instead of the interpreter's teardown: after a
+        # lost peer Horovod's shutdown can take longer than the 5 s horovodrun gives a rank before its SIGKILL.
+        self.exit_now = exit_now
 
     def tags(self) -> dict[str, str]:
         """The run's `failure.*` tags (MLflow tag values are capped at 5000 characters)."""

@@ -67,6 +67,16 @@ def is_peer_failure(error: BaseException) -> bool:
     return isinstance(error, HorovodInternalError)
 
 
+def peer_failure_cause(error: BaseException) -> str:
+    """What a collective's failure says, in a few words. Horovod's own error only says that it shut down; the
+    Gloo error that made it (a timeout, a closed connection) is in its log line just before."""
+    text = str(error).strip()
+    if not text or text.startswith("Horovod has been shut down"):
+        timeout = os.environ.get("HOROVOD_GLOO_TIMEOUT_SECONDS", "30")
+        return f"a collective failed: Gloo timed out (HOROVOD_GLOO_TIMEOUT_SECONDS, {timeout} s) or lost its connection"
+    return f"a collective failed: {text.splitlines()[0][:160]}"
+
+
 def launched_by_horovod() -> bool:
     # horovodrun / mpirun set these for every rank; a plain process has none of them.
     return "HOROVOD_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ

@@ -23,8 +23,8 @@ import urllib.error
 import urllib.request
 from typing import Any, NamedTuple
 
-BEAT_S = 1.0        # between two heartbeats of a rank
-WINDOW_S = 3.5      # a rank whose heartbeat did not change over this long is silent
+BEAT_S = 0.5        # between two heartbeats of a rank
+WINDOW_S = 2.0      # a rank whose heartbeat did not change over this long is silent
 SCOPE = "glowdist-heartbeat"
 _HTTP_TIMEOUT_S = 2.0
 

@@ -68,7 +68,7 @@ class PeerLoss:
         line = (f"{what}, after step {step} ({cause}); {resume}; run the same command again to resume "
                 f"(exit status {EX_PEER_LOST})")
         return JobFailure(line, reason="peer-lost", kind="peer", status=EX_PEER_LOST, speaks=speaks, step=step,
-                          checkpoint=str(found[0]) if found else None)
+                          checkpoint=str(found[0]) if found else None, exit_now=True)
 
 
 def linger(failure: JobFailure) -> None:

@@ -45,7 +45,7 @@ from glow_dist.config import Config
 from glow_dist.data import make_loader
 from glow_dist.distributed import gateway as dist
 from glow_dist.distributed.watchdog import StepWatchdog
-from glow_dist.failures import JobFailure, announce
+from glow_dist.failures import EX_PEER_LOST, JobFailure, announce
 from glow_dist.model import build_model, preprocess, resolved_runtime
 from glow_dist.runtime import apply_tf32, device_memory_bytes
 from glow_dist.tracking.reporter import NullReporter, RunFacts
@@ -126,7 +126,7 @@ class Trainer:
         if stop is None:
             with StopSignal() as own:
                 return self.fit(own)
-        status = "FAILED"
+        status, lost_peer = "FAILED", False
         try:
             result = ElasticTraining(self).fit(stop) if self.cfg.dist.elastic else self._fit(stop)
             status = "KILLED" if result.get("stopped") else "FINISHED"
@@ -139,21 +139,21 @@ class Trainer:
             failure = self._job_failure(e)
             if failure is None:
                 raise   # a bug: its traceback
+            lost_peer = failure.status == EX_PEER_LOST
             self.report.failed(failure)
             linger(failure)
             raise failure from None
         finally:
             self.report.finish(status)
-            if status != "FAILED":
-                self.watchdog.close()   # after a failure it stays armed: a rank that hangs on its way out still ends
+            if not lost_peer:   # after a lost peer it stays armed: a rank that hangs on its way out still ends
+                self.watchdog.close()
 
     def _job_failure(self, error: Exception) -> JobFailure | None:
         """The one-line failure an error stands for (a lost peer), or None for a bug."""
         if isinstance(error, JobFailure):
             return error
         if dist.is_peer_failure(error):
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            return self.peer_loss.failure(self.state.position.step, cause=f"a collective failed: {first[:160]}")
+            return self.peer_loss.failure(self.state.position.step, cause=dist.peer_failure_cause(error))
         return None
 
     def _on_hang(self, silent: float) -> int:
