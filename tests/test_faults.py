@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -212,3 +213,51 @@ def test_a_stalled_step_on_one_host_is_ended_by_the_watchdog(two_hosts, tmp_path
     checkpoint = assert_one_line_and_failed(job, tmp_path, elapsed, HANG_TIMEOUT_S + 60,
                                             "is alive but did not finish step 7")
     assert_resumes(two_hosts, tmp_path, digits_shards, checkpoint)
+
+
+# --- On one host (no root needed): a killed rank, and the guard on its own. ---------------------------------------
+
+def test_a_killed_rank_ends_the_job_with_one_line_from_rank_0(tmp_path, digits_shards, job_cleanup):
+    """SIGKILL of rank 1 (an OOM kill, a crash): horovodrun sees it first and tears the job down, yet rank 0 names
+    it, closes the run FAILED and the launcher exits 69, not the killed rank's 137."""
+    train = [sys.executable, "-m", "glow_dist", "train", "--config", "configs/debug.yaml", f"data.root={digits_shards}",
+             f"train.run_dir={tmp_path / 'run'}", f"tracking.local_dir={tmp_path / 'mlflow'}", "train.steps=60",
+             "train.log_every=1", "train.eval_every=1000", "train.sample_every=1000", "train.checkpoint_every=2",
+             "train.max_eval_batches=2", "train.progress=false", "train.threads=1"]
+    job = Job([str(BIN / "glow-dist-horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo", *train],
+              tmp_path / "job.log", env={"GLOW_DIST_INJECT_SLOW_STEP": "0.5"})
+    job_cleanup.append(job)
+    job.wait_training(tmp_path / "run")
+    job.rank(1).kill()
+    t0 = time.monotonic()
+    job.proc.wait(timeout=120)
+    out = job.output()
+    assert job.proc.returncode == EX_PEER_LOST, f"exit {job.proc.returncode}:\n{out[-4000:]}"
+    lines = [line for line in out.splitlines() if LINE in line]
+    assert len(lines) == 1 and f"rank 1 on {socket.gethostname()} went silent" in lines[0], out[-4000:]
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}").search_runs(["1"])[0]
+    assert run.info.status == "FAILED" and run.data.tags["failure.reason"] == "peer-lost"
+    assert not job.processes()
+    print(f"killed rank: ended in {time.monotonic() - t0:.1f} s; {lines[0]}")
+
+
+def test_the_guard_ends_a_stopped_rank_once_nobody_reads_its_output():
+    """What ends a frozen rank on hostB: its guard, once the ssh session (here: the pipe's reader) is gone."""
+    code = ("from glow_dist.distributed import guard; import time; guard.start(); print('up', flush=True); "
+            "time.sleep(600)")
+    rank = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=REPO)
+    try:
+        assert rank.stdout.readline() == b"up\n"
+        rank.send_signal(signal.SIGSTOP)
+        time.sleep(3)
+        assert rank.poll() is None   # the reader is still there: the guard leaves the rank alone
+        rank.stdout.close()          # the session ends
+        assert rank.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        rank.kill()
+        rank.wait()
+    deadline = time.monotonic() + 10   # and the guard itself is gone
+    while any("glow_dist.distributed.guard" in " ".join(p.info["cmdline"] or []) and str(rank.pid) in
+              (p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])):
+        assert time.monotonic() < deadline, "the guard outlived its rank"
+        time.sleep(0.2)

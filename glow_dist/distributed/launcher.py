@@ -10,7 +10,9 @@ It takes horovodrun's arguments and runs horovodrun (Gloo) in this process. Thre
    exits 1 with a traceback. Here SIGTERM, SIGINT and SIGUSR1 are forwarded to the ranks on this host instead; the
    ranks vote to stop after the same step, rank 0 checkpoints, every rank exits and horovodrun ends by itself.
    The scheduler's own SIGKILL (Slurm's KillWait, Kubernetes' grace period) stays the deadline. A second SIGINT, or
-   GLOW_DIST_STOP_TIMEOUT seconds after the first signal (if set), hands over to horovodrun's termination.
+   GLOW_DIST_STOP_TIMEOUT seconds after the first signal (if set), hands over to horovodrun's termination, which
+   here gives ranks on this host LOCAL_RANK_GRACE_S (30 s, not 5) between SIGTERM and SIGKILL: after a lost peer,
+   rank 0 has the time to print its line and close the run before horovodrun's teardown kills it.
 2. Slurm signals every process of the job, horovodrun's helpers too: the per-rank middleman, its `sh -c` and the
    `ssh` to a remote host. horovodrun reads their death as a failed rank and kills the rest. Here they ignore the
    stop signals (the setting is inherited, and sh and ssh keep a signal that was ignored when they started).
@@ -41,12 +43,21 @@ from glow_dist.failures import EX_PEER_LOST
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
+# Between horovodrun's SIGTERM and its SIGKILL to a rank on this host when the job is torn down (horovodrun: 5 s).
+# After a lost peer the first rank to exit is often the one that died; rank 0 then needs the time to name it,
+# verify the newest checkpoint (a 2.75 GiB one reads in about 15 s) and close the MLflow run. The `ssh` to a remote
+# rank keeps 5 s: killing it ends the remote session, and the rank's guard then ends the rank.
+LOCAL_RANK_GRACE_S = 30
+
+
 def _middleman(*args: Any) -> None:
     """horovodrun's per-rank middleman process, ignoring the stop signals (inherited by `sh -c` and ssh)."""
     from horovod.runner.common.util import safe_shell_exec
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if not str(args[0]).lstrip().startswith("ssh "):   # the command of a rank on this host
+        safe_shell_exec.GRACEFUL_TERMINATION_TIME_S = LOCAL_RANK_GRACE_S
     safe_shell_exec._exec_middleman(*args)
 
 

@@ -93,6 +93,19 @@ class Heartbeats:
                        cut_off=False, known=True)
 
 
+def wait_until_silent(heartbeats: Heartbeats, rank: int, timeout: float) -> None:
+    """Until `rank` stops beating (its process ended), at most `timeout` seconds; without a store, the timeout."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        seen = heartbeats._read() if heartbeats.base is not None else None
+        seq = (seen or {}).get(rank, {}).get("seq")
+        if seen is not None and last is not None and seq == last:
+            return
+        last = seq
+        time.sleep(min(WINDOW_S, max(0.0, deadline - time.monotonic())))
+
+
 def who(entries: list[dict]) -> str:
     """'rank 1 on hostB', 'ranks 1, 3 on hostB, hostC'."""
     ranks = ", ".join(str(e["rank"]) for e in entries)

@@ -13,12 +13,11 @@ and closed the MLflow run.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from glow_dist.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
 from glow_dist.config import Config
-from glow_dist.distributed.peers import WINDOW_S, Heartbeats, who
+from glow_dist.distributed.peers import WINDOW_S, Heartbeats, wait_until_silent, who
 from glow_dist.failures import EX_PEER_LOST, JobFailure
 
 LINGER_S = 30.0
@@ -71,7 +70,8 @@ class PeerLoss:
                           checkpoint=str(found[0]) if found else None, exit_now=True)
 
 
-def linger(failure: JobFailure) -> None:
-    """A rank that does not speak gives the one that does time to print and close the run (see the docstring)."""
+def linger(failure: JobFailure, heartbeats: Heartbeats) -> None:
+    """A rank that does not speak gives rank 0, which does, time to print and close the run (see the docstring):
+    until rank 0 has ended (its heartbeat stopped), at most LINGER_S."""
     if not failure.speaks:
-        time.sleep(LINGER_S)
+        wait_until_silent(heartbeats, 0, LINGER_S)

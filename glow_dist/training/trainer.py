@@ -141,7 +141,7 @@ class Trainer:
                 raise   # a bug: its traceback
             lost_peer = failure.status == EX_PEER_LOST
             self.report.failed(failure)
-            linger(failure)
+            linger(failure, self.watchdog.heartbeats)
             raise failure from None
         finally:
             self.report.finish(status)
@@ -163,7 +163,7 @@ class Trainer:
         announce(failure)
         self.report.failed(failure)
         self.report.finish("FAILED")
-        linger(failure)
+        linger(failure, self.watchdog.heartbeats)
         return failure.status
 
     def _fit(self, stop: StopSignal) -> dict[str, float]:
