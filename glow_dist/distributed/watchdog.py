@@ -92,6 +92,8 @@ class StepWatchdog:
 
     def _run(self) -> None:
         while not self._closed.wait(BEAT_S):
+            if not self.enabled:
+                return
             self.heartbeats.put(self.step, dist.in_collective())
             budget, last = self.budget(), self._last
             if budget is None or last is None or self._busy:

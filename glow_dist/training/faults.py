@@ -56,6 +56,9 @@ class PeerLoss:
             what = (f"{who(verdict.stalled)} {'are' if plural else 'is'} alive but did not finish step {step + 1}, "
                     f"outside any collective, while the others waited for {'them' if plural else 'it'} (a stalled "
                     "step: a hung data loader, disk or GPU kernel; each rank's Python stack is in the log)")
+        elif self.heartbeats.size == 1:
+            what = ("this process's step hangs (a hung data loader, disk or GPU kernel; its Python stack is in the "
+                    "log)")
         elif verdict.all_waiting:
             what = ("every rank waits in a collective (a hung all-reduce: NCCL, Gloo or the network between the "
                     "hosts; each rank's Python stack is in the log)")
