@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from glow_dist.failures import JobFailure, announce
 
 # name -> (module, one-line help). Order is the order shown by --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -56,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args._module.run(args) or 0)
+    except JobFailure as e:
+        # A fault that ended the job (a lost peer): its one line, on the one rank that speaks for the job.
+        announce(e, args.command)
+        if e.exit_now:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.status)
+        return e.status
     except Exception as e:
         found = _user_error_kind(e)
         if found is None:
@@ -67,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 EX_IOERR = 74   # sysexits.h: a checkpoint could not be written (disk full, I/O error); distinct from a stop (75)
+# and from a lost peer (EX_PEER_LOST, 69: glow_dist/failures.py)
 
 
 def _user_error_kind(error: Exception) -> tuple[str, int] | None:

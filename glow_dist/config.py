@@ -125,6 +125,9 @@ class DistConfig:
     fp16_allreduce: bool = False  # compress gradients to fp16 on the wire
     # Horovod's threads: low (nice 19) | normal | auto (low on CPU ranks)
     background_priority: str = choice("auto", "auto", "low", "normal")
+    # seconds with no completed step before every rank ends the job (stacks dumped, exit 69: a peer was lost;
+    # glow_dist/distributed/watchdog.py). 0: auto, max(120, 20 x the median step) after 10 steps
+    hang_timeout: float = 0.0
 
 
 @dataclass
@@ -340,6 +343,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.{key} must be >= 0 (0: only at the end), got {getattr(t, key)}")
     if not 0 <= t.stop_exit_code <= 255:
         raise ConfigError(f"train.stop_exit_code must be an exit status 0..255, got {t.stop_exit_code}")
+    if cfg.dist.hang_timeout < 0:
+        raise ConfigError(f"dist.hang_timeout must be >= 0 seconds (0: auto), got {cfg.dist.hang_timeout}")
     if cfg.dist.commit_every < 1:
         raise ConfigError(f"dist.commit_every must be at least 1, got {cfg.dist.commit_every}")
     if cfg.tracking.log_checkpoints == "every_n" and cfg.tracking.log_checkpoints_every < 1:

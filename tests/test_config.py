@@ -73,6 +73,9 @@ def test_cross_field_validation():
     with pytest.raises(ConfigError, match="dist.background_priority.*auto, low, normal"):
         load_config(None, ["dist.background_priority=high"])
     assert load_config(None, ["train.eval_every=0"]).train.eval_every == 0  # 0: only at the end
+    with pytest.raises(ConfigError, match="dist.hang_timeout must be >= 0 seconds"):
+        load_config(None, ["dist.hang_timeout=-1"])
+    assert load_config(None, ["dist.hang_timeout=300"]).dist.hang_timeout == 300.0
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -533,3 +533,23 @@ def test_scancel_that_also_signals_the_ranks_ssh_sessions_still_ends_with_the_st
     written = Path(f"{stops[0][1]}.sha256").stat().st_mtime
     print(f"adopted: signal -> verified stop checkpoint (step {stops[0][0]}) {written - job.signalled_at:.1f} s; "
           f"final state {cluster.state(job_id)}")
+
+
+def test_a_lost_peer_requeues_the_job_a_bounded_number_of_times(cluster, cluster_mlflow, digits_shards,
+                                                                 tmp_path_factory):
+    """Exit status 69 (a peer was lost: here rank 1 on hostB stalls in step 7, which the step watchdog ends) makes
+    the sbatch script requeue the job, which resumes from the newest verified checkpoint; with PEER_LOST_RETRIES=1
+    the second loss ends the job FAILED with exit status 69 instead of requeueing forever."""
+    job = Job("peer-lost", tmp_path_factory.mktemp("slurm-peer-lost"))
+    submit(cluster, cluster_mlflow, digits_shards, job, "--partition=high",
+           env={"GLOW_DIST_INJECT_STALL": "7:1", "PEER_LOST_RETRIES": "1", "GLOW_DIST_INJECT_SLOW_STEP": "0"},
+           args=("train.checkpoint_every=2", "dist.hang_timeout=15"))
+    wait_final(cluster, [job], 900)
+    output, info = job.output, cluster.job(job.ids[0])
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "69:0", "1"), \
+        f"{info}\n{output[-4000:]}"
+    assert output.count("a peer was lost (exit 69): requeueing job") == 1, output[-4000:]
+    assert "a peer was lost (exit 69) again: not requeueing" in output, output[-4000:]
+    assert output.count("glow-dist train: peer error: rank 1 on hostB is alive but did not finish step 8") == 2
+    assert f"resumed from {job.run_dir / 'checkpoints' / 'ckpt-00000006.pt'}" in output, output[-4000:]
+    print(f"peer lost: job {job.ids[0]} requeued once, then {info['JobState']} with exit {info['ExitCode']}")

@@ -7,7 +7,8 @@
 train.resume=auto (the default) continues from the newest checkpoint in train.run_dir and the same MLflow run.
 SIGTERM, SIGINT or SIGUSR1 stops every rank after the same step with a checkpoint; the exit status is then
 train.stop_exit_code on rank 0 (0 by default; the Slurm and Kubernetes launch files use 75, "stopped, run me
-again") and 0 on the other ranks.
+again") and 0 on the other ranks. A lost or hung peer (a rank or host gone silent, or no step for
+dist.hang_timeout seconds) ends every rank with one line and exit status 69: the same command resumes.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ When Horovod is not installed at all, a single-process stand-in with the same se
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -30,7 +31,50 @@ from typing import Any, NamedTuple
 
 import torch
 
+from glow_dist.distributed import guard
+
 _hvd: ModuleType | None = None   # horovod.torch once init() succeeded; None means single process
+_guard: Any = None               # this rank's guard process (glow_dist/distributed/guard.py)
+_collectives_waited = 0          # collectives this rank is inside now (its heartbeat says so: peers.py)
+
+
+def _collective(fn: Any) -> Any:
+    """Marks the time a rank spends inside a collective, so that a hang can be told apart from a stalled rank: the
+    ranks that wait in one are held up by a rank that is not (glow_dist/distributed/peers.py)."""
+    @functools.wraps(fn)
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        global _collectives_waited
+        _collectives_waited += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _collectives_waited -= 1
+    return marked
+
+
+def in_collective() -> bool:
+    """True while this rank waits inside a collective (read from the watchdog's thread)."""
+    return _collectives_waited > 0
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """True for the error a collective raises when another rank went away or stopped answering (Horovod shut
+    down after a Gloo timeout or a closed connection)."""
+    try:
+        from horovod.common.exceptions import HorovodInternalError
+    except ImportError:
+        return False
+    return isinstance(error, HorovodInternalError)
+
+
+def peer_failure_cause(error: BaseException) -> str:
+    """What a collective's failure says, in a few words. Horovod's own error only says that it shut down; the
+    Gloo error that made it (a timeout, a closed connection) is in its log line just before."""
+    text = str(error).strip()
+    if not text or text.startswith("Horovod has been shut down"):
+        timeout = os.environ.get("HOROVOD_GLOO_TIMEOUT_SECONDS", "30")
+        return f"a collective failed: Gloo timed out (HOROVOD_GLOO_TIMEOUT_SECONDS, {timeout} s) or lost its connection"
+    return f"a collective failed: {text.splitlines()[0][:160]}"
 
 
 def launched_by_horovod() -> bool:
@@ -73,6 +117,9 @@ def init(background_priority: str = "auto") -> None:
         print(f"[dist] horovod init failed ({e}); running as a single process without Horovod", flush=True)
         return
     _hvd = hvd
+    if launched_by_horovod():
+        global _guard
+        _guard = guard.start()   # ends this rank if its launcher (or the ssh session to it) goes away
     if background_priority == "low" or (background_priority == "auto" and not torch.cuda.is_available()):
         _quiet_waits(_thread_ids() - threads_before)
 
@@ -169,6 +216,7 @@ def is_main() -> bool:
     return rank() == 0
 
 
+@_collective
 def host_count() -> int:
     """Number of distinct hosts taking part (for run tags); collective, so call it on every rank."""
     hvd = horovod_module()
@@ -186,6 +234,7 @@ def pin_device() -> torch.device:
     return torch.device("cpu")
 
 
+@_collective
 def allreduce_sum(tensor: torch.Tensor, name: str = "dist.allreduce_sum") -> torch.Tensor:
     """Elementwise sum over ranks (a new tensor; the input is unchanged)."""
     hvd = horovod_module()
@@ -194,6 +243,7 @@ def allreduce_sum(tensor: torch.Tensor, name: str = "dist.allreduce_sum") -> tor
     return hvd.allreduce(tensor, op=hvd.Sum, name=name)
 
 
+@_collective
 def allreduce_mean(tensor: torch.Tensor, name: str = "dist.allreduce_mean") -> torch.Tensor:
     """Elementwise mean over ranks (a new tensor; the input is unchanged)."""
     hvd = horovod_module()
@@ -213,6 +263,7 @@ def allreduce_scalars(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, mean.tolist(), strict=True))
 
 
+@_collective
 def broadcast_parameters(module: torch.nn.Module) -> None:
     """Copy rank 0's parameters and buffers (state_dict, so ActNorm's `initialized` flag too) to every rank."""
     hvd = horovod_module()
@@ -227,6 +278,7 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
         flags[k].copy_(v.bool())
 
 
+@_collective
 def broadcast_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Copy rank 0's optimizer state (after a resume) to every rank.
 
@@ -249,6 +301,7 @@ def broadcast_training_state(model: torch.nn.Module, optimizer: torch.optim.Opti
     broadcast_parameters(ema)
 
 
+@_collective
 def allgather_object(obj: Any, name: str = "dist.allgather_object") -> list[Any]:
     """Every rank's `obj` (any picklable value), in rank order, on every rank."""
     hvd = horovod_module()
@@ -257,6 +310,7 @@ def allgather_object(obj: Any, name: str = "dist.allgather_object") -> list[Any]
     return hvd.allgather_object(obj, name=name)
 
 
+@_collective
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` (any picklable value) on every rank."""
     hvd = horovod_module()
@@ -265,6 +319,7 @@ def broadcast_object(obj: Any) -> Any:
     return hvd.broadcast_object(obj, root_rank=0, name="dist.broadcast_object")
 
 
+@_collective
 def barrier() -> None:
     """Wait until every rank arrives here."""
     hvd = horovod_module()
@@ -296,6 +351,7 @@ class StepResult(NamedTuple):
     stop: bool = False        # True on every rank when any rank passed stop_requested (a signal arrived)
 
 
+@_collective
 def clip_and_step(
     optimizer: torch.optim.Optimizer,
     parameters: Iterable[torch.Tensor],

@@ -10,12 +10,16 @@ about stopping (horovod 0.28.1, horovod/runner/gloo_run.py and common/util/safe_
    exits 1 with a traceback. Here SIGTERM, SIGINT and SIGUSR1 are forwarded to the ranks on this host instead; the
    ranks vote to stop after the same step, rank 0 checkpoints, every rank exits and horovodrun ends by itself.
    The scheduler's own SIGKILL (Slurm's KillWait, Kubernetes' grace period) stays the deadline. A second SIGINT, or
-   GLOW_DIST_STOP_TIMEOUT seconds after the first signal (if set), hands over to horovodrun's termination.
+   GLOW_DIST_STOP_TIMEOUT seconds after the first signal (if set), hands over to horovodrun's termination, which
+   here gives ranks on this host LOCAL_RANK_GRACE_S (30 s, not 5) between SIGTERM and SIGKILL: after a lost peer,
+   rank 0 has the time to print its line and close the run before horovodrun's teardown kills it.
 2. Slurm signals every process of the job, horovodrun's helpers too: the per-rank middleman, its `sh -c` and the
    `ssh` to a remote host. horovodrun reads their death as a failed rank and kills the rest. Here they ignore the
    stop signals (the setting is inherited, and sh and ssh keep a signal that was ignored when they started).
 3. A rank's non-zero exit status becomes the launcher's (horovodrun prints a traceback and exits 1), so
-   `train.stop_exit_code` reaches the scheduler.
+   `train.stop_exit_code` reaches the scheduler. When any rank exited 69 (a lost peer: glow_dist/failures.py),
+   that is the status, whichever rank horovodrun saw fail first: the ranks killed after a lost peer (the ssh to a
+   dead host: 255; a rank terminated by horovodrun: 143) say nothing about what to do, 69 does (rerun to resume).
 4. Secrets stay off command lines. horovodrun writes every exported variable into each rank's command, and into
    `ssh host '...'` for other hosts, where `ps` shows it to every user. The variables that credentials.is_secret
    names (MLFLOW_TRACKING_PASSWORD, AWS_SECRET_ACCESS_KEY, *_TOKEN, ...) are left out of those commands, and the
@@ -48,8 +52,16 @@ import time
 from typing import Any
 
 from glow_dist.distributed import credentials
+from glow_dist.failures import EX_PEER_LOST
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+# Between horovodrun's SIGTERM and its SIGKILL to a rank on this host when the job is torn down (horovodrun: 5 s).
+# After a lost peer the first rank to exit is often the one that died; rank 0 then needs the time to name it,
+# verify the newest checkpoint (a 2.75 GiB one reads in about 15 s) and close the MLflow run. The `ssh` to a remote
+# rank keeps 5 s: killing it ends the remote session, and the rank's guard then ends the rank.
+LOCAL_RANK_GRACE_S = 30
 
 
 def _middleman(*args: Any) -> None:
@@ -60,6 +72,8 @@ def _middleman(*args: Any) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     _secrets_to_stdin(command=args[0])
+    if not str(args[0]).lstrip().startswith("ssh "):   # the command of a rank on this host
+        safe_shell_exec.GRACEFUL_TERMINATION_TIME_S = LOCAL_RANK_GRACE_S
     safe_shell_exec._exec_middleman(*args)
 
 
@@ -215,6 +229,17 @@ def _execute_tolerating_stopped_sessions(execute: Any, forward: _Forwarder) -> A
         return 0
 
     return run
+def _recording(exec_command_fn: Any, statuses: list[int]) -> Any:
+    """horovodrun's per-rank executor factory, recording every rank's exit status in `statuses`."""
+    def factory(settings: Any) -> Any:
+        run_rank = exec_command_fn(settings)
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            exit_code, timestamp = run_rank(*args, **kwargs)
+            statuses.append(exit_code)
+            return exit_code, timestamp
+        return recorded
+    return factory
 
 
 def _say(text: str) -> None:
@@ -235,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         return shutdown
 
     gloo_run.register_shutdown_event = register_shutdown_event
+    statuses: list[int] = []
+    gloo_run._exec_command_fn = _recording(gloo_run._exec_command_fn, statuses)
     safe_shell_exec._exec_middleman = _middleman  # spawned by reference: the child imports this module
     safe_shell_exec.execute = _execute_tolerating_stopped_sessions(safe_shell_exec.execute, forward)
     _hold_back_secrets()
@@ -250,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         status = int(code.group(1))
         status = 128 - status if status < 0 else status  # killed by a signal: the shell's convention
+        if EX_PEER_LOST in statuses and status != EX_PEER_LOST:
+            _say(f"a rank exited with status {status} after a peer was lost; exiting with {EX_PEER_LOST}")
+            return EX_PEER_LOST
         _say(f"a rank exited with status {status}; exiting with it")
         return status or 1
     return 0

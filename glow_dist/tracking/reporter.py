@@ -5,6 +5,7 @@ description, sample grids, checkpoint uploads, the final model) behind one objec
     report.start(RunFacts(world_size=n, hosts=h, data=loader.describe_short(), ...), resumed_from=path)
     report.metrics({...}, step); report.samples(model, step); report.checkpoint_saved(path, state)
     report.stopped("SIGTERM", step, path); report.finish("KILLED")
+    report.failed(job_failure); report.finish("FAILED")   # a lost peer, bad data: glow_dist/failures.py
 
 The training loop calls the same methods on every rank; `NullReporter` makes them no-ops off the main rank, so the
 loop never tests its rank. Under elastic training rank 0 can move to another process: `report.for_rank(main, ...)`
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from glow_dist.config import Config, save_config
+from glow_dist.failures import JobFailure
 from glow_dist.inference.decoding import Decoder, display_scale, image_grid, sample_images, save_png
 from glow_dist.model import Glow
 from glow_dist.tracking import metadata
@@ -60,6 +62,7 @@ class NullReporter:
     def checkpoint_saved(self, path: Path, state: dict, upload: bool = True) -> None: ...
     def stopped(self, reason: str, step: int, checkpoint: Path | None, seconds: float | None = None) -> None: ...
     def tags(self, tags: dict[str, str]) -> None: ...
+    def failed(self, failure: JobFailure) -> None: ...
     def message(self, text: str) -> None: ...
     def results(self, line: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
@@ -219,6 +222,12 @@ class Reporter(NullReporter):
         if checkpoint is not None:
             self.message(f"stopped by {reason} at step {step}; checkpoint {checkpoint} saved and verified in "
                          f"{seconds or 0:.1f} s. Run the same command again to resume (train.resume=auto)")
+
+    def failed(self, failure: JobFailure) -> None:
+        """A fault ended the job (glow_dist/failures.py): its `failure.*` tags (reason, last good step, newest
+        verified checkpoint, the line). The run is then closed FAILED without waiting for checkpoint uploads."""
+        self._stopped = True
+        self.tracker.set_tags(failure.tags())
 
     def tags(self, tags: dict[str, str]) -> None:
         """Tags learnt while the run goes: which step mode every rank runs (after the first step's capture) and

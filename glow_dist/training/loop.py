@@ -7,8 +7,11 @@ A stop signal voted with the step ends the loop with a verified checkpoint; `tra
 steps in a row roll every rank back to the newest good checkpoint. At the end: the final evaluation, samples and
 checkpoint. Every rank runs the same calls in the same order; rank-0-only effects go through the reporter.
 
-Fault drill: GLOW_DIST_INJECT_SLOW_STEP=SECONDS adds that much to every step, so that the debug model runs as long
+Fault drills: GLOW_DIST_INJECT_SLOW_STEP=SECONDS adds that much to every step, so that the debug model runs as long
 as a real one: the scheduler tests (tests/test_slurm.py) stop jobs mid-run at times the scheduler chooses.
+GLOW_DIST_INJECT_STALL="STEP:RANK[:SECONDS][,...]" holds that rank before its collectives of that step (an hour by
+default), as a hung data loader or GPU kernel would: the others wait in the all-reduce and the step watchdog
+(`dist.hang_timeout`) must end the job (tests/test_faults.py).
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ from typing import Any, Protocol
 
 import torch
 
-from glow_dist.config import Config
+from glow_dist.config import Config, ConfigError
 from glow_dist.distributed import gateway as dist
+from glow_dist.distributed.watchdog import StepWatchdog
 from glow_dist.tracking.reporter import NullReporter
 from glow_dist.training.checkpoints import CheckpointManager
 from glow_dist.training.optimizer import LearningRate
@@ -39,6 +43,8 @@ class Run(Protocol):
     step: TrainStep
     checkpoints: CheckpointManager
     report: NullReporter
+    watchdog: StepWatchdog
+    rank: int
     train_data: Any     # glow_dist.data.Loader of the training split, for this rank
 
     def log_evaluation(self, step: int, extra: dict[str, float] | None = None) -> dict[str, float]: ...
@@ -46,6 +52,19 @@ class Run(Protocol):
     def init_actnorm(self) -> None: ...
     def adopt_world(self) -> None: ...
     def start(self, run_id: str | None, resumed_from: str | None, fresh: bool, elastic: bool = False) -> None: ...
+
+
+def injected_stalls() -> dict[tuple[int, int], float]:
+    """GLOW_DIST_INJECT_STALL="STEP:RANK[:SECONDS][,...]": (step, rank) -> seconds that rank is held in that step."""
+    spec = os.environ.get("GLOW_DIST_INJECT_STALL", "")
+    stalls = {}
+    try:
+        for item in filter(None, (p.strip() for p in spec.split(","))):
+            step, rank, *seconds = item.split(":")
+            stalls[int(step), int(rank)] = float(seconds[0]) if seconds else 3600.0
+    except ValueError:
+        raise ConfigError(f"GLOW_DIST_INJECT_STALL={spec!r}: expected STEP:RANK[:SECONDS][,...]") from None
+    return stalls
 
 
 class Interval:
@@ -75,6 +94,7 @@ class TrainingLoop:
         self.after_step = after_step   # elastic: commit every dist.commit_every steps
         self._modes_recorded = False
         self._drill_step_seconds = float(os.environ.get("GLOW_DIST_INJECT_SLOW_STEP", "0") or 0)
+        self._drill_stalls = injected_stalls()
 
     def run(self, stop: StopSignal) -> dict[str, float]:
         t, interval = self.t, Interval()
@@ -94,6 +114,8 @@ class TrainingLoop:
         for images, labels in batches:
             pos = t.state.position
             t.schedule.apply(t.state.optimizer, pos.step, pos.lr_scale)
+            if (pos.step, t.rank) in self._drill_stalls:
+                time.sleep(self._drill_stalls[pos.step, t.rank])   # before its collectives: the others wait in them
             bpd, result = t.step(images, labels, pos.step, stop.requested)
             if self._drill_step_seconds > 0:
                 time.sleep(self._drill_step_seconds)
@@ -101,6 +123,7 @@ class TrainingLoop:
                 t.report.tags(t.step.run_tags())
                 self._modes_recorded = True
             pos.advance(result.skipped)
+            t.watchdog.beat(pos.step)
             if not result.skipped:
                 interval.add(bpd, result.grad_norm)
             t.report.step(pos.step)
@@ -142,14 +165,16 @@ class TrainingLoop:
         if due(cfg.sample_every):
             t.samples(pos.step)
         if due(cfg.checkpoint_every) and pos.consecutive_skips == 0 and not stopping:
-            t.checkpoints.save(pos.step, t.report, t.world)
+            with t.watchdog.busy():   # it may wait for the previous write
+                t.checkpoints.save(pos.step, t.report, t.world)
 
     def _rollback(self) -> None:
         """Every rank returns to the newest good checkpoint, with the learning rate multiplied by
         optim.rollback_lr_factor."""
         t = self.t
         before = t.state.position
-        loaded = t.checkpoints.rollback(t.report)
+        with t.watchdog.busy():
+            loaded = t.checkpoints.rollback(t.report)
         restored = loaded.position.resumable(t.train_data.batches_per_epoch)
         restored.lr_scale = before.lr_scale * t.cfg.optim.rollback_lr_factor
         restored.rollbacks, restored.skipped_steps = before.rollbacks + 1, before.skipped_steps
@@ -161,7 +186,8 @@ class TrainingLoop:
     def _stop(self, reason: str) -> dict[str, float]:
         t, step = self.t, self.t.state.position.step
         t0 = time.perf_counter()
-        path = t.checkpoints.save_verified(step, t.report, t.world)
+        with t.watchdog.busy():
+            path = t.checkpoints.save_verified(step, t.report, t.world)
         t.report.stopped(reason, step, path, time.perf_counter() - t0)
         return {"step": float(step), "skipped_steps": float(t.state.position.skipped_steps), "stopped": 1.0}
 
@@ -169,8 +195,9 @@ class TrainingLoop:
         t, pos = self.t, self.t.state.position
         test = t.log_evaluation(pos.step, {"skipped_steps": float(pos.skipped_steps)})
         t.samples(pos.step)
-        t.checkpoints.save(pos.step, t.report, t.world)
-        t.checkpoints.wait(t.report)   # the final checkpoint is on disk before the run is reported done
+        with t.watchdog.busy():
+            t.checkpoints.save(pos.step, t.report, t.world)
+            t.checkpoints.wait(t.report)   # the final checkpoint is on disk before the run is reported done
         t.report.results(
             f"final test bits/dim {test['bits_per_dim/test_ema']:.4f} with the EMA weights ({t.state.ema.describe()}), "
             f"{test['bits_per_dim/test_raw']:.4f} with the raw weights, after {pos.step} steps "

@@ -27,6 +27,11 @@ the MLflow run ends KILLED with a `stop.reason` tag, and the process exits with 
 Under horovodrun, launch with `glow-dist-horovodrun` (glow_dist/distributed/launcher.py) so the launcher waits for
 that checkpoint instead of killing the ranks 5 s after the signal. A second SIGINT interrupts at once.
 
+Lost peers: a collective that fails because another rank or host went silent, or no completed step for
+`dist.hang_timeout` seconds (the step watchdog, glow_dist/distributed/watchdog.py), ends every rank with one line
+naming who went silent and the newest verified checkpoint (training/faults.py), the MLflow run FAILED with
+`failure.*` tags, and exit status 69 (rerun to resume).
+
 Fault drill: GLOW_DIST_INJECT_NONFINITE="STEP:RANK[,STEP:RANK...]" makes that rank's loss NaN once at that step, to
 check the collective skip and the rollback (tests use it; so can an operator on a new cluster).
 """
@@ -39,6 +44,8 @@ import torch
 from glow_dist.config import Config
 from glow_dist.data import make_loader
 from glow_dist.distributed import gateway as dist
+from glow_dist.distributed.watchdog import StepWatchdog
+from glow_dist.failures import EX_PEER_LOST, JobFailure, announce
 from glow_dist.model import build_model, preprocess, resolved_runtime
 from glow_dist.runtime import apply_tf32, device_memory_bytes
 from glow_dist.tracking.reporter import NullReporter, RunFacts
@@ -46,6 +53,7 @@ from glow_dist.training.checkpoints import CheckpointManager
 from glow_dist.training.elastic import ElasticTraining
 from glow_dist.training.ema import EMA
 from glow_dist.training.evaluation import Evaluator
+from glow_dist.training.faults import PeerLoss, linger
 from glow_dist.training.loop import TrainingLoop
 from glow_dist.training.optimizer import LearningRate, make_optimizer
 from glow_dist.training.state import TrainingState
@@ -58,6 +66,9 @@ class Trainer:
         self.cfg = cfg
         dist.init(cfg.dist.background_priority)
         self.device = dist.pin_device()
+        # Every rank: no step for dist.hang_timeout ends the job with one line (elastic runs recover by themselves).
+        self.watchdog = StepWatchdog(cfg.dist.hang_timeout, on_hang=self._on_hang, enabled=not cfg.dist.elastic)
+        self.peer_loss = PeerLoss(cfg, self.watchdog.heartbeats)
         threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // dist.local_size())
         torch.set_num_threads(threads)  # N ranks on one host share its cores
         if cfg.train.deterministic:
@@ -115,7 +126,7 @@ class Trainer:
         if stop is None:
             with StopSignal() as own:
                 return self.fit(own)
-        status = "FAILED"
+        status, lost_peer = "FAILED", False
         try:
             result = ElasticTraining(self).fit(stop) if self.cfg.dist.elastic else self._fit(stop)
             status = "KILLED" if result.get("stopped") else "FINISHED"
@@ -124,8 +135,36 @@ class Trainer:
             status = "KILLED"
             self.report.stopped("SIGINT (second: no checkpoint)", self.state.position.step, None)
             raise
+        except Exception as e:
+            failure = self._job_failure(e)
+            if failure is None:
+                raise   # a bug: its traceback
+            lost_peer = failure.status == EX_PEER_LOST
+            self.report.failed(failure)
+            linger(failure, self.watchdog.heartbeats)
+            raise failure from None
         finally:
             self.report.finish(status)
+            if not lost_peer:   # after a lost peer it stays armed: a rank that hangs on its way out still ends
+                self.watchdog.close()
+
+    def _job_failure(self, error: Exception) -> JobFailure | None:
+        """The one-line failure an error stands for (a lost peer), or None for a bug."""
+        if isinstance(error, JobFailure):
+            return error
+        if dist.is_peer_failure(error):
+            return self.peer_loss.failure(self.state.position.step, cause=dist.peer_failure_cause(error))
+        return None
+
+    def _on_hang(self, silent: float) -> int:
+        """The watchdog's thread, with the main thread stuck: the same line, the run closed FAILED; the status."""
+        failure = self.peer_loss.failure(self.state.position.step,
+                                         cause=f"no step finished for {silent:.0f} s, dist.hang_timeout")
+        announce(failure)
+        self.report.failed(failure)
+        self.report.finish("FAILED")
+        linger(failure, self.watchdog.heartbeats)
+        return failure.status
 
     def _fit(self, stop: StopSignal) -> dict[str, float]:
         loaded = self.checkpoints.restore()
