@@ -15,14 +15,15 @@ srun in place of ssh:
    `exec`s CMD, so the rank is the task Slurm tracks, signals and cleans up. Its GPU is chosen by local rank
    (gateway.pin_device).
 
-Stopping. Slurm delivers scancel's, preemption's and `scontrol requeue`'s SIGTERM to every task itself (srun also
-gets it: it answers by asking for SIGKILL of the step, which a job already being cancelled does not get before
-KillWait). A signal for the batch shell alone (the time-limit warning of `--signal=B:USR1@300`, `scancel --batch`)
-reaches this process through the batch script, which passes it to the ranks with `scancel --signal=SIG JOBID`:
-every step of the job, never the batch step (so never back to the script), and never srun's own SIGTERM path. The
-ranks vote, rank 0 writes the verified checkpoint and exits with train.stop_exit_code, which becomes this
-launcher's exit status. A task starts with the stop signals blocked, so one that comes before `glow-dist train`
-has installed its handler is kept pending rather than killing the rank (glow_dist/training/stop.py unblocks them).
+Stopping. Slurm delivers scancel's, preemption's and `scontrol requeue`'s SIGTERM to every task itself. srun gets
+it too, and answers by asking for SIGKILL of its tasks ("srun: forcing job termination"), which a job that is already
+being cancelled does not get before KillWait (tests/test_slurm.py). A signal for the batch shell alone (the
+time-limit warning of `--signal=B:USR1@300`, `scancel --batch`) reaches this process through the batch script and
+goes on to the ranks as SIGUSR1 through srun, the one signal of the three that srun forwards to its tasks (it
+kills them on SIGTERM and prints their status on SIGINT); srun reaches only this run's step, never a requeued run.
+The ranks vote, rank 0 writes the verified checkpoint and exits with train.stop_exit_code, which becomes this
+launcher's exit status. A task starts with the stop signals blocked, so one that comes before `glow-dist train` has
+installed its handler is kept pending rather than killing the rank (glow_dist/training/stop.py unblocks them).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -120,28 +122,43 @@ def task(command: list[str]) -> int:
         return 127
 
 
-class _Forwarder:
-    """The launcher's handlers: pass each stop signal once to every step of the job (the ranks), never to the
-    batch step; Slurm has already signalled the ranks itself when it signalled the whole job, and one more is
-    harmless (a rank keeps the first)."""
+def waits_for(pid: int, signum: int) -> bool:
+    """True once process `pid` takes `signum` rather than dying of it: blocked (srun's signal thread waits for its
+    signals with sigwait) or caught (SigBlk or SigCgt of /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            masks = [int(line.split()[1], 16) for line in status if line.startswith(("SigBlk:", "SigCgt:"))]
+    except (OSError, ValueError):
+        return False
+    return any(mask >> (signum - 1) & 1 for mask in masks)
 
-    def __init__(self, job_id: str) -> None:
-        self.job_id = job_id
-        self.sent: set[int] = set()
-        self.lock = threading.Lock()
+
+class _Forwarder:
+    """The launcher's handlers: pass a stop signal to the ranks as SIGUSR1 through srun, which forwards USR1 to
+    every task of its step (and only of its step: this run's, not a requeued run's). Not SIGTERM: srun answers
+    SIGTERM by killing its tasks, and SIGINT by printing their status. When Slurm signalled the whole job, the ranks
+    already have the signal from their own slurmstepd; one more is harmless (a rank keeps the first)."""
+
+    POLL_S = 0.2
+
+    def __init__(self) -> None:
+        self.srun: subprocess.Popen | None = None
+        self.pending = threading.Event()
 
     def __call__(self, signum: int, frame: object) -> None:
-        with self.lock:
-            if signum in self.sent:
-                return
-            self.sent.add(signum)
-        name = signal.Signals(signum).name
-        # SIGINT goes on as SIGTERM: a rank that gets SIGINT twice (here and from the terminal) stops at once.
-        sent = "TERM" if signum == signal.SIGINT else name[3:]
-        _say(f"{name}: passing SIG{sent} to the ranks (scancel --signal={sent} {self.job_id}); waiting for them "
-             "to checkpoint and exit")
-        subprocess.Popen(["scancel", f"--signal={sent}", self.job_id], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+        if self.pending.is_set():
+            return
+        self.pending.set()
+        _say(f"{signal.Signals(signum).name}: passing SIGUSR1 to the ranks through srun; waiting for them to "
+             "checkpoint and exit")
+        threading.Thread(target=self._forward, daemon=True).start()
+
+    def _forward(self) -> None:
+        # A signal that comes before srun is up waits for it (USR1 would otherwise kill srun).
+        while (srun := self.srun) is None or (srun.poll() is None and not waits_for(srun.pid, signal.SIGUSR1)):
+            time.sleep(self.POLL_S)
+        if srun.poll() is None:
+            srun.send_signal(signal.SIGUSR1)
 
 
 def srun_command(np: int, hosts: str, command: list[str], extra: list[str], env: Mapping[str, str]) -> list[str]:
@@ -159,7 +176,7 @@ def launch(args: argparse.Namespace) -> int:
     from horovod.runner.util.network import get_driver_ip
 
     hosts = job_hosts(args.np, os.environ)
-    forward = _Forwarder(os.environ["SLURM_JOB_ID"])
+    forward = _Forwarder()
     for sig in STOP_SIGNALS:   # from here on: a stop before srun has started is passed on when it comes
         signal.signal(sig, forward)
     try:
@@ -177,7 +194,8 @@ def launch(args: argparse.Namespace) -> int:
     cmd = srun_command(args.np, hosts, args.command, shlex.split(args.srun_args), env)
     _say(f"rendezvous at {address}:{port} for {hosts}; {shlex.join(cmd[:9])} ...")
     try:
-        status = subprocess.run(cmd, env=env).returncode
+        forward.srun = subprocess.Popen(cmd, env=env)
+        status = forward.srun.wait()
     finally:
         rendezvous.stop()
     status = 128 - status if status < 0 else status
