@@ -339,6 +339,7 @@ class LostNode:
     plain: Job
     elastic: Job
     state_after_loss: str          # the plain job's state once it stopped running
+    requeued_run: str              # how the run that Slurm requeued for the node failure ended ("" if none)
     seconds_to_end: float          # from the loss to that state
     checkpoints_after_loss: list[Path]
 
@@ -375,7 +376,18 @@ def lost_node(stop_paths, cluster: Cluster, cluster_mlflow: str, digits_shards: 
     if ended in FINAL_STATES:
         submit(cluster, cluster_mlflow, digits_shards, plain, "--partition=high")
     wait_final(cluster, [plain], 600)
-    return LostNode(plain, elastic, ended, seconds, checkpoints)
+    requeued_run = ""
+    if ended not in FINAL_STATES:   # Slurm requeued it (srun waits for the lost node until Slurm declares it down)
+        info = cluster.job(plain.ids[-1])
+        requeued_run = f"{info['JobState']} (exit {info['ExitCode']}, Restarts={info['Restarts']})"
+        # The requeued run has the failed run's job id, and hostB came back at once: Slurm's delayed termination of
+        # the failed run can reach the new run's rank there, which then stops with a verified checkpoint (exit 75,
+        # FAILED). That is a lost node's outcome too: the user resubmits, and it resumes.
+        if info["JobState"] != "COMPLETED":
+            assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), f"{info}\n{plain.output[-4000:]}"
+            submit(cluster, cluster_mlflow, digits_shards, plain, "--partition=high")
+            wait_final(cluster, [plain], 600)
+    return LostNode(plain, elastic, ended, requeued_run, seconds, checkpoints)
 
 
 def test_lost_node_ends_the_job_keeps_its_checkpoints_and_a_resubmission_resumes(lost_node, stop_paths, cluster,
@@ -393,8 +405,8 @@ def test_lost_node_ends_the_job_keeps_its_checkpoints_and_a_resubmission_resumes
     resumed, straight = final_weights(job.run_dir), final_weights(stop_paths["reference"].run_dir)
     assert_identical(straight["model"], resumed["model"])
     print(f"[{cluster.launcher}] lost node: job {job.ids[0]} {lost_node.state_after_loss} "
-          f"{lost_node.seconds_to_end:.1f} s after hostB died; resumed from {last.name} as job {job.ids[-1]}: "
-          f"{info['JobState']}")
+          f"{lost_node.seconds_to_end:.1f} s after hostB died; requeued run: {lost_node.requeued_run or '-'}; "
+          f"resumed from {last.name} as job {job.ids[-1]}: {info['JobState']}")
 
 
 def test_elastic_job_goes_on_with_one_node(lost_node, cluster, cluster_mlflow):
