@@ -34,22 +34,29 @@ export MLFLOW_TRACKING_URI PATH="$BIN:$PATH"
 # --gloo: our Horovod build has no MPI (launch/install-horovod.sh); horovodrun exports this environment to every rank.
 # glow-dist-horovodrun is horovodrun with stop signals forwarded to the ranks, so a SIGTERM ends in a checkpoint
 # rather than horovodrun's SIGKILL 5 s later (glow_dist/distributed/launcher.py; README, "Stopping and preemption").
-if [[ -n $HOST_DISCOVERY ]]; then
-    hosts=(--host-discovery-script "$HOST_DISCOVERY" --min-np "$MIN_NP" --max-np "$NP")
+# LAUNCHER=srun, inside a Slurm job only (launch/slurm/celeba_hq_256.sbatch): srun starts the ranks on the job's
+# nodes, no ssh; glow-dist-srun brings up Horovod's Gloo rendezvous for them (glow_dist/distributed/srun.py).
+LAUNCHER=${LAUNCHER:-ssh}
+if [[ $LAUNCHER == srun ]]; then
+    launch=(glow-dist-srun -np "$NP" --network-interface "$NIC" --start-timeout "$START_TIMEOUT"
+            --srun-args "${SRUN_ARGS:-}")
+elif [[ -n $HOST_DISCOVERY ]]; then
+    launch=(glow-dist-horovodrun -np "$NP" --host-discovery-script "$HOST_DISCOVERY" --min-np "$MIN_NP"
+            --max-np "$NP" --gloo --network-interfaces "$NIC" --start-timeout "$START_TIMEOUT" -p "$SSH_PORT")
 else
-    hosts=(--hostfile "$HOSTFILE")
+    launch=(glow-dist-horovodrun -np "$NP" --hostfile "$HOSTFILE" --gloo --network-interfaces "$NIC"
+            --start-timeout "$START_TIMEOUT" -p "$SSH_PORT")
 fi
 # The ranks find the tracking server in $MLFLOW_TRACKING_URI (exported above), not in a tracking.uri argument: a URI
 # may hold a password (http://user:password@host), and glow-dist-horovodrun keeps secrets off every command line,
 # sending them to the ranks over ssh's channel (README, Security). Credentials: MLFLOW_TRACKING_USERNAME and
 # MLFLOW_TRACKING_PASSWORD in this environment, or ~/.mlflow/credentials on every host.
-cmd=(glow-dist-horovodrun -np "$NP" "${hosts[@]}" --gloo --network-interfaces "$NIC"
-     --start-timeout "$START_TIMEOUT" -p "$SSH_PORT"
+cmd=("${launch[@]}"
      glow-dist train --config "$CONFIG" "data.root=$DATA" "train.run_dir=$RUN_DIR" "$@")
 if [[ ${DRY_RUN:-0} == 1 ]]; then
     printf '%q ' "${cmd[@]}"; echo
     exit 0
 fi
-[[ -n $HOST_DISCOVERY || -f $HOSTFILE ]] || {
+[[ $LAUNCHER == srun || -n $HOST_DISCOVERY || -f $HOSTFILE ]] || {
     echo "no hostfile $HOSTFILE: copy launch/hostfile.example and list your machines" >&2; exit 2; }
 exec "${cmd[@]}"

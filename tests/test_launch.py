@@ -124,22 +124,47 @@ def test_launch_script_runs_40_ranks_from_the_hostfile():
     assert missing.returncode != 0 and "MLFLOW_TRACKING_URI" in missing.stderr
 
 
-def test_sbatch_writes_the_hostfile_from_the_allocation(tmp_path):
+def sbatch_env(tmp_path: Path, **env: str) -> dict[str, str]:
+    """The environment of the batch script on a 5-node allocation (scontrol replaced: `show hostnames`)."""
     fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "scontrol").write_text("#!/bin/sh\nfor i in 1 2 3 4 5; do echo gpu$i; done\n")  # `show hostnames`
+    fake.mkdir(exist_ok=True)
+    (fake / "scontrol").write_text("#!/bin/sh\nfor i in 1 2 3 4 5; do echo gpu$i; done\n")
     (fake / "scontrol").chmod(0o755)
-    hostfile = tmp_path / "hostfile"
-    env = {"PATH": f"{fake}:{os.environ['PATH']}", "DRY_RUN": "1", "HOSTFILE": str(hostfile),
-           "SLURM_JOB_NODELIST": "gpu[1-5]", "SLURM_SUBMIT_DIR": str(REPO), "MLFLOW_TRACKING_URI": "http://m:5000"}
+    return {"PATH": f"{fake}:{os.environ['PATH']}", "DRY_RUN": "1", "HOSTFILE": str(tmp_path / "hostfile"),
+            "SLURM_JOB_NODELIST": "gpu[1-5]", "SLURM_SUBMIT_DIR": str(REPO), "MLFLOW_TRACKING_URI": "http://m:5000",
+            **env}
+
+
+@pytest.mark.parametrize("launcher", ["srun", "ssh", None])
+def test_sbatch_starts_40_ranks_by_its_launch_route(tmp_path, launcher):
+    env = sbatch_env(tmp_path, NIC="ib0", **({"LAUNCHER": launcher} if launcher else {}))
     cmd = shlex.split(sh("bash", "launch/slurm/celeba_hq_256.sbatch", env=env).stdout)
-    assert hostfile.read_text().splitlines() == [f"gpu{i} slots=8" for i in range(1, 6)]
-    assert cmd[:5] == ["glow-dist-horovodrun", "-np", "40", "--hostfile", str(hostfile)]
+    if launcher == "ssh":
+        hostfile = tmp_path / "hostfile"
+        assert hostfile.read_text().splitlines() == [f"gpu{i} slots=8" for i in range(1, 6)]
+        assert cmd[:5] == ["glow-dist-horovodrun", "-np", "40", "--hostfile", str(hostfile)]
+    else:   # srun is the default: srun starts the ranks, no ssh (glow_dist/distributed/srun.py)
+        assert cmd[:5] == ["glow-dist-srun", "-np", "40", "--network-interface", "ib0"]
     assert "train.stop_exit_code=75" in cmd  # the batch script requeues on 75
     directives = [line for line in (REPO / "launch/slurm/celeba_hq_256.sbatch").read_text().splitlines()
                   if line.startswith("#SBATCH")]
     assert "#SBATCH --nodes=5" in directives and "#SBATCH --gpus-per-node=8" in directives
     assert {"#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "#SBATCH --open-mode=append"} <= set(directives)
+
+
+def test_sbatch_refuses_elastic_under_srun_and_an_unknown_route_with_one_line(tmp_path):
+    elastic = sh("bash", "launch/slurm/celeba_hq_256.sbatch", check=False,
+                 env=sbatch_env(tmp_path, LAUNCHER="srun", ELASTIC="1"))
+    assert elastic.returncode == 2 and elastic.stdout == ""
+    assert elastic.stderr.strip().splitlines() == [
+        "celeba_hq_256.sbatch: ELASTIC=1 needs LAUNCHER=ssh (horovodrun's elastic driver starts and restarts the "
+        "ranks over ssh; srun cannot be driven that way): resubmit with LAUNCHER=ssh"]
+    elastic_ssh = sh("bash", "launch/slurm/celeba_hq_256.sbatch", env=sbatch_env(tmp_path, LAUNCHER="ssh",
+                                                                                  ELASTIC="1"))
+    assert "--host-discovery-script" in shlex.split(elastic_ssh.stdout)
+    unknown = sh("bash", "launch/slurm/celeba_hq_256.sbatch", check=False, env=sbatch_env(tmp_path, LAUNCHER="mpi"))
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == "celeba_hq_256.sbatch: LAUNCHER=mpi is not a launch route: use srun or ssh"
 
 
 def test_k8s_manifests_parse_and_agree_on_40_ranks():

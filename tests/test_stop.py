@@ -186,7 +186,9 @@ def test_slurm_early_warning_stops_and_requeues(tmp_path, digits_shards, mlflow_
     (fake / "scontrol").write_text(f'#!/bin/sh\ncase "$1" in show) echo localhost;; requeue) echo "$2" >{requeued};; '
                                    "esac\n")
     (fake / "scontrol").chmod(0o755)
-    env = {"PATH": f"{fake}:{BIN}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost",
+    # The ssh route (horovodrun on this machine); the srun route needs a real Slurm, tests/test_slurm.py.
+    env = {"LAUNCHER": "ssh", "PATH": f"{fake}:{BIN}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "localhost",
            "SLURM_SUBMIT_DIR": str(REPO), "GPUS_PER_NODE": "2", "HOSTFILE": str(tmp_path / "hostfile"), "NIC": "lo",
            "CONFIG": "configs/debug.yaml", "DATA": str(digits_shards), "RUN_DIR": str(tmp_path / "run"),
            "MLFLOW_TRACKING_URI": mlflow_server, "BIN": str(BIN)}

@@ -28,6 +28,9 @@ class StopSignal:
 
     def __enter__(self) -> StopSignal:
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        # A launcher may start the process with them blocked so that one sent before this handler existed waits
+        # instead of killing it (glow-dist-srun's tasks): delivered now, to the handler.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,6 +11,7 @@
 #   launch/slurm/local-cluster.sh node-kill [DIR] hostB   # the node dies: slurmd, sshd and every job process on it
 #   launch/slurm/local-cluster.sh node-start [DIR] hostB  # it comes back (sshd, slurmd)
 #   launch/slurm/local-cluster.sh stop [DIR]     # cancels the jobs, stops every daemon, removes the namespaces
+#   SSHD=0 launch/slurm/local-cluster.sh start [DIR]   # the nodes without sshd (the sbatch script's LAUNCHER=srun)
 #
 # DIR (default /tmp/glow-slurm) holds slurm.conf, munge's key and socket, the daemons' logs and state, and the ssh
 # key and wrapper. Exit 77: this machine cannot run it (not root, no namespaces, packages not installable).
@@ -144,10 +145,15 @@ spawn() {
     echo $! >"$dir/run/$name.pid"
 }
 
+# --- SSHD=0 (start): the nodes run no sshd, as on sites that forbid ssh between compute nodes; only the sbatch
+# script's LAUNCHER=srun can start ranks there. Kept in $dir/no-sshd, so that node-start brings a node back the same.
+sshd_wanted() { [[ ! -e $dir/no-sshd ]]; }
+# --- end of SSHD=0
+
 start_node() {
     local node=$1 ns
     ns=$(ns_of "$node")
-    spawn "sshd-$node" bash "$HOSTS" sshd "$dir/hosts" "$node"
+    sshd_wanted && spawn "sshd-$node" bash "$HOSTS" sshd "$dir/hosts" "$node"
     mkdir -p "$dir/spool/$node"
     spawn "slurmd-$node" nsenter "--net=/run/netns/$ns" unshare --uts \
         sh -c "hostname $node; exec env SLURM_CONF=$dir/slurm.conf slurmd -D -N $node -f $dir/slurm.conf"
@@ -177,6 +183,7 @@ start() {
     rm -rf "$dir/hosts" "$dir/state" "$dir/spool" "$dir/run" "$dir/log"
     mkdir -p "$dir"/{hosts,state,spool,run,log}
     touch "$dir/running"
+    rm -f "$dir/no-sshd"; [[ ${SSHD:-1} == 0 ]] && touch "$dir/no-sshd"   # SSHD=0: see sshd_wanted
     # The hosts, their sshd and the ssh wrapper (exit 77 is passed on).
     bash "$HOSTS" up "$dir/hosts" "$TAG" >/dev/null
     # The controller's links: one veth per node, nothing routed between them.
@@ -195,6 +202,11 @@ start() {
         i=$((i + 1))
     done
     ip addr add "$CTL_ADDR/32" dev gslA
+    # srun (the sbatch script's LAUNCHER=srun) on one node talks to the other node's slurmd at its NodeAddr, a ctl0
+    # address, and that slurmd answers srun over gd0: each node reaches the other's ctl0 address over gd0 (a local
+    # address of the peer, so still nothing forwarded).
+    ip -n "$(ns_of hostA)" route add 10.201.2.1/32 via 10.200.0.2 dev gd0
+    ip -n "$(ns_of hostB)" route add 10.201.1.1/32 via 10.200.0.1 dev gd0
     # Node names resolve everywhere (nsenter keeps this /etc/hosts): the job's `scontrol show hostnames` feeds
     # horovodrun's hostfile.
     printf '10.200.0.1 hostA %s\n10.200.0.2 hostB %s\n%s %s %s\n' "$HOSTS_MARK" "$HOSTS_MARK" "$CTL_ADDR" \
@@ -213,7 +225,7 @@ start() {
     spawn slurmctld slurmctld -D -i -f "$dir/slurm.conf"
     wait_until 20 "slurmctld answering" scontrol ping
     for node in "${NODES[@]}"; do start_node "$node"; done
-    bash "$HOSTS" wait "$dir/hosts" >/dev/null
+    if sshd_wanted; then bash "$HOSTS" wait "$dir/hosts" >/dev/null; fi
     wait_until 30 "both nodes idle" nodes_idle
     trap - EXIT
     say "up in $dir: partitions low (default, preemptible) and high; nodes hostA, hostB. Clients need:"
