@@ -37,12 +37,13 @@ import os
 import torch
 
 from glow_dist.config import Config
-from glow_dist.data import make_loader
+from glow_dist.data import DataError, make_loader
 from glow_dist.distributed import gateway as dist
 from glow_dist.model import build_model, preprocess, resolved_runtime
 from glow_dist.runtime import apply_tf32, device_memory_bytes
 from glow_dist.tracking.reporter import NullReporter, RunFacts
 from glow_dist.training.checkpoints import CheckpointManager
+from glow_dist.training.data_health import BadSampleMonitor, verify_data
 from glow_dist.training.elastic import ElasticTraining
 from glow_dist.training.ema import EMA
 from glow_dist.training.evaluation import Evaluator
@@ -77,6 +78,8 @@ class Trainer:
         self.evaluator = Evaluator(cfg, model, self.state.ema)
         self.faults = injected_faults()
         self.report = NullReporter()
+        # Before any rank reads a batch: the shards against the manifest, one local rank per node (collective).
+        self.data_health = BadSampleMonitor(verify_data(cfg, self._log_rank0), cfg.data.max_bad_samples)
         self.checkpoints: CheckpointManager | None = None   # per world: adopt_world makes it
         self.adopt_world()
 
@@ -87,7 +90,8 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.size()
         self.train_data, self.test_data = (
             make_loader(cfg.data, cfg.model, split, rank=self.rank, world_size=self.world,
-                        batch_size=cfg.train.batch_size, device=self.device, seed=cfg.train.seed)
+                        batch_size=cfg.train.batch_size, device=self.device, seed=cfg.train.seed,
+                        bad_samples=self.data_health.known)
             for split in ("train", "test"))
         self.schedule = LearningRate(cfg.optim, self.world)
         self.step = build_train_step(cfg, s.model, s.optimizer, s.ema, device=self.device, rank=self.rank,
@@ -104,6 +108,7 @@ class Trainer:
         self.report.start(RunFacts(self.world, hosts, self.train_data.backend, self.train_data.decode, elastic,
                                    self.runtime.memory), resumed_from)
         self.report.message(self.train_data.describe())  # which backend and decoder actually run
+        self.data_health.announce(self.report, self.state.position.step)
         if fresh and self.state.position.step == 0:
             self.log_evaluation(0)
             if self.cfg.train.sample_every > 0:
@@ -120,6 +125,9 @@ class Trainer:
             result = ElasticTraining(self).fit(stop) if self.cfg.dist.elastic else self._fit(stop)
             status = "KILLED" if result.get("stopped") else "FINISHED"
             return result
+        except DataError as e:
+            self.report.failed(str(e))   # the run ends FAILED with the line in its failure.reason tag
+            raise
         except KeyboardInterrupt:
             status = "KILLED"
             self.report.stopped("SIGINT (second: no checkpoint)", self.state.position.step, None)
@@ -141,7 +149,8 @@ class Trainer:
         """This rank's ActNorm init batch, dequantized with noise fixed by (seed, rank)."""
         cfg = self.cfg
         init_data = make_loader(cfg.data, cfg.model, "train", batch_size=cfg.train.init_batch_size, rank=self.rank,
-                                world_size=self.world, device=self.device, seed=cfg.train.seed)
+                                world_size=self.world, device=self.device, seed=cfg.train.seed,
+                                bad_samples=self.data_health.known, batch_key="train.init_batch_size")
         images, labels = next(iter(init_data.epoch(0)))
         x = preprocess(images, cfg.model.n_bits, generator=noise_generator(self.device, cfg.train.seed, -1, self.rank))
         return x, labels if cfg.model.y_condition else None
