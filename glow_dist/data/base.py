@@ -146,7 +146,8 @@ class Loader:
             if self.batches_per_epoch == 0:
                 raise DataError(
                     f"{root}: the train split has {self.total} samples, fewer than world size {world_size} x "
-                    f"batch size {batch_size} ({batch_key}, per rank); lower {batch_key} or prepare more data",
+                    f"batch size {batch_size} ({batch_key}, per rank); lower {batch_key} to at most "
+                    f"{self.total // world_size} or prepare more data",
                     everywhere=True
                 )
         else:

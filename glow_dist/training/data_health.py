@@ -52,6 +52,8 @@ def _verify_here(cfg: Config) -> tuple[list[str], list[BadSample], str]:
                  for split in SPLITS if manifest["splits"].get(split, {}).get("shards")]
     except DataError as e:
         return [str(e)], [], ""
+    except OSError as e:   # unreadable (permissions, I/O error): still one line, and the other ranks hear of it
+        return [f"cannot read the data set in {cfg.data.root}: {e}; check the files' permissions and disk"], [], ""
     total = Verified(problems=[p for v in found for p in v.problems], bad=[b for v in found for b in v.bad],
                      hashed_bytes=sum(v.hashed_bytes for v in found), cached_shards=sum(v.cached_shards for v in found),
                      seconds=sum(v.seconds for v in found))
