@@ -25,17 +25,24 @@ SHOWN = 5   # bad samples named in one line; the MLflow table has them all
 
 
 def verify_data(cfg: Config, log: Callable[[str], None]) -> list[BadSample]:
-    """Verify the data set on one local rank per node (the others wait); every rank gets every node's findings.
+    """Verify the data set on one local rank per node (the others wait); every rank gets every node's findings
+    (elastic jobs: every process on its own, see below).
     Returns the bad samples (the same list on every rank); raises DataError(everywhere=True) naming the first
     unusable shard."""
-    finding: tuple[list[str], list[BadSample], str] | None = None
-    if dist.local_rank() == 0:
-        finding = _verify_here(cfg)
-    gathered = [f for f in dist.allgather_object(finding, name="data.verify") if f is not None]
+    if cfg.dist.elastic:
+        # A worker that joins a running elastic job builds its Trainer while the others train: no collective may
+        # run here. Each process checks on its own (the cache makes that one hash per node once the files are
+        # known) and prints its own finding.
+        gathered = [_verify_here(cfg)]
+    else:
+        finding: tuple[list[str], list[BadSample], str] | None = None
+        if dist.local_rank() == 0:
+            finding = _verify_here(cfg)
+        gathered = [f for f in dist.allgather_object(finding, name="data.verify") if f is not None]
     problems = list(dict.fromkeys(p for f in gathered for p in f[0]))  # in order, once (shared disks agree)
     if problems:
         more = f" (and {len(problems) - 1} more shard(s) like it)" if len(problems) > 1 else ""
-        raise DataError(f"{problems[0]}{more}", everywhere=True)
+        raise DataError(f"{problems[0]}{more}", everywhere=not cfg.dist.elastic)
     bad = sorted({(b.split, b.index): b for f in gathered for b in f[1]}.values())
     log(gathered[0][2])
     return bad
