@@ -93,13 +93,14 @@ class BadSampleMonitor:
     (webdataset, with data.verify=never or damage after the scan). Each is replaced by a substitute in its batch."""
 
     def __init__(self, known: list[BadSample], limit: int) -> None:
-        self.limit, self.known = limit, known
+        self.limit, self.known, self._announced = limit, known, False
         self.seen: dict[tuple[str, int], BadSample] = {(b.split, b.index): b for b in known}
 
     def announce(self, report: NullReporter, step: int) -> None:
         """Rank 0 names the bad samples known at the start; past data.max_bad_samples every rank stops here (they
         all know the same list: no collective), after the MLflow run opened, so that it ends FAILED with the line."""
-        if self.seen:
+        if self.seen and not self._announced:   # once: an elastic reset starts the run again
+            self._announced = True
             self._report(list(self.seen.values()), report, step)
             check_limit(sorted(self.seen.values()), self.limit)
 

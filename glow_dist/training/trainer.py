@@ -22,6 +22,10 @@ Reliability: a non-finite loss or gradient on any rank makes every rank skip the
 `train.max_consecutive_skips` in a row, every rank rolls back to the newest good checkpoint with the learning rate
 multiplied by `optim.rollback_lr_factor`.
 
+Data: before the first step the shards are checked against manifest.json (`data.verify`, data_health.py); a bad
+sample is read as a substitute, named once and counted, and past `data.max_bad_samples` every rank stops at the same
+step with one line (the MLflow run ends FAILED with a `failure.reason` tag).
+
 Stopping: SIGTERM, SIGINT and SIGUSR1 make every rank stop after the same step: rank 0 writes a verified checkpoint,
 the MLflow run ends KILLED with a `stop.reason` tag, and the process exits with `train.stop_exit_code` (0 by default).
 Under horovodrun, launch with `glow-dist-horovodrun` (glow_dist/distributed/launcher.py) so the launcher waits for
