@@ -71,10 +71,21 @@ def main(argv: list[str] | None = None) -> int:
         found = _user_error_kind(e)
         if found is None:
             raise
-        # A problem the user can fix: one clear line naming it, no traceback.
+        # A problem the user can fix: one clear line naming it, no traceback; once per job when every rank met it.
         kind, status = found
-        print(f"glow-dist {args.command}: {kind} error: {e}", file=sys.stderr)
+        if not (getattr(e, "everywhere", False) and _launched_rank() > 0):
+            print(f"glow-dist {args.command}: {kind} error: {e}", file=sys.stderr)
         return status
+
+
+def _launched_rank() -> int:
+    """This process's rank as its launcher set it (horovodrun/Gloo, mpirun); 0 when not launched as a rank. Read from
+    the environment: an error may come before (or instead of) Horovod's start."""
+    for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 EX_IOERR = 74   # sysexits.h: a checkpoint could not be written (disk full, I/O error); distinct from a stop (75)

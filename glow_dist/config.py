@@ -78,6 +78,12 @@ class DataConfig:
     num_workers: int = 1          # decoder threads (dali) or DataLoader workers (webdataset)
     flip: bool = False            # random horizontal flip of training images
     shuffle_buffer: int = 256     # samples held for shuffling the training stream
+    # shards against manifest.json (sha256, sample count) and every sample's header, before any rank trains:
+    # auto: once per shard per node, remembered by file identity (~/.cache/glow-dist) | always: at every start |
+    # never: no sha256 (counts and sizes only; DALI still scans headers). glow_dist/data/verify.py
+    verify: str = choice("auto", "auto", "always", "never")
+    # bad samples (damaged, wrong size, label out of range) replaced by a substitute before the job stops
+    max_bad_samples: int = 10
 
 
 @dataclass
@@ -345,6 +351,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.stop_exit_code must be an exit status 0..255, got {t.stop_exit_code}")
     if cfg.dist.hang_timeout < 0:
         raise ConfigError(f"dist.hang_timeout must be >= 0 seconds (0: auto), got {cfg.dist.hang_timeout}")
+    if cfg.data.max_bad_samples < 0:
+        raise ConfigError(f"data.max_bad_samples must be >= 0 (0: stop at the first bad sample), got "
+                          f"{cfg.data.max_bad_samples}")
     if cfg.dist.commit_every < 1:
         raise ConfigError(f"dist.commit_every must be at least 1, got {cfg.dist.commit_every}")
     if cfg.tracking.log_checkpoints == "every_n" and cfg.tracking.log_checkpoints_every < 1:

@@ -10,6 +10,11 @@ decoding on the GPU when the device is CUDA) and `webdataset` (webdataset + PIL 
 (CelebA-style, +1/-1) are not part of training batches; `iter_samples(root, split)` yields
 (uint8 HWC image, label, {attribute: +1/-1}) in file order for the latent-manipulation tools.
 
+Damaged data: `verify.verify_split` checks shards against manifest.json (sha256, sample counts) and every sample's
+header (`samples.check_sample`) before training; the loaders read each bad sample as a deterministic substitute
+(`Loader.decode_or_substitute`, DALI through patched index files) and report the ones they meet
+(`Loader.take_bad_samples`). The trainer's side of it is glow_dist/training/data_health.py.
+
 The loaders (and torch, DALI) are imported on first use so that the CLI starts fast.
 """
 from __future__ import annotations

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from glow_dist.data.manifest import DataError, partition, read_index, split_shards, test_batches, train_batches
+from glow_dist.data.samples import check_sample
+from glow_dist.data.verify import BadSample, substitutes
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -61,7 +63,9 @@ def read_range(shards: list[dict[str, Any]], lo: int, hi: int, exts: list[str]) 
                     f.seek(offset)
                     wanted = tar_file_iterator(f, select_files=lambda name: name.split(".", 1)[-1] in exts)
                     files = ({**entry, "__url__": shard["path"]} for entry in wanted)
-                    yield from islice(group_by_keys(files), count)
+                    for k, sample in enumerate(islice(group_by_keys(files), count)):
+                        sample["__index__"] = start + first + k  # position in the split: names substitutes
+                        yield sample
             except (OSError, ValueError, EOFError, tarfile.TarError) as e:
                 raise DataError(f"cannot read shard {shard['path']}: {e}; re-run `glow-dist prepare --overwrite`") \
                     from e
@@ -75,23 +79,34 @@ def _header_offsets(index_path: str) -> list[int]:
     return [0] + [-(-end // 512) * 512 for end in ends[:-1]]
 
 
-def decode_sample(sample: dict[str, Any], ext: str, size: int, channels: int) -> tuple[np.ndarray, int]:
-    """(uint8 (H, W, C) image, label) of one sample; DataError naming shard and key when it cannot be decoded."""
+def decode_checked(sample: dict[str, Any], ext: str, size: int, channels: int,
+                   num_classes: int) -> tuple[np.ndarray, int] | str:
+    """(uint8 (H, W, C) image, label) of one sample, or a phrase saying why it cannot be used. The header is read
+    and compared with the manifest before PIL decodes anything (a declared 40000x40000 image costs nothing)."""
     from PIL import Image
 
-    where = f"sample {sample.get('__key__')!r} in shard {sample.get('__url__')}"
-    if ext not in sample or "cls" not in sample:
-        raise DataError(f"{where} lacks its .{ext} or .cls file; re-run `glow-dist prepare --overwrite`")
+    why = check_sample(sample.get(ext), sample.get("cls"), ext, size, channels, num_classes, checksums=False)
+    if why:
+        return why
     try:
         with Image.open(io.BytesIO(sample[ext])) as image:
             array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
-        label = int(sample["cls"])
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot decode {where}: {e}; re-run `glow-dist prepare --overwrite` "
-                        "or replace the shard") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return f"cannot be decoded: {e}"
     if array.shape[:2] != (size, size):
-        raise DataError(f"{where} is {array.shape[1]}x{array.shape[0]}, the manifest says {size}x{size}")
-    return array.reshape(size, size, channels), label
+        return f"decodes to {array.shape[1]}x{array.shape[0]}, the manifest says {size}x{size}"
+    return array.reshape(size, size, channels), int(sample["cls"])
+
+
+def decode_sample(sample: dict[str, Any], ext: str, size: int, channels: int,
+                  num_classes: int = -1) -> tuple[np.ndarray, int]:
+    """(uint8 (H, W, C) image, label) of one sample; DataError naming shard and key when it cannot be used.
+    num_classes -1: the label is not checked."""
+    found = decode_checked(sample, ext, size, channels, num_classes)
+    if isinstance(found, str):
+        where = f"sample {sample.get('__key__')!r} in shard {sample.get('__url__')}"
+        raise DataError(f"{where}: {found}; copy the shard again or re-run `glow-dist prepare --overwrite`")
+    return found
 
 
 class Loader:
@@ -104,7 +119,8 @@ class Loader:
 
     def __init__(self, root: str | Path, manifest: dict[str, Any], split: str, rank: int, world_size: int,
                  batch_size: int, device: torch.device, seed: int, flip: bool, num_workers: int,
-                 shuffle_buffer: int, n_bits: int = 8, decode: str = "cpu") -> None:
+                 shuffle_buffer: int, n_bits: int = 8, decode: str = "cpu", bad_samples: list[BadSample] = (),
+                 batch_key: str = "train.batch_size", num_classes: int = -1) -> None:
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}")
         self.root, self.manifest, self.split = Path(root), manifest, split
@@ -118,13 +134,21 @@ class Loader:
         self.total = sum(s["num_samples"] for s in self.shards)
         self.image_size, self.channels, self.image_ext = manifest["image_size"], manifest["channels"], \
             manifest["image_ext"]
+        self.num_classes = num_classes  # labels must be in 0..num_classes-1 (class-conditional models); -1: any
+        # Samples the start-up scan found bad (data.verify), each read as its substitute; more found while decoding
+        # (webdataset) are collected in `found_bad` until the trainer takes them (take_bad_samples).
+        self.bad_samples = [b for b in bad_samples if b.split == split]
+        self.substitute = substitutes(self.bad_samples, self.shards)
+        self.found_bad: list[BadSample] = []
         if self.train:
             self.batches_per_epoch = train_batches(self.total, world_size, batch_size)
             self.num_samples = self.batches_per_epoch * batch_size
             if self.batches_per_epoch == 0:
                 raise DataError(
                     f"{root}: the train split has {self.total} samples, fewer than world size {world_size} x "
-                    f"batch size {batch_size}; lower train.batch_size or prepare more data"
+                    f"batch size {batch_size} ({batch_key}, per rank); lower {batch_key} to at most "
+                    f"{self.total // world_size} or prepare more data",
+                    everywhere=True
                 )
         else:
             lo, hi = partition(self.total, world_size, rank)
@@ -156,12 +180,50 @@ class Loader:
         images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
         return images, labels.to(self.device, dtype=torch.int64, non_blocking=True)
 
+    def take_bad_samples(self) -> list[BadSample]:
+        """Bad samples found while decoding since the last call (each replaced by a substitute already)."""
+        found, self.found_bad = self.found_bad, []
+        return found
+
+    def shard_bounds(self, index: int) -> tuple[int, int, dict[str, Any]]:
+        """[start, end) in the split of the shard holding sample `index`, and the shard."""
+        start = 0
+        for shard in self.shards:
+            if index < start + shard["num_samples"]:
+                return start, start + shard["num_samples"], shard
+            start += shard["num_samples"]
+        raise IndexError(index)
+
+    def decode_or_substitute(self, sample: dict[str, Any]) -> tuple[np.ndarray, int, BadSample | None]:
+        """(image, label, None) of a good sample; for a bad one its substitute's, and the BadSample to report (None
+        when the start-up scan already named it). The substitute is the nearest earlier sample of the shard that
+        decodes, else the nearest later one: the same rule as `verify.substitutes`."""
+        index = sample.get("__index__", -1)
+        known = index in self.substitute
+        if known:
+            sample = next(read_range(self.shards, self.substitute[index], self.substitute[index] + 1,
+                                     [self.image_ext, "cls"]))
+        found = decode_checked(sample, self.image_ext, self.image_size, self.channels, self.num_classes)
+        if not isinstance(found, str):
+            return (*found, None)
+        start, end, shard = self.shard_bounds(index)
+        bad = BadSample(self.split, index, Path(shard["path"]).name, sample.get("__key__", "?"), found)
+        for j in (*range(index - 1, start - 1, -1), *range(index + 1, end)):
+            other = next(read_range(self.shards, j, j + 1, [self.image_ext, "cls"]))
+            good = decode_checked(other, self.image_ext, self.image_size, self.channels, self.num_classes)
+            if not isinstance(good, str):
+                return (*good, bad)
+        raise DataError(f"shard {shard['path']}: none of its samples can be decoded ({found}); copy it again or "
+                        "re-run `glow-dist prepare --overwrite`")
+
     def find_bad_sample(self, part: int) -> DataError | None:
         """Decode the part with PIL to name the shard and key that a backend (DALI) could not decode."""
         lo, hi = partition(self.total, self.world_size, part)
         for sample in read_range(self.shards, lo, hi, [self.image_ext, "cls"]):
+            if sample["__index__"] in self.substitute:
+                continue  # never handed to DALI: its index points at the substitute
             try:
-                decode_sample(sample, self.image_ext, self.image_size, self.channels)
+                decode_sample(sample, self.image_ext, self.image_size, self.channels, self.num_classes)
             except DataError as e:
                 return e
         return None

@@ -13,7 +13,11 @@ Its shuffle draws from a buffer of `data.shuffle_buffer` samples and stays withi
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,12 +30,39 @@ LABEL_WIDTH = 12  # .cls holds the class id as ASCII text; padded with spaces to
 
 class DaliLoader(Loader):
     backend = "dali"
+    _patched: Path | None = None   # folder of the patched index files, made on first use
 
     def device_id(self) -> int | None:
         """The GPU DALI decodes on: this rank's device (`dist.pin_device` makes it cuda:local_rank); None on CPU."""
         if self.decode != "gpu":
             return None
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    def index_paths(self) -> list[str]:
+        """The index file DALI reads per shard: the shard's own, or, for a shard with bad samples (the start-up
+        scan's), a copy in which each bad sample's line points at its substitute's bytes in the same tar. DALI then
+        never receives a sample that failed the header, checksum or label check (its PNG decoder can crash on
+        damaged bytes, which no exception reports), and the part keeps its length: same batches, same steps."""
+        if not self.substitute:
+            return [s["index_path"] for s in self.shards]
+        if self._patched is None:
+            self._patched = Path(tempfile.mkdtemp(prefix="glow-dist-idx-"))
+            weakref.finalize(self, shutil.rmtree, self._patched, True)
+        paths, start = [], 0
+        for n, shard in enumerate(self.shards):
+            end = start + shard["num_samples"]
+            mine = {i - start: j - start for i, j in self.substitute.items() if start <= i < end}
+            if not mine:
+                paths.append(shard["index_path"])
+            else:
+                lines = Path(shard["index_path"]).read_text().splitlines()
+                for i, j in mine.items():
+                    lines[i + 1] = lines[j + 1]
+                patched = self._patched / f"{n:06d}-{Path(shard['index_path']).name}"
+                patched.write_text("\n".join(lines) + "\n")
+                paths.append(str(patched))
+            start = end
+        return paths
 
     def _pipeline(self, epoch: int, part: int) -> Any:
         from nvidia.dali import pipeline_def
@@ -48,7 +79,7 @@ class DaliLoader(Loader):
         from nvidia.dali import fn, types
 
         encoded, cls = fn.readers.webdataset(
-            paths=[s["path"] for s in self.shards], index_paths=[s["index_path"] for s in self.shards],
+            paths=[s["path"] for s in self.shards], index_paths=self.index_paths(),
             ext=[self.image_ext, "cls"], shard_id=part, num_shards=self.world_size,
             # stick_to_shard: a batch that runs past the end of the part wraps around inside the part, never
             # into another rank's samples (we drop or trim those wrapped samples anyway).

@@ -17,18 +17,28 @@ import torch
 from glow_dist.config import DataConfig, ModelConfig
 from glow_dist.data.base import Batch, Loader, decode_sample, epoch_seed, read_range
 from glow_dist.data.manifest import DataError, check_model_shape, read_manifest, split_shards
+from glow_dist.data.verify import BadSample, verify_split
 
-__all__ = ["Batch", "Loader", "epoch_seed", "iter_samples", "make_loader", "resolve_backend", "resolve_decode"]
+__all__ = ["Batch", "Loader", "data_classes", "epoch_seed", "iter_samples", "make_loader", "resolve_backend",
+           "resolve_decode"]
 
 
 def make_loader(data_cfg: DataConfig, model_cfg: ModelConfig, split: str, rank: int, world_size: int,
-                batch_size: int, device: torch.device | str, seed: int) -> Loader:
-    """The loader of `split` for this rank; checks the data set against the model's image size and channels."""
+                batch_size: int, device: torch.device | str, seed: int, bad_samples: list[BadSample] | None = None,
+                batch_key: str = "train.batch_size") -> Loader:
+    """The loader of `split` for this rank; checks the data set against the model's image size and channels.
+    `bad_samples`: what the start-up scan found (verify.py), read as their substitutes (None: the DALI backend scans
+    the split itself, cached like data.verify=auto, since its decoder must never see a bad sample); `batch_key`: the
+    config key that set `batch_size`, for the message when the split is too small for it."""
     manifest = read_manifest(data_cfg.root)
     check_model_shape(manifest, model_cfg.image_size, model_cfg.channels, data_cfg.root)
     device = torch.device(device)
     backend = resolve_backend(data_cfg.backend)
     decode = resolve_decode(data_cfg.decode, backend, device)
+    classes = data_classes(manifest, model_cfg, data_cfg.root)
+    if bad_samples is None:
+        bad_samples = verify_split(data_cfg.root, manifest, split, "never", classes, scan=True).bad \
+            if backend == "dali" else []
     cls: type[Loader]
     if backend == "dali":
         from glow_dist.data.dali_loader import DaliLoader as cls
@@ -36,7 +46,22 @@ def make_loader(data_cfg: DataConfig, model_cfg: ModelConfig, split: str, rank: 
         from glow_dist.data.wds_loader import WdsLoader as cls
     return cls(data_cfg.root, manifest, split, rank, world_size, batch_size, device, seed,
                flip=data_cfg.flip, num_workers=data_cfg.num_workers, shuffle_buffer=data_cfg.shuffle_buffer,
-               n_bits=model_cfg.n_bits, decode=decode)
+               n_bits=model_cfg.n_bits, decode=decode, bad_samples=list(bad_samples), batch_key=batch_key,
+               num_classes=classes)
+
+
+def data_classes(manifest: dict, model_cfg: ModelConfig, root: str | Path) -> int:
+    """The label range a sample must be in: model.num_classes for a class-conditional model (which must cover the
+    data's classes), -1 (any integer) otherwise."""
+    if not model_cfg.y_condition:
+        return -1
+    have = int(manifest.get("num_classes", 0))
+    if not 0 < have <= model_cfg.num_classes:
+        raise DataError(f"{root} has {have} classes, but the config asks for model.num_classes="
+                        f"{model_cfg.num_classes} with model.y_condition=true; "
+                        + (f"set model.num_classes={have}" if have else "prepare it with classes (--classes)"),
+                        everywhere=True)
+    return model_cfg.num_classes
 
 
 def resolve_backend(backend: str) -> str:

@@ -23,7 +23,14 @@ SPLITS = ("train", "test")
 
 
 class DataError(ValueError):
-    """A data set that cannot be prepared or loaded; the message says what is wrong and how to fix it."""
+    """A data set that cannot be prepared or loaded; the message says what is wrong and how to fix it.
+
+    `everywhere=True`: every rank of the job raises this same error at the same point (it follows from the config,
+    the manifest, or a finding all ranks shared), so only rank 0 prints it (glow_dist/cli.py)."""
+
+    def __init__(self, message: str, *, everywhere: bool = False) -> None:
+        super().__init__(message)
+        self.everywhere = everywhere
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
@@ -75,7 +82,15 @@ def split_shards(manifest: dict[str, Any], root: str | Path, split: str) -> list
         for p in (path, index_path):
             if not p.is_file():
                 raise DataError(f"{p} is listed in {root / MANIFEST} but missing; re-run `glow-dist prepare`")
-        end = index_end(index_path)
+        listed = read_index(index_path)
+        if len(listed) != shard["num_samples"]:
+            # A shard re-written with fewer (or more) samples, or a manifest edited by hand: training would
+            # otherwise read a split of another length than every rank planned for, and say nothing.
+            raise DataError(
+                f"shard {path} holds {len(listed)} samples (its index {index_path.name}), but {root / MANIFEST} "
+                f"says {shard['num_samples']}; copy the shard and its .idx again, or re-run `glow-dist prepare "
+                "--overwrite`")
+        end = max((off + size for sample in listed for off, size in sample.values()), default=0)
         if path.stat().st_size < end:
             # A cut-off copy is the usual cause; the reader would otherwise fail deep inside DALI or tarfile.
             raise DataError(

@@ -3,8 +3,9 @@ command line is glow_dist/commands/prepare_cmd.py).
 
     manifest = prepare(digits_source(0.1, seed=0), "data/digits", size=8, channels=1)
 
-The output is deterministic for a given --seed. Unreadable images are reported by path, skipped and counted in
-the manifest. An existing non-empty --out is refused unless --overwrite is given.
+The output is deterministic for a given --seed. Unreadable images, and files whose header declares a decompression
+bomb, are reported by path, skipped and counted in the manifest. An existing non-empty --out is refused unless
+--overwrite is given.
 """
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ OUR_FILES = ("manifest.json", "train-*.tar", "train-*.idx", "test-*.tar", "test-
 
 def _encode(item: Item, **kwargs: Any) -> bytes | str:
     """Worker side of the pool: the encoded image, or the error text of an unreadable one."""
+    from PIL import Image
+
     try:
         return load_item(item, **kwargs)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for damaged files
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's errors for damaged files
         return f"{type(e).__name__}: {e}"
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from glow_dist.data.manifest import DataError
+from glow_dist.data.samples import image_header
 from glow_dist.safe_pickle import UnsafePickleError, load_arrays_pickle
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -157,11 +158,26 @@ def resize_square(image: Image.Image, size: int, resample: str) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def check_declared_size(path: str | Path) -> None:
+    """ValueError for a file whose PNG/JPEG header declares more pixels than PIL's limit (a decompression bomb):
+    refused from its first bytes, before PIL allocates anything. A header we cannot parse is left to PIL."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    try:
+        width, height, _ = image_header(head)
+    except ValueError:
+        return
+    if width * height > (Image.MAX_IMAGE_PIXELS or width * height):
+        raise ValueError(f"its header declares {width}x{height} pixels, more than {Image.MAX_IMAGE_PIXELS:,} "
+                         "(a decompression bomb, or not a photo)")
+
+
 def load_item(item: Item, size: int, channels: int, resample: str, fmt: str, quality: int) -> bytes:
     """The item's final image, encoded; raises OSError/ValueError for unreadable files (the caller skips them)."""
     if isinstance(item.payload, np.ndarray):
         image = Image.fromarray(item.payload[..., 0] if item.payload.shape[-1] == 1 else item.payload)
     else:
+        check_declared_size(item.payload)
         with Image.open(item.payload) as f:
             f.load()  # decode now, so a truncated file fails here and not later
             image = f.copy()

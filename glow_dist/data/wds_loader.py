@@ -30,6 +30,7 @@ import torch
 
 from glow_dist.data.base import Batch, Loader, decode_sample, epoch_seed, read_range
 from glow_dist.data.manifest import DataError, partition
+from glow_dist.data.verify import BadSample
 
 __all__ = ["WdsLoader", "decode_sample", "read_range"]
 
@@ -41,7 +42,7 @@ class _EpochStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.loader, self.epoch, self.part, self.start_batch, self.workers = loader, epoch, part, start_batch, workers
 
-    def __iter__(self) -> Iterator[tuple[int, torch.Tensor | None, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor | None, torch.Tensor | None, list[BadSample]]]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         ld, B = self.loader, self.loader.batch_size
@@ -68,21 +69,25 @@ class _EpochStream(torch.utils.data.IterableDataset):
             j = worker + t * self.workers
             samples = list(islice(shuffled, B))
             flip = flips.random(B) < 0.5  # drawn even for skipped batches: the resumed stream stays identical
-            yield self._collate(j, samples, flip if ld.flip else None) if j >= self.start_batch else (j, None, None)
+            yield self._collate(j, samples, flip if ld.flip else None) if j >= self.start_batch else (j, None, None, [])
 
     def _collate(self, j: int, samples: list[dict[str, Any]], flip: np.ndarray | None) -> tuple:
         ld = self.loader
         images = torch.empty((len(samples), ld.image_size, ld.image_size, ld.channels), dtype=torch.uint8)
         if torch.utils.data.get_worker_info() is not None:
             images.share_memory_()  # decode straight into shared memory: no extra copy when sent to the trainer
-        pixels, labels = images.numpy(), []
+        pixels, labels, bad = images.numpy(), [], []
         for i, sample in enumerate(samples):
-            image, label = decode_sample(sample, ld.image_ext, ld.image_size, ld.channels)
+            # A bad sample (header, decode, label) becomes its substitute here, in the worker: the batch keeps its
+            # shape, and the trainer hears of it through the batch (the worker cannot tell it otherwise).
+            image, label, found = ld.decode_or_substitute(sample)
+            if found is not None:
+                bad.append(found)
             pixels[i] = image[:, ::-1] if flip is not None and flip[i] else image
             labels.append(label)
         if ld.mask != 0xFF:
             np.bitwise_and(pixels, ld.mask, out=pixels)  # the n-bit quantization, in place
-        return j, images, torch.tensor(labels, dtype=torch.int64)
+        return j, images, torch.tensor(labels, dtype=torch.int64), bad
 
 
 def _buffer_shuffle(stream: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -151,7 +156,8 @@ class WdsLoader(Loader):
         with _stop_signals_blocked():
             batches = iter(data)  # forks the workers
         try:
-            for j, images, labels in batches:
+            for j, images, labels, bad in batches:
+                self.found_bad += bad
                 if images is None:
                     continue
                 pending[j] = (images, labels)

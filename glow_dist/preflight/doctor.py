@@ -354,7 +354,28 @@ def check_data(cfg: Config, root: str, check_shape: bool) -> list[Check]:
         total = sum(s["num_samples"] for s in shards)
         checks.append(Check(f"data:{split}", PASS, f"{len(shards)} shard(s), {total} samples; read "
                                                    f"{sample['__key__']} ({image.shape}, label {label})"))
+        checks.append(verify_check(cfg, root, manifest, split))
     return checks
+
+
+def verify_check(cfg: Config, root: str, manifest: dict, split: str) -> Check:
+    """What training's start-up verification (data.verify) would say of this node's copy of the split."""
+    from glow_dist.data.verify import verify_split
+
+    mode = cfg.data.verify if cfg.data.verify != "never" else "auto"  # the doctor is asked to look: it always does
+    found = verify_split(root, manifest, split, mode, scan=True)
+    name = f"verify:{split}"
+    if found.problems:
+        more = f" (and {len(found.problems) - 1} more)" if len(found.problems) > 1 else ""
+        return Check(name, FAIL, found.problems[0] + more)
+    how = f"{found.hashed_bytes / 1e6:.1f} MB hashed in {found.seconds:.2f} s, {found.cached_shards} shard(s) cached"
+    if not found.bad:
+        return Check(name, PASS, f"sha256 and sample headers match the manifest ({how})")
+    names = ", ".join(b.describe() for b in found.bad[:5]) + (" ..." if len(found.bad) > 5 else "")
+    limit = cfg.data.max_bad_samples
+    status = FAIL if len(found.bad) > limit else PASS
+    return Check(name, status, f"{len(found.bad)} bad sample(s) (data.max_bad_samples={limit}), training replaces "
+                               f"them with substitutes: {names}")
 
 
 def run_checks(cfg: Config, data: str | None, check_shape: bool, timeout: float,

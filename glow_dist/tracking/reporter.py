@@ -65,6 +65,8 @@ class NullReporter:
     def failed(self, failure: JobFailure) -> None: ...
     def message(self, text: str) -> None: ...
     def results(self, line: str) -> None: ...
+    def bad_samples(self, rows: list[dict], step: int) -> None: ...
+    def failed(self, reason: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -234,6 +236,23 @@ class Reporter(NullReporter):
         which decode mode the sample grids ran (after the first grids)."""
         if tags:
             self.tracker.set_tags(tags)
+
+    def bad_samples(self, rows: list[dict], step: int) -> None:
+        """Every bad sample replaced so far: the `data/bad_samples` metric and the table artifact
+        data/bad_samples.json (MLflow's table format: columns and rows; the Artifacts tab shows it)."""
+        import json
+
+        self.tracker.log_metrics({"data/bad_samples": float(len(rows))}, step)
+        path = self.run_dir / "data" / "bad_samples.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        columns = list(rows[0]) if rows else []
+        path.write_text(json.dumps({"columns": columns, "data": [[r[c] for c in columns] for r in rows]}, indent=1))
+        self.tracker.log_artifact(path, "data")
+
+    def failed(self, reason: str) -> None:
+        """An error the user must fix ended the run (bad data): the line in the `failure.reason` tag; the run then
+        ends FAILED (finish)."""
+        self.tracker.set_tags({"failure.reason": reason[:4000]})  # MLflow's tag values are bounded
 
     def message(self, text: str) -> None:
         if self._bar is not None:

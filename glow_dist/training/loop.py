@@ -28,6 +28,7 @@ from glow_dist.distributed import gateway as dist
 from glow_dist.distributed.watchdog import StepWatchdog
 from glow_dist.tracking.reporter import NullReporter
 from glow_dist.training.checkpoints import CheckpointManager
+from glow_dist.training.data_health import BadSampleMonitor
 from glow_dist.training.optimizer import LearningRate
 from glow_dist.training.state import TrainingState
 from glow_dist.training.step import TrainStep
@@ -46,6 +47,8 @@ class Run(Protocol):
     watchdog: StepWatchdog
     rank: int
     train_data: Any     # glow_dist.data.Loader of the training split, for this rank
+    test_data: Any
+    data_health: BadSampleMonitor
 
     def log_evaluation(self, step: int, extra: dict[str, float] | None = None) -> dict[str, float]: ...
     def samples(self, step: int) -> None: ...
@@ -156,6 +159,7 @@ class TrainingLoop:
                            epoch=float(pos.epoch))
             t.report.metrics(metrics, pos.step)
             interval.reset()
+            t.data_health.sync([t.train_data, t.test_data], t.report, pos.step)  # collective, like the metrics
 
         def due(every: int) -> bool:  # 0: only at the end (done by _finish)
             return every > 0 and pos.step % every == 0 and pos.step < cfg.steps
@@ -194,6 +198,7 @@ class TrainingLoop:
     def _finish(self) -> dict[str, float]:
         t, pos = self.t, self.t.state.position
         test = t.log_evaluation(pos.step, {"skipped_steps": float(pos.skipped_steps)})
+        t.data_health.sync([t.train_data, t.test_data], t.report, pos.step)
         t.samples(pos.step)
         with t.watchdog.busy():
             t.checkpoints.save(pos.step, t.report, t.world)

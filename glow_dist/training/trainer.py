@@ -22,6 +22,10 @@ Reliability: a non-finite loss or gradient on any rank makes every rank skip the
 `train.max_consecutive_skips` in a row, every rank rolls back to the newest good checkpoint with the learning rate
 multiplied by `optim.rollback_lr_factor`.
 
+Data: before the first step the shards are checked against manifest.json (`data.verify`, data_health.py); a bad
+sample is read as a substitute, named once and counted, and past `data.max_bad_samples` every rank stops at the same
+step with one line (the MLflow run ends FAILED with a `failure.reason` tag).
+
 Stopping: SIGTERM, SIGINT and SIGUSR1 make every rank stop after the same step: rank 0 writes a verified checkpoint,
 the MLflow run ends KILLED with a `stop.reason` tag, and the process exits with `train.stop_exit_code` (0 by default).
 Under horovodrun, launch with `glow-dist-horovodrun` (glow_dist/distributed/launcher.py) so the launcher waits for
@@ -42,7 +46,7 @@ import os
 import torch
 
 from glow_dist.config import Config
-from glow_dist.data import make_loader
+from glow_dist.data import DataError, make_loader
 from glow_dist.distributed import gateway as dist
 from glow_dist.distributed.watchdog import StepWatchdog
 from glow_dist.failures import EX_PEER_LOST, JobFailure, announce
@@ -50,6 +54,7 @@ from glow_dist.model import build_model, preprocess, resolved_runtime
 from glow_dist.runtime import apply_tf32, device_memory_bytes
 from glow_dist.tracking.reporter import NullReporter, RunFacts
 from glow_dist.training.checkpoints import CheckpointManager
+from glow_dist.training.data_health import BadSampleMonitor, verify_data
 from glow_dist.training.elastic import ElasticTraining
 from glow_dist.training.ema import EMA
 from glow_dist.training.evaluation import Evaluator
@@ -88,6 +93,8 @@ class Trainer:
         self.evaluator = Evaluator(cfg, model, self.state.ema)
         self.faults = injected_faults()
         self.report = NullReporter()
+        # Before any rank reads a batch: the shards against the manifest, one local rank per node (collective).
+        self.data_health = BadSampleMonitor(verify_data(cfg, self._log_rank0), cfg.data.max_bad_samples)
         self.checkpoints: CheckpointManager | None = None   # per world: adopt_world makes it
         self.adopt_world()
 
@@ -98,7 +105,8 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.size()
         self.train_data, self.test_data = (
             make_loader(cfg.data, cfg.model, split, rank=self.rank, world_size=self.world,
-                        batch_size=cfg.train.batch_size, device=self.device, seed=cfg.train.seed)
+                        batch_size=cfg.train.batch_size, device=self.device, seed=cfg.train.seed,
+                        bad_samples=self.data_health.known)
             for split in ("train", "test"))
         self.schedule = LearningRate(cfg.optim, self.world)
         self.step = build_train_step(cfg, s.model, s.optimizer, s.ema, device=self.device, rank=self.rank,
@@ -115,6 +123,7 @@ class Trainer:
         self.report.start(RunFacts(self.world, hosts, self.train_data.backend, self.train_data.decode, elastic,
                                    self.runtime.memory), resumed_from)
         self.report.message(self.train_data.describe())  # which backend and decoder actually run
+        self.data_health.announce(self.report, self.state.position.step)
         if fresh and self.state.position.step == 0:
             self.log_evaluation(0)
             if self.cfg.train.sample_every > 0:
@@ -131,6 +140,9 @@ class Trainer:
             result = ElasticTraining(self).fit(stop) if self.cfg.dist.elastic else self._fit(stop)
             status = "KILLED" if result.get("stopped") else "FINISHED"
             return result
+        except DataError as e:
+            self.report.failed(str(e))   # the run ends FAILED with the line in its failure.reason tag
+            raise
         except KeyboardInterrupt:
             status = "KILLED"
             self.report.stopped("SIGINT (second: no checkpoint)", self.state.position.step, None)
@@ -180,7 +192,8 @@ class Trainer:
         """This rank's ActNorm init batch, dequantized with noise fixed by (seed, rank)."""
         cfg = self.cfg
         init_data = make_loader(cfg.data, cfg.model, "train", batch_size=cfg.train.init_batch_size, rank=self.rank,
-                                world_size=self.world, device=self.device, seed=cfg.train.seed)
+                                world_size=self.world, device=self.device, seed=cfg.train.seed,
+                                bad_samples=self.data_health.known, batch_key="train.init_batch_size")
         images, labels = next(iter(init_data.epoch(0)))
         x = preprocess(images, cfg.model.n_bits, generator=noise_generator(self.device, cfg.train.seed, -1, self.rank))
         return x, labels if cfg.model.y_condition else None
