@@ -264,17 +264,22 @@ def damage(kind: str, root: Path) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["flipped", "fewer-samples", "manifest-larger", "truncated", "deleted"])
-def test_an_unusable_shard_stops_the_job_with_one_line(digits_shards: Path, tmp_path: Path, kind: str,
-                                                       backend: str) -> None:
+def test_an_unusable_shard_stops_the_job_with_one_line(digits_shards: Path, tmp_path: Path, mlflow_server: str,
+                                                       kind: str, backend: str) -> None:
     root = copy_of(digits_shards, tmp_path)
     says = damage(kind, root)
-    status, output = train_job(root, tmp_path, f"data.backend={backend}")
+    experiment = f"unusable-{kind}-{backend}"
+    status, output = train_job(root, tmp_path, f"data.backend={backend}", f"tracking.uri={mlflow_server}",
+                               f"tracking.experiment={experiment}")
     assert status == 2, output[-3000:]
     assert output.count(LINE) == 1, output[-3000:]   # once, by one rank
     (line,) = [ln for ln in output.splitlines() if LINE in ln]
     assert says in line and ("copy the shard" in line or "re-run `glow-dist prepare" in line), line
     assert "Traceback" not in output and "Segmentation" not in output, output[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()   # no rank trained
+    _, run = the_run(mlflow_server, experiment)   # the failed start is a FAILED run with the reason, not nothing
+    assert run.info.status == "FAILED" and run.data.tags["failure.reason"] == "bad-data", run.data.tags
+    assert run.data.tags["failure.message"] == line.split(LINE, 1)[1].strip()
 
 
 @pytest.mark.slow
@@ -316,7 +321,8 @@ def test_too_many_bad_samples_fail_the_run_with_one_line(digits_shards: Path, tm
     assert "4 bad samples, more than data.max_bad_samples=2" in line and all(n in line for n in names), line
     _, run = the_run(mlflow_server, experiment)
     assert run.info.status == "FAILED"
-    assert run.data.tags["failure.reason"] == line.split(LINE, 1)[1].strip()
+    assert run.data.tags["failure.reason"] == "bad-data"
+    assert run.data.tags["failure.message"] == line.split(LINE, 1)[1].strip()
 
 
 @pytest.mark.slow

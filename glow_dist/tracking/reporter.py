@@ -66,7 +66,6 @@ class NullReporter:
     def message(self, text: str) -> None: ...
     def results(self, line: str) -> None: ...
     def bad_samples(self, rows: list[dict], step: int) -> None: ...
-    def failed(self, reason: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -248,11 +247,6 @@ class Reporter(NullReporter):
         columns = list(rows[0]) if rows else []
         path.write_text(json.dumps({"columns": columns, "data": [[r[c] for c in columns] for r in rows]}, indent=1))
         self.tracker.log_artifact(path, "data")
-
-    def failed(self, reason: str) -> None:
-        """An error the user must fix ended the run (bad data): the line in the `failure.reason` tag; the run then
-        ends FAILED (finish)."""
-        self.tracker.set_tags({"failure.reason": reason[:4000]})  # MLflow's tag values are bounded
 
     def message(self, text: str) -> None:
         if self._bar is not None:

@@ -141,7 +141,7 @@ class Trainer:
             status = "KILLED" if result.get("stopped") else "FINISHED"
             return result
         except DataError as e:
-            self.report.failed(str(e))   # the run ends FAILED with the line in its failure.reason tag
+            self.report.failed(data_failure(e, self.state.position.step))   # the run ends FAILED, failure.* tags
             raise
         except KeyboardInterrupt:
             status = "KILLED"
@@ -232,4 +232,17 @@ class Trainer:
 def train(cfg: Config) -> dict[str, float]:
     """Build the trainer and train; a stop signal counts from the first line, start-up included."""
     with StopSignal() as stop:
-        return Trainer(cfg).fit(stop)
+        try:
+            trainer = Trainer(cfg)
+        except DataError as e:
+            if e.everywhere and dist.is_main():   # data unusable before the first step: still a FAILED run to see
+                report = NullReporter().for_rank(True, cfg, None, dist.size(), 0)
+                report.failed(data_failure(e, 0))
+                report.finish("FAILED")
+            raise
+        return trainer.fit(stop)
+
+
+def data_failure(error: DataError, step: int) -> JobFailure:
+    """A data error that ended the job, as the run's `failure.*` tags (the line itself is printed by glow-dist)."""
+    return JobFailure(str(error), reason="bad-data", kind="data", status=2, step=step)
