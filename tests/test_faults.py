@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from test_multihost import SETUP, two_hosts  # noqa: F401 - the fixture, used as an argument below (F811)
 
 from glow_dist.checkpoint import list_checkpoints
+from glow_dist.distributed import guard
 from glow_dist.failures import EX_PEER_LOST
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +134,7 @@ def assert_one_line_and_failed(job: Job, tmp_path: Path, elapsed: float, bound: 
     tags = run.data.tags
     assert tags["failure.reason"] == "peer-lost" and tags["failure.checkpoint"] == str(checkpoint), tags
     assert int(tags["failure.step"]) >= int(found.group(2)) and "rank 1 on hostB" in tags["failure.message"]
-    deadline = time.monotonic() + 20   # the guard on hostB polls once a second
+    deadline = time.monotonic() + guard.GRACE_S + 20   # the guard on hostB: SIGTERM, then SIGKILL GRACE_S later
     while job.processes() and time.monotonic() < deadline:
         time.sleep(0.5)
     left = [f"{p.pid} {' '.join(p.cmdline())[:200]} ({p.status()})" for p in job.processes()]
@@ -251,8 +252,8 @@ def test_the_guard_ends_a_stopped_rank_once_nobody_reads_its_output():
         rank.send_signal(signal.SIGSTOP)
         time.sleep(3)
         assert rank.poll() is None   # the reader is still there: the guard leaves the rank alone
-        rank.stdout.close()          # the session ends
-        assert rank.wait(timeout=10) == -signal.SIGKILL
+        rank.stdout.close()          # the session ends: SIGTERM, which a stopped rank cannot act on, then SIGKILL
+        assert rank.wait(timeout=guard.GRACE_S + 10) == -signal.SIGKILL
     finally:
         rank.kill()
         rank.wait()

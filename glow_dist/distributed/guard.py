@@ -11,7 +11,10 @@ sshd closes the session's pipes when the client goes, but sends no signal to a c
 
 What the guard watches: the write ends of the rank's stdout and stderr, which it shares. When nobody reads them any
 more (POLLERR/POLLHUP: sshd closed the session because the launcher killed its ssh, or the launcher itself died for a
-local rank), the job is over: the guard SIGKILLs the rank (a stopped process too) and exits. Output that goes to a
+local rank), the job is over: the guard sends the rank SIGTERM, a stop (the other ranks may still be there: on a Slurm
+site with pam_slurm_adopt, scancel ends the ssh sessions of a job that is stopping with a checkpoint, and the rank
+must still take part in the stop vote), then SIGKILL GRACE_S later if it has not exited (a frozen or stuck rank,
+whose launcher has really gone), and exits. Output that goes to a
 file or a terminal is not watched. The guard exits as soon as the rank does (its parent changes), so it never holds
 the session's pipes open past the rank.
 """
@@ -23,8 +26,10 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 
 POLL_S = 1.0
+GRACE_S = 10.0   # SIGTERM -> SIGKILL: time for the rank's part in a stop (a vote and its exit), short of a hang
 
 
 def _watched_fds() -> list[int]:
@@ -54,12 +59,25 @@ def watch(rank_pid: int) -> int:
         poller.register(fd, 0)   # POLLERR and POLLHUP are always reported: the reader of this pipe is gone
     while os.getppid() == rank_pid:
         if poller.poll(POLL_S * 1000):
-            try:
-                os.kill(rank_pid, signal.SIGKILL)   # its launcher is gone: nothing it does can reach anyone
-            except ProcessLookupError:
-                pass
+            _end(rank_pid)
             return 0
     return 0
+
+
+def _end(rank_pid: int) -> None:
+    """SIGTERM (the rank stops with the others if they are there), then SIGKILL unless it has exited meanwhile."""
+    try:
+        os.kill(rank_pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + GRACE_S
+    while os.getppid() == rank_pid and time.monotonic() < deadline:   # our parent changes when the rank is gone
+        time.sleep(0.2)
+    if os.getppid() == rank_pid:
+        try:
+            os.kill(rank_pid, signal.SIGKILL)   # it did not stop: a frozen or stuck rank
+        except ProcessLookupError:
+            pass
 
 
 if __name__ == "__main__":
