@@ -163,6 +163,7 @@ def job_cleanup():
         job.kill()
 
 
+@pytest.mark.hosts
 def test_a_partitioned_host_ends_the_job_with_one_line_and_the_rerun_resumes(two_hosts, tmp_path, digits_shards,
                                                                               job_cleanup):
     job = Job(command(two_hosts, tmp_path, digits_shards), tmp_path / "job.log",
@@ -179,6 +180,7 @@ def test_a_partitioned_host_ends_the_job_with_one_line_and_the_rerun_resumes(two
     assert_resumes(two_hosts, tmp_path, digits_shards, checkpoint)
 
 
+@pytest.mark.hosts
 def test_a_frozen_rank_ends_the_job_and_is_not_left_behind_on_its_host(two_hosts, tmp_path, digits_shards,
                                                                        job_cleanup):
     job = Job(command(two_hosts, tmp_path, digits_shards), tmp_path / "job.log",
@@ -195,6 +197,7 @@ def test_a_frozen_rank_ends_the_job_and_is_not_left_behind_on_its_host(two_hosts
     assert_resumes(two_hosts, tmp_path, digits_shards, checkpoint)
 
 
+@pytest.mark.hosts
 def test_a_stalled_step_on_one_host_is_ended_by_the_watchdog(two_hosts, tmp_path, digits_shards, job_cleanup):
     # Rank 1 holds step 6 for an hour before its collectives; rank 0 waits in the all-reduce, which Gloo does not
     # time out (its background loop still negotiates): a hang only the watchdog ends.

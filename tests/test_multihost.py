@@ -28,7 +28,7 @@ BIN = Path(sys.executable).parent
 SETUP = REPO / "launch" / "netns-hosts.sh"
 SKIP = 77  # the setup script's "this machine cannot do it" exit code
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.hosts]
 
 
 def netns(hosts_dir: Path, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
