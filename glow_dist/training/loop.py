@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
-from glow_dist.config import Config, ConfigError
+from glow_dist.config import Config
 from glow_dist.distributed import gateway as dist
 from glow_dist.distributed.watchdog import StepWatchdog
 from glow_dist.tracking.reporter import NullReporter
@@ -31,7 +31,7 @@ from glow_dist.training.checkpoints import CheckpointManager
 from glow_dist.training.data_health import BadSampleMonitor
 from glow_dist.training.optimizer import LearningRate
 from glow_dist.training.state import TrainingState
-from glow_dist.training.step import TrainStep
+from glow_dist.training.step import TrainStep, step_rank_drill
 from glow_dist.training.stop import StopSignal
 
 
@@ -59,15 +59,7 @@ class Run(Protocol):
 
 def injected_stalls() -> dict[tuple[int, int], float]:
     """GLOW_DIST_INJECT_STALL="STEP:RANK[:SECONDS][,...]": (step, rank) -> seconds that rank is held in that step."""
-    spec = os.environ.get("GLOW_DIST_INJECT_STALL", "")
-    stalls = {}
-    try:
-        for item in filter(None, (p.strip() for p in spec.split(","))):
-            step, rank, *seconds = item.split(":")
-            stalls[int(step), int(rank)] = float(seconds[0]) if seconds else 3600.0
-    except ValueError:
-        raise ConfigError(f"GLOW_DIST_INJECT_STALL={spec!r}: expected STEP:RANK[:SECONDS][,...]") from None
-    return stalls
+    return step_rank_drill("GLOW_DIST_INJECT_STALL", value="3600")
 
 
 class Interval:

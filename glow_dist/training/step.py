@@ -61,13 +61,26 @@ class TrainStep(Protocol):
     def run_tags(self) -> dict[str, str]: ...
 
 
+def step_rank_drill(name: str, value: str = "") -> dict[tuple[int, int], float]:
+    """A fault drill's variable, NAME="STEP:RANK[,...]" or, with a `value` (its default), "STEP:RANK[:VALUE][,...]":
+    (step, rank) -> that value."""
+    spec = os.environ.get(name, "")
+    try:
+        found = {}
+        for item in filter(None, (p.strip() for p in spec.split(","))):
+            step, rank, *rest = item.split(":")
+            if len(rest) > (1 if value else 0):
+                raise ValueError(item)
+            found[int(step), int(rank)] = float(rest[0] if rest else value or 0)
+        return found
+    except ValueError:
+        shape = "STEP:RANK[:SECONDS]" if value else "STEP:RANK"
+        raise ConfigError(f"{name}={spec!r}: expected {shape}[,{shape}...]") from None
+
+
 def injected_faults() -> set[tuple[int, int]]:
     """GLOW_DIST_INJECT_NONFINITE="STEP:RANK[,STEP:RANK...]": (step, rank) pairs whose loss is made NaN once."""
-    spec = os.environ.get("GLOW_DIST_INJECT_NONFINITE", "")
-    try:
-        return {(int(a), int(b)) for a, b in (item.split(":") for item in spec.split(",") if item.strip())}
-    except ValueError:
-        raise ConfigError(f"GLOW_DIST_INJECT_NONFINITE={spec!r}: expected STEP:RANK[,STEP:RANK...]") from None
+    return set(step_rank_drill("GLOW_DIST_INJECT_NONFINITE"))
 
 
 def noise_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
