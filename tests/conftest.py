@@ -1,5 +1,5 @@
-"""Shared fixtures: real digits shards written by `glow-dist prepare`, one real MLflow server per session, and a
-small tmpfs that fills up."""
+"""Shared fixtures: real digits shards written by `glow-dist prepare`, one real MLflow server per session, a real
+S3-compatible object store (tests/object_store.py), and a small tmpfs that fills up."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from object_store import s3_store  # noqa: F401 - the session's SeaweedFS, for the s3-marked tests
 
 REPO = Path(__file__).resolve().parents[1]
 
