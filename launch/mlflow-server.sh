@@ -10,7 +10,13 @@
 #
 # Then on the cluster: MLFLOW_TRACKING_URI=http://mlflow-host:5000 (or tracking.uri=...), and with AUTH=basic a user
 # in MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or ~/.mlflow/credentials (README, Security).
-# PostgreSQL needs `pip install psycopg2-binary`, S3 `pip install boto3` in the server's environment.
+# A database and an object store (README, "3. Start an MLflow tracking server"): `pip install 'glow-dist[server]'` in
+# the server's environment brings the PostgreSQL driver (psycopg 3; postgresql:// URIs are given to SQLAlchemy as
+# postgresql+psycopg://, whatever its default driver) and boto3. The S3 endpoint and keys go in the server's
+# environment only (AWS_ENDPOINT_URL or MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or a
+# profile): the server proxies artifacts, so training machines need neither. Before MLflow starts, each database and
+# object store is reached once (launch/mlflow_server_check.py, with the Python next to $MLFLOW or $PYTHON): a wrong
+# password, a missing database or bucket, refused keys or an unreachable host end the start with one line, exit 2.
 #
 # AUTH=basic runs MLflow's basic-auth app (`pip install 'glow-dist[server]'`, i.e. mlflow[auth]): every request but
 # /health needs a user; users and per-experiment and per-model permissions live in AUTH_DATABASE_URI (default
@@ -55,10 +61,23 @@ who reaches it could register models that glow-dist loads or delete runs. Set AU
 or ALLOW_ANONYMOUS=1 on a network that only trusted machines reach" ;;
 esac
 
-if [[ $BACKEND_STORE_URI == sqlite:* || $ARTIFACTS_DESTINATION != *://* ]]; then
-    mkdir -p "$MLFLOW_HOME" "$ARTIFACTS_DESTINATION"
-fi
+# postgresql:// names no driver, and SQLAlchemy's default for it changed (psycopg2 up to 2.0, psycopg 3 from 2.1):
+# name the one the `server` extra installs.
+with_driver() { [[ $1 == postgresql://* ]] && echo "postgresql+psycopg://${1#postgresql://}" || echo "$1"; }
+BACKEND_STORE_URI=$(with_driver "$BACKEND_STORE_URI")
+AUTH_DATABASE_URI=$(with_driver "${AUTH_DATABASE_URI:-sqlite:///$MLFLOW_HOME/basic_auth.db}")
 export MLFLOW_BACKEND_STORE_URI=$BACKEND_STORE_URI MLFLOW_ARTIFACTS_DESTINATION=$ARTIFACTS_DESTINATION
+
+[[ $BACKEND_STORE_URI == sqlite:* ]] && mkdir -p "$MLFLOW_HOME"
+[[ $ARTIFACTS_DESTINATION != *://* ]] && mkdir -p "$ARTIFACTS_DESTINATION"   # a folder; s3://... is not one
+remote() { [[ $1 == *://* && $1 != sqlite:* && $1 != file:* ]]; }
+if remote "$BACKEND_STORE_URI" || remote "$ARTIFACTS_DESTINATION" || { [[ $AUTH == basic ]] && remote "$AUTH_DATABASE_URI"; }; then
+    # The server's own Python (the mlflow console script's neighbour in its venv) has SQLAlchemy, the driver, boto3.
+    PYTHON=${PYTHON:-$(dirname "$(command -v "$MLFLOW" || echo .)")/python}
+    [[ -x $PYTHON ]] || PYTHON=python3
+    check_auth=""; [[ $AUTH == basic ]] && check_auth=$AUTH_DATABASE_URI
+    AUTH_DATABASE_URI=$check_auth "$PYTHON" "$(dirname "${BASH_SOURCE[0]}")/mlflow_server_check.py" || exit 2
+fi
 args=(server --serve-artifacts --host "$HOST" --port "$PORT" --workers "$WORKERS")
 [[ -n $ALLOWED_HOSTS ]] && args+=(--allowed-hosts "$ALLOWED_HOSTS")
 
@@ -80,7 +99,7 @@ if [[ $AUTH == basic ]]; then
     (umask 077 && cat > "$MLFLOW_HOME/basic_auth.ini" <<EOF
 [mlflow]
 default_permission = ${AUTH_DEFAULT_PERMISSION:-READ}
-database_uri = ${AUTH_DATABASE_URI:-sqlite:///$MLFLOW_HOME/basic_auth.db}
+database_uri = $AUTH_DATABASE_URI
 admin_username = ${ADMIN_USERNAME:-admin}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 auth_cache_ttl_seconds = ${AUTH_CACHE_TTL:-60}
