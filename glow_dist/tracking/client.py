@@ -52,6 +52,30 @@ from glow_dist.tracking.uploads import CheckpointUploads
 _PARAM_VALUE_LEN = 6000   # MLflow's limit on a param's value (mlflow/utils/validation.py): longer ones are cut
 RUN_VIEW = "?workflowType=machine_learning"   # MLflow 3's UI opens runs in its GenAI view unless told otherwise
 
+# How glow-dist's MLflow client talks to a server (names from mlflow/environment_variables.py, MLflow 3.x); set with
+# setdefault by every process that opens a client, so a user's own value wins.
+MLFLOW_CLIENT_DEFAULTS = {
+    # A dead server must cost seconds, not MLflow's default of 7 retries with backoff and 120 s timeouts.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",   # garbage in launcher logs
+    # Files of 500 MB or more (checkpoints, the model's weights) onto a server whose artifacts are on S3: the server
+    # hands out presigned part URLs and the parts go to the object store directly, in parallel. Streamed through the
+    # server instead, a 2.75 GiB checkpoint was never uploaded: the server copies it on to the store before it
+    # answers, longer than the 5 s timeout above; with the timeout raised it took 5x as long (bench/bench_upload.py
+    # --store s3, BENCHMARKS.md). Rank 0 then needs to reach the object store's endpoint (no credentials); servers
+    # with a local artifact folder answer that they cannot, and the file is streamed to them as before.
+    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "true",
+    # 10 MB parts (MLflow's default, pinned): as fast as 32 MB and faster than 100 MB in the same run, and MLflow
+    # holds one part per thread in memory (2 threads per core, up to 20)
+    "MLFLOW_MULTIPART_UPLOAD_CHUNK_SIZE": str(10 << 20),
+}
+
+
+def set_client_defaults() -> None:
+    for name, value in MLFLOW_CLIENT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
 
 def log_evaluation(cfg: Config, run_id: str | None, step: int, metrics: dict[str, float],
                    tags: dict[str, str], summary: str) -> str:
@@ -63,8 +87,7 @@ def log_evaluation(cfg: Config, run_id: str | None, step: int, metrics: dict[str
     from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    set_client_defaults()
     uri, _ = tracking_store(cfg.tracking)
     client = MlflowClient(uri)
     try:
@@ -89,11 +112,7 @@ class Tracker:
 
     def __init__(self, cfg: Config, run_id: str | None = None, run_name: str | None = None,
                  tags: dict[str, str] | None = None) -> None:
-        # A dead server must cost seconds, not MLflow's default of 7 retries with backoff and 120 s timeouts;
-        # setdefault keeps values the user chose. (Names from mlflow/environment_variables.py, MLflow 3.x.)
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # garbage in launcher logs
+        set_client_defaults()
         self._cfg = cfg.tracking
         self._keep_checkpoints = cfg.train.keep_checkpoints
         run_dir = Path(cfg.train.run_dir)
