@@ -64,7 +64,8 @@ MLFLOW_CLIENT_DEFAULTS = {
     # server instead, a 2.75 GiB checkpoint was never uploaded: the server copies it on to the store before it
     # answers, longer than the 5 s timeout above; with the timeout raised it took 5x as long (bench/bench_upload.py
     # --store s3, BENCHMARKS.md). Rank 0 then needs to reach the object store's endpoint (no credentials); servers
-    # with a local artifact folder answer that they cannot, and the file is streamed to them as before.
+    # with a local artifact folder answer that they cannot, and the file is streamed to them as before. MLflow 3.17
+    # left unset asks the server (/server-info) and gets the same answer from an S3 store; older clients stream.
     "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "true",
     # 10 MB parts (MLflow's default, pinned): as fast as 32 MB and faster than 100 MB in the same run, and MLflow
     # holds one part per thread in memory (2 threads per core, up to 20)
