@@ -133,6 +133,36 @@ def test_training_logs_to_postgres_and_s3_and_the_model_loads_back(store_server:
     assert (store_server.root / "basic_auth.ini").stat().st_mode & 0o077 == 0
 
 
+def test_without_auth_the_same_stores_serve_a_run(postgres_server: PostgresServer,  # noqa: F811
+                                                   s3_store: SeaweedS3, tmp_path: Path) -> None:
+    """The script's route without AUTH (a network only trusted machines reach): the same two stores, a run and an
+    artifact through the server's API."""
+    from mlflow.tracking import MlflowClient
+
+    postgres_server.create_database("mlflow_open", "mlflow_open", DB_PASSWORD)
+    s3_store.make_bucket("open")
+    server = Server(tmp_path / "home", script_env={
+        "BACKEND_STORE_URI": postgres_server.uri("mlflow_open", "mlflow_open", DB_PASSWORD),
+        "ARTIFACTS_DESTINATION": "s3://open/mlflow", **s3_variables(s3_store)}).start()
+    try:
+        client = MlflowClient(server.uri)
+        run = client.create_run(client.create_experiment("open"))
+        client.log_metric(run.info.run_id, "bits_per_dim/test_ema", 3.5, step=7)
+        (tmp_path / "note.txt").write_text("hello")
+        client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+        client.set_terminated(run.info.run_id)
+        commands = [" ".join(p.cmdline()) for p in [psutil.Process(server.proc.pid),
+                                                    *psutil.Process(server.proc.pid).children(recursive=True)]]
+    finally:
+        server.stop()
+    assert postgres_server.query("mlflow_open", "SELECT r.status, m.value, m.step FROM runs r JOIN metrics m ON "
+                                 "m.run_uuid = r.run_uuid WHERE r.run_uuid = %s", (run.info.run_id,)) == [
+        ("FINISHED", 3.5, 7)]
+    key = f"mlflow/{run.info.experiment_id}/{run.info.run_id}/artifacts/note.txt"
+    assert s3_store.client().get_object(Bucket="open", Key=key)["Body"].read() == b"hello"
+    assert not any(DB_PASSWORD in c or ADMIN_KEY[1] in c for c in commands), commands
+
+
 def start_script(env: dict[str, str], cwd: Path, timeout: float = 90) -> tuple[int | None, str]:
     """launch/mlflow-server.sh until it exits (or `timeout`: then it is stopped, and the status is None)."""
     proc = subprocess.Popen(["bash", str(SCRIPT)], env=env, cwd=cwd, stdout=subprocess.DEVNULL,
