@@ -16,7 +16,7 @@ NP ?= 2
 TRAIN_ARGS ?=
 MLFLOW_PORT ?= 5000
 
-.PHONY: install horovod horovod-gpu-check wheelhouse wheelhouse-check doctor test test-slurm test-hosts test-s3 test-fast lint train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
+.PHONY: install horovod horovod-mpi horovod-gpu-check wheelhouse wheelhouse-check doctor test test-slurm test-hosts test-s3 test-fast lint train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
 
 help:
 	@echo "make train      install, prepare the digits shards, train with 2 Horovod processes, log to local MLflow"
@@ -26,6 +26,7 @@ help:
 	@echo "make test-s3    object storage: a real S3 server (SeaweedFS) on 127.0.0.1"
 	@echo "make install    project venv ($(VENV)) with torch==$(TORCH_VERSION) (CPU), the package and its deps"
 	@echo "make horovod    build (once, cached) and install Horovod with PyTorch + Gloo"
+	@echo "make horovod-mpi  the same with MPI too, in $(MPI_VENV) (the sbatch script's LAUNCHER=srun-mpi)"
 	@echo "make doctor     check this machine: torch/CUDA, GPUs, Horovod build, DALI decode, MLflow, data"
 	@echo "make horovod-gpu-check  CUDA torch + toolkit wheels in $(GPU_VENV), build Horovod with NCCL, check it"
 	@echo "make wheelhouse CUDA=cu12|cu13|cpu [PYTHON=python3.12] [WHEELHOUSE_TORCH=2.14.1 TORCH_INDEX=url]: every wheel for an offline install"
@@ -68,6 +69,13 @@ $(HVD_STAMP): $(STAMP) launch/install-horovod.sh
 	@touch $@
 
 horovod: $(HVD_STAMP)
+
+# The Horovod of the sbatch script's LAUNCHER=srun-mpi (README, "Slurm: which launch route"): MPI built in beside
+# Gloo, in a venv of its own (never the default one), against the MPI on this machine (Debian: openmpi-bin
+# libopenmpi-dev; Slurm's mpi/pmix plugin needs libpmix2). tests/test_slurm.py runs the srun-mpi route with it.
+MPI_VENV ?= .venv-mpi
+horovod-mpi:
+	GLOW_DIST_HOROVOD_MPI=1 $(MAKE) horovod VENV=$(MPI_VENV)
 
 doctor: $(STAMP)
 	PATH=$(BIN):$$PATH $(BIN)/glow-dist doctor $(DOCTOR_ARGS)

@@ -37,9 +37,11 @@ export MLFLOW_TRACKING_URI PATH="$BIN:$PATH"
 # LAUNCHER=srun, inside a Slurm job only (launch/slurm/celeba_hq_256.sbatch): srun starts the ranks on the job's
 # nodes, no ssh; glow-dist-srun brings up Horovod's Gloo rendezvous for them (glow_dist/distributed/srun.py).
 LAUNCHER=${LAUNCHER:-ssh}
-if [[ $LAUNCHER == srun ]]; then
+# LAUNCHER=srun-mpi: the same with `srun --mpi=pmix` and Horovod's MPI controller (a Horovod built with MPI in BIN).
+if [[ $LAUNCHER == srun || $LAUNCHER == srun-mpi ]]; then
     launch=(glow-dist-srun -np "$NP" --network-interface "$NIC" --start-timeout "$START_TIMEOUT"
             --srun-args "${SRUN_ARGS:-}")
+    [[ $LAUNCHER == srun ]] || launch+=(--mpi pmix)
 elif [[ -n $HOST_DISCOVERY ]]; then
     launch=(glow-dist-horovodrun -np "$NP" --host-discovery-script "$HOST_DISCOVERY" --min-np "$MIN_NP"
             --max-np "$NP" --gloo --network-interfaces "$NIC" --start-timeout "$START_TIMEOUT" -p "$SSH_PORT")
@@ -57,6 +59,6 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
     printf '%q ' "${cmd[@]}"; echo
     exit 0
 fi
-[[ $LAUNCHER == srun || -n $HOST_DISCOVERY || -f $HOSTFILE ]] || {
+[[ $LAUNCHER == srun* || -n $HOST_DISCOVERY || -f $HOSTFILE ]] || {
     echo "no hostfile $HOSTFILE: copy launch/hostfile.example and list your machines" >&2; exit 2; }
 exec "${cmd[@]}"

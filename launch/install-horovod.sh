@@ -9,6 +9,9 @@
 #   nccl  NCCL all-reduce/allgather/broadcast on the GPU, Gloo as the controller; HOROVOD_GPU_OPERATIONS=NCCL in the
 #         environment asks for this too (the Dockerfile's spelling)
 #   cpu   Gloo only
+# GLOW_DIST_HOROVOD_MPI=1 builds MPI in as well (HOROVOD_WITH_MPI=1 beside Gloo; the wheel is cached as its own
+# variant, *-mpi): the route `srun --mpi=pmix` of the sbatch script (LAUNCHER=srun-mpi) needs it. It compiles against
+# the mpicxx on PATH (Debian: openmpi-bin libopenmpi-dev), and the nodes must run the same MPI build at run time.
 # Where CUDA comes from for an NCCL build (GLOW_DIST_CUDA_FROM, default auto):
 #   system  $HOROVOD_CUDA_HOME, $CUDA_HOME, the nvcc on PATH or /usr/local/cuda; its major version must be torch's
 #   pypi    NVIDIA's toolkit wheels, installed into the same environment at torch's CUDA major.minor:
@@ -62,10 +65,20 @@ case $GPU in
         VARIANT=nccl-cu$TORCH_CUDA ;;
     *) echo "horovod: GLOW_DIST_HOROVOD_GPU must be auto, nccl or cpu, got '$GPU'" >&2; exit 1 ;;
 esac
+MPI=${GLOW_DIST_HOROVOD_MPI:-0}
+case $MPI in
+    0) ;;
+    1) command -v mpicxx >/dev/null || {
+           echo "horovod: GLOW_DIST_HOROVOD_MPI=1 needs an MPI compiler wrapper (mpicxx) on PATH; on Debian:" \
+                "apt-get install openmpi-bin libopenmpi-dev" >&2; exit 1; }
+       VARIANT=$VARIANT-mpi ;;
+    *) echo "horovod: GLOW_DIST_HOROVOD_MPI must be 0 or 1, got '$MPI'" >&2; exit 1 ;;
+esac
 WHEEL_DIR="$CACHE/horovod-$HVD_VERSION-torch$TORCH_VERSION-$VARIANT"
 wheel() { ls "$WHEEL_DIR"/horovod-$HVD_VERSION-"$PYTAG"-*.whl 2>/dev/null | head -1; }
 
-if [ -z "${GLOW_DIST_HOROVOD_COPY_TO:-}" ] && "$PY" -c 'import horovod.torch' 2>/dev/null; then
+if [ -z "${GLOW_DIST_HOROVOD_COPY_TO:-}" ] &&
+   "$PY" -c "import sys, horovod.torch as h; sys.exit(0 if h.mpi_built() or '$MPI' == '0' else 1)" 2>/dev/null; then
     echo "horovod: already installed ($("$PY" -c 'import horovod; print(horovod.__version__)'))"
     exit 0
 fi
@@ -138,8 +151,9 @@ if [ -z "$(wheel)" ]; then
         echo "horovod: the C++$TORCH_STD patch did not apply; the sdist layout changed" >&2; exit 1; }
     # Build requirements, since --no-build-isolation uses this environment's packages.
     "$PY" -m pip install -q cmake packaging psutil cloudpickle pyyaml wheel setuptools
-    env=(HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_TENSORFLOW=1
-         HOROVOD_WITHOUT_MXNET=1 "MAKEFLAGS=-j$(nproc)")
+    env=(HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+         "MAKEFLAGS=-j$(nproc)")
+    if [ "$MPI" = 1 ]; then env+=(HOROVOD_WITH_MPI=1); else env+=(HOROVOD_WITHOUT_MPI=1); fi
     if [ "$GPU" = nccl ]; then
         cuda_kernels="$src/horovod/common/ops/cuda/CMakeLists.txt"
         sed -i 's/set(CMAKE_CUDA_STANDARD 11)/set(CMAKE_CUDA_STANDARD 17)/' "$cuda_kernels"

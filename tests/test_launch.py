@@ -135,7 +135,7 @@ def sbatch_env(tmp_path: Path, **env: str) -> dict[str, str]:
             **env}
 
 
-@pytest.mark.parametrize("launcher", ["srun", "ssh", None])
+@pytest.mark.parametrize("launcher", ["srun", "srun-mpi", "ssh", None])
 def test_sbatch_starts_40_ranks_by_its_launch_route(tmp_path, launcher):
     env = sbatch_env(tmp_path, NIC="ib0", **({"LAUNCHER": launcher} if launcher else {}))
     cmd = shlex.split(sh("bash", "launch/slurm/celeba_hq_256.sbatch", env=env).stdout)
@@ -145,6 +145,8 @@ def test_sbatch_starts_40_ranks_by_its_launch_route(tmp_path, launcher):
         assert cmd[:5] == ["glow-dist-horovodrun", "-np", "40", "--hostfile", str(hostfile)]
     else:   # srun is the default: srun starts the ranks, no ssh (glow_dist/distributed/srun.py)
         assert cmd[:5] == ["glow-dist-srun", "-np", "40", "--network-interface", "ib0"]
+        mpi = cmd[cmd.index("--mpi"):cmd.index("--mpi") + 2] if "--mpi" in cmd else []
+        assert mpi == (["--mpi", "pmix"] if launcher == "srun-mpi" else [])   # srun --mpi=pmix, Horovod over MPI
     assert "train.stop_exit_code=75" in cmd  # the batch script requeues on 75
     directives = [line for line in (REPO / "launch/slurm/celeba_hq_256.sbatch").read_text().splitlines()
                   if line.startswith("#SBATCH")]
@@ -158,13 +160,14 @@ def test_sbatch_refuses_elastic_under_srun_and_an_unknown_route_with_one_line(tm
     assert elastic.returncode == 2 and elastic.stdout == ""
     assert elastic.stderr.strip().splitlines() == [
         "celeba_hq_256.sbatch: ELASTIC=1 needs LAUNCHER=ssh (horovodrun's elastic driver starts and restarts the "
-        "ranks over ssh; srun cannot be driven that way): resubmit with LAUNCHER=ssh"]
+        "ranks itself, over ssh; the srun routes do not run it): resubmit with LAUNCHER=ssh"]
     elastic_ssh = sh("bash", "launch/slurm/celeba_hq_256.sbatch", env=sbatch_env(tmp_path, LAUNCHER="ssh",
                                                                                   ELASTIC="1"))
     assert "--host-discovery-script" in shlex.split(elastic_ssh.stdout)
     unknown = sh("bash", "launch/slurm/celeba_hq_256.sbatch", check=False, env=sbatch_env(tmp_path, LAUNCHER="mpi"))
     assert unknown.returncode == 2
-    assert unknown.stderr.strip() == "celeba_hq_256.sbatch: LAUNCHER=mpi is not a launch route: use srun or ssh"
+    assert unknown.stderr.strip() == ("celeba_hq_256.sbatch: LAUNCHER=mpi is not a launch route: use srun, srun-mpi "
+                                      "or ssh")
 
 
 def test_k8s_manifests_parse_and_agree_on_40_ranks():

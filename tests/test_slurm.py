@@ -9,9 +9,11 @@ requeues itself), preemption by a job of the high-priority partition, `scontrol 
 with the weights of a job that was never stopped. Then hostB dies mid-run: a plain job ends (it does not hang) and a
 resubmission resumes; an elastic one goes on with hostA alone.
 
-All of it runs twice, once per launch route of the script (LAUNCHER): `ssh` (horovodrun starts rank 1 over ssh)
-on the cluster with sshd on both nodes, and `srun` (srun starts both ranks, glow-dist-srun the Gloo rendezvous) on
-a cluster started with SSHD=0, where no sshd runs on either node. `-k srun` or `-k ssh` picks one.
+It runs once per launch route of the script (LAUNCHER): `srun` (the default: srun starts both ranks, glow-dist-srun
+the Gloo rendezvous) on a cluster started with SSHD=0, where no sshd runs on either node, with every row; `ssh`
+(horovodrun starts rank 1 over ssh, on the cluster with sshd on both nodes) with the rows whose code differs from
+srun's (ROWS); and `srun-mpi` (srun --mpi=pmix, Horovod over Open MPI) where an MPI build of Horovod is installed
+(MPI_VENV), with the rows that tell whether MPI behaves like Gloo. `-k srun` or `-k ssh` picks one.
 
 Root, network namespaces and Debian's slurm-wlm and munge (installed if missing) are needed; elsewhere the module
 skips and says why. `make test-slurm` runs it. The time from each signal to the checkpoint on disk and Slurm's final
@@ -56,18 +58,44 @@ STEP_SECONDS = "0.15"
 # raised to 10 minutes (as root; a user would resubmit with a longer --time): each run would be warned again about
 # 45 s after it starts, most of which a loaded machine spends starting the ranks, and the job would take many runs.
 TIME_LIMIT_STEP_SECONDS = "0.3"
+# The lost node's job under srun: 150 steps after its resume take at least 60 s, so its requeued run is training
+# when the failed run's terminate request reaches hostB again (lost_node).
+LOST_NODE_STEP_SECONDS = "0.4"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE"}
 
 
-LAUNCHERS = ["ssh", "srun"]
+LAUNCHERS = ["ssh", "srun", "srun-mpi"]
+# The Horovod built with MPI for LAUNCHER=srun-mpi (GLOW_DIST_HOROVOD_MPI=1 make horovod VENV=.venv-mpi): its own venv,
+# never the default one. Without it, the srun-mpi route is skipped.
+MPI_VENV = Path(os.environ.get("GLOW_DIST_MPI_VENV", REPO / ".venv-mpi"))
+# Which rows run on which route. srun, the default, runs all. ssh runs the rows whose code differs from srun's:
+# the ranks start over ssh (reference), a TERM forwarded by glow-dist-horovodrun to rank 0 with rank 1 stopped by
+# the vote (scancel), a USR1 from the batch shell through glow-dist-horovodrun (scancel --signal=USR1 --batch: the
+# time limit's path in the script as well), a lost node (its job FAILS instead of Slurm requeueing it) and elastic,
+# and the pam_slurm_adopt drill. What it skips goes through the same script lines and the same launcher handler as a
+# row it runs: preemption and `scontrol requeue` are scancel's SIGTERM (only Slurm's decision after it differs, and
+# that is not the route's), the time limit is USR1 to the batch shell, a stop cut by KillWait is SIGKILL to rank 0 in
+# the batch step on either route, and a lost peer's exit 69 is the script's logic (the launcher's pass-through of 69
+# is make test-hosts' under horovodrun). srun-mpi runs the rows where MPI might differ from Gloo: the start, TERM,
+# USR1 through srun (from scancel --batch and from the time-limit warning), a lost node.
+ROWS = {"srun": {"reference", "time-limit", "preemption", "scontrol-requeue", "scancel", "scancel-usr1-batch",
+                 "scancel-past-killwait", "lost-node", "peer-lost"},
+        "ssh": {"reference", "scancel", "scancel-usr1-batch", "lost-node", "adopted"},
+        "srun-mpi": {"reference", "time-limit", "scancel", "scancel-usr1-batch", "lost-node"}}
+
+
+def needs_row(cluster: Cluster, row: str) -> None:
+    if row not in ROWS[cluster.launcher]:
+        pytest.skip(f"{row} on LAUNCHER={cluster.launcher}: the same code path as a row it runs (ROWS)")
 
 
 @dataclass
 class Cluster:
     dir: Path
     env: dict[str, str]
-    launcher: str   # the sbatch script's LAUNCHER; "srun" runs on nodes without sshd
+    launcher: str   # the sbatch script's LAUNCHER; "srun" and "srun-mpi" run on nodes without sshd
+    bin: Path = BIN  # the venv the jobs run (BIN of launch/celeba_hq_256.sh)
 
     def run(self, *cmd: str, check: bool = True) -> str:
         out = subprocess.run(cmd, capture_output=True, text=True, env=self.env, cwd=REPO, timeout=120)
@@ -105,17 +133,29 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         pytest.skip("the local Slurm cluster needs Linux and root (network namespaces, munged, slurmd)")
     if not (BIN / "horovodrun").exists():
         pytest.skip("horovodrun is not installed in this environment: run `make horovod`")
+    bin = BIN
+    if launcher == "srun-mpi":
+        bin = MPI_VENV / "bin"
+        built = subprocess.run([str(bin / "python"), "-c", "import horovod.torch as h; print(h.mpi_built())"],
+                               capture_output=True, text=True)
+        if built.stdout.strip() != "True":
+            pytest.skip(f"no Horovod built with MPI in {MPI_VENV} (GLOW_DIST_HOROVOD_MPI=1 make horovod "
+                        f"VENV={MPI_VENV}; needs openmpi-bin libopenmpi-dev libpmix-dev)")
     root = tmp_path_factory.mktemp(f"slurm-{launcher}")
     cmd = ["bash", str(CLUSTER)]
     try:
         up = subprocess.run([*cmd, "start", str(root)], capture_output=True, text=True, timeout=900,  # may apt-get
-                            env={**os.environ, "SSHD": "0" if launcher == "srun" else "1"})
+                            env={**os.environ, "SSHD": "1" if launcher == "ssh" else "0"})
         if up.returncode == SKIP:
             pytest.skip(up.stderr.strip())
         assert up.returncode == 0, up.stderr
         env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf"),
                "PATH": f"{root / 'hosts' / 'bin'}:{BIN}:{os.environ['PATH']}"}
-        yield Cluster(root, env, launcher)
+        if launcher == "srun-mpi":
+            plugins = subprocess.run(["srun", "--mpi=list"], capture_output=True, text=True, env=env)
+            if "pmix" not in plugins.stdout + plugins.stderr:
+                pytest.skip(f"Slurm has no mpi/pmix plugin here: {plugins.stdout + plugins.stderr}")
+        yield Cluster(root, env, launcher, bin)
     finally:
         down = subprocess.run([*cmd, "stop", str(root)], capture_output=True, text=True, timeout=300)
         assert down.returncode == 0, down.stderr
@@ -161,7 +201,8 @@ def submit(cluster: Cluster, uri: str, shards: Path, job: Job, *options: str, en
     exports = {"GPUS_PER_NODE": "1", "NIC": "gd0", "SSH_PORT": "2222", "START_TIMEOUT": "120",
                "CONFIG": "configs/debug.yaml", "DATA": str(shards), "RUN_DIR": str(job.run_dir),
                "HOSTFILE": str(job.dir / "hostfile"), "MLFLOW_TRACKING_URI": uri,
-               "GLOW_DIST_INJECT_SLOW_STEP": STEP_SECONDS, "LAUNCHER": cluster.launcher, **(env or {})}
+               "GLOW_DIST_INJECT_SLOW_STEP": STEP_SECONDS, "LAUNCHER": cluster.launcher, "BIN": str(cluster.bin),
+               **(env or {})}
     cmd = ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--oversubscribe",
            f"--job-name={job.name}", f"--output={job.dir / f'job-{len(job.ids)}.out'}", *options,
            SBATCH, *TRAIN, f"tracking.experiment=slurm-{job.name}", *args]
@@ -218,21 +259,22 @@ def stop_paths(cluster: Cluster, cluster_mlflow: str, digits_shards: Path,
     """Submits the reference job and one job per stop path, stops each once it has trained a few steps, resubmits
     the cancelled one, and waits until every job has finished. The tests then read what happened."""
     root = tmp_path_factory.mktemp("slurm-jobs")
-    jobs = {name: Job(name, root / name) for name in ["reference", *PATHS, PAST_KILLWAIT]}
+    rows = ROWS[cluster.launcher]
+    jobs = {name: Job(name, root / name) for name in ["reference", *PATHS, PAST_KILLWAIT] if name in rows}
 
-    def sub(name: str, *options: str) -> str:
-        return submit(cluster, cluster_mlflow, digits_shards, jobs[name], *options)
+    def sub(name: str, *options: str, env: dict | None = None) -> None:
+        if name in jobs:
+            submit(cluster, cluster_mlflow, digits_shards, jobs[name], *options, env=env)
 
     # `high` is never preempted, so only the job in `low` can make room for the preemptor. The warning of
     # --signal=B:USR1@60 with --time=2 comes 60-90 s before the limit (the controller checks every 30 s).
     for name in ["reference", "scontrol-requeue", "scancel", "scancel-usr1-batch"]:
         sub(name, "--partition=high")
-    submit(cluster, cluster_mlflow, digits_shards, jobs["time-limit"], "--partition=high", "--time=2",
-           "--signal=B:USR1@60", env={"GLOW_DIST_INJECT_SLOW_STEP": TIME_LIMIT_STEP_SECONDS})
+    sub("time-limit", "--partition=high", "--time=2", "--signal=B:USR1@60",
+        env={"GLOW_DIST_INJECT_SLOW_STEP": TIME_LIMIT_STEP_SECONDS})
     # The preemptor asks for 2500 MB per node, this job holds 2500 of the 4000 each node has: it must go.
     sub("preemption", "--partition=low", "--mem=2500")
-    submit(cluster, cluster_mlflow, digits_shards, jobs[PAST_KILLWAIT], "--partition=high",
-           env={"GLOW_DIST_INJECT_SLOW_CHECKPOINT": CUT_CHECKPOINT_SECONDS})
+    sub(PAST_KILLWAIT, "--partition=high", env={"GLOW_DIST_INJECT_SLOW_CHECKPOINT": CUT_CHECKPOINT_SECONDS})
 
     actions: dict[str, Callable[[str], object]] = {
         "scontrol-requeue": lambda i: cluster.run("scontrol", "requeue", i),
@@ -248,6 +290,7 @@ def stop_paths(cluster: Cluster, cluster_mlflow: str, digits_shards: Path,
         cluster.run("scontrol", "update", f"JobId={i}", "TimeLimit=10")
 
     actions["time-limit"] = extend_time_limit
+    actions = {name: action for name, action in actions.items() if name in jobs}
 
     def ready(name: str) -> bool:
         job = jobs[name]
@@ -267,7 +310,7 @@ def stop_paths(cluster: Cluster, cluster_mlflow: str, digits_shards: Path,
         return not actions
 
     wait_for(act, 400, "every stop path's job to train and be stopped")
-    for name in ("scancel", PAST_KILLWAIT):   # the user resubmits a cancelled job: the same command
+    for name in {"scancel", PAST_KILLWAIT} & set(jobs):   # the user resubmits a cancelled job: the same command
         wait_for(lambda n=name: cluster.state(jobs[n].ids[0]) in FINAL_STATES, 120, f"the cancelled {name} to end")
         sub(name, "--partition=high")
     wait_final(cluster, list(jobs.values()), 600)
@@ -286,8 +329,9 @@ def test_sbatch_trains_on_two_nodes_with_final_bits_per_dim_in_output_and_mlflow
     assert run.info.status == "FINISHED"
     assert run.data.tags["hosts"] == "2" and run.data.tags["world_size"] == "2"  # rank 1 really ran on hostB
     assert f"{run.data.metrics['bits_per_dim/test_ema']:.4f}" == bpd.group(1)
-    if cluster.launcher == "srun":   # srun started both ranks, and there was no sshd to start them otherwise
+    if cluster.launcher != "ssh":   # srun started both ranks, and there was no sshd to start them otherwise
         assert "glow-dist-srun: rendezvous at 10.200.0.1:" in job.output, job.output[-3000:]
+        assert ("srun --mpi=pmix" in job.output) == (cluster.launcher == "srun-mpi"), job.output[-3000:]
         assert cluster.sshd_on_nodes() == []
     else:
         assert "glow-dist-srun" not in job.output and len(cluster.sshd_on_nodes()) == 2
@@ -298,6 +342,7 @@ def test_sbatch_trains_on_two_nodes_with_final_bits_per_dim_in_output_and_mlflow
 @pytest.mark.parametrize("path", PATHS)
 def test_stop_path_ends_with_a_verified_checkpoint_and_resumes_to_the_same_weights(stop_paths, cluster,
                                                                                    cluster_mlflow, path):
+    needs_row(cluster, path)
     job, reference = stop_paths[path], stop_paths["reference"]
     output = job.output
     stops = stop_checkpoints(job)
@@ -352,11 +397,19 @@ def lost_node(stop_paths, cluster: Cluster, cluster_mlflow: str, digits_shards: 
     """A plain job and an elastic one (ELASTIC=1, --no-kill) on both nodes. Once the plain one has a periodic
     checkpoint, hostB dies; the plain job must end by itself and the elastic one finish on hostA. Then hostB comes
     back and the plain job is resubmitted (unless Slurm requeued it for the node failure: then it runs again by
-    itself). `stop_paths` first: the loss would stop those jobs too. The srun route refuses ELASTIC=1 (the elastic
-    job ends at once)."""
+    itself). `stop_paths` first: the loss would stop those jobs too. The srun routes refuse ELASTIC=1 (the elastic
+    job ends at once).
+
+    Under srun the job must end COMPLETED by itself. The failed run's srun (--kill-on-bad-exit, rank 0 failed first)
+    asked the controller to end step N.0, which the controller retries to hostB about once a minute
+    (REQUEST_SIGNAL_TASKS); once hostB is back, its slurmd delivers it to the requeued run's step, also N.0, and
+    the rank there stops (1 run in 3 with STEP_SECONDS). This job's steps are slowed to LOST_NODE_STEP_SECONDS so the
+    requeued run is still training when that happens, and the sbatch script must requeue a run stopped this way
+    (its shell got no signal) instead of ending FAILED with exit 75."""
     root = tmp_path_factory.mktemp("slurm-lost-node")
     plain, elastic = Job("lost-node", root / "plain"), Job("lost-node-elastic", root / "elastic")
-    submit(cluster, cluster_mlflow, digits_shards, plain, "--partition=high")
+    submit(cluster, cluster_mlflow, digits_shards, plain, "--partition=high",
+           env={"GLOW_DIST_INJECT_SLOW_STEP": LOST_NODE_STEP_SECONDS} if cluster.launcher != "ssh" else None)
     submit(cluster, cluster_mlflow, digits_shards, elastic, "--partition=high", "--no-kill",
            env={"ELASTIC": "1", "MIN_NP": "1"}, args=("dist.commit_every=5",))
 
@@ -381,14 +434,9 @@ def lost_node(stop_paths, cluster: Cluster, cluster_mlflow: str, digits_shards: 
     requeued_run = ""
     if ended not in FINAL_STATES:   # Slurm requeued it (srun waits for the lost node until Slurm declares it down)
         info = cluster.job(plain.ids[-1])
-        requeued_run = f"{info['JobState']} (exit {info['ExitCode']}, Restarts={info['Restarts']})"
-        # The requeued run has the failed run's job id, and hostB came back at once: Slurm's delayed termination of
-        # the failed run can reach the new run's rank there, which then stops with a verified checkpoint (exit 75,
-        # FAILED). That is a lost node's outcome too: the user resubmits, and it resumes.
-        if info["JobState"] != "COMPLETED":
-            assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), f"{info}\n{plain.output[-4000:]}"
-            submit(cluster, cluster_mlflow, digits_shards, plain, "--partition=high")
-            wait_final(cluster, [plain], 600)
+        stale = plain.output.count("stopped by a signal sent to an earlier run")
+        requeued_run = (f"{info['JobState']} (exit {info['ExitCode']}, Restarts={info['Restarts']}; stopped by the "
+                        f"failed run's late step-cancel request and requeued by the script {stale} time(s))")
     return LostNode(plain, elastic, ended, requeued_run, seconds, checkpoints)
 
 
@@ -402,6 +450,8 @@ def test_lost_node_ends_the_job_keeps_its_checkpoints_and_a_resubmission_resumes
     assert f"resumed from {last}" in job.output, job.output[-4000:]
     info = cluster.job(job.ids[-1])
     assert info["JobState"] == "COMPLETED", f"{info}\n{job.output[-4000:]}"
+    if cluster.launcher != "ssh":   # requeued by Slurm, and by the script after the late request: not resubmitted
+        assert len(job.ids) == 1 and lost_node.requeued_run, f"{info}\n{job.output[-4000:]}"
     (run,) = mlflow_runs(cluster_mlflow, job)
     assert run.info.status == "FINISHED"
     resumed, straight = final_weights(job.run_dir), final_weights(stop_paths["reference"].run_dir)
@@ -414,11 +464,11 @@ def test_lost_node_ends_the_job_keeps_its_checkpoints_and_a_resubmission_resumes
 def test_elastic_job_goes_on_with_one_node(lost_node, cluster, cluster_mlflow):
     job = lost_node.elastic
     info = cluster.job(job.ids[0])
-    if cluster.launcher == "srun":   # refused with one line: horovodrun's elastic driver needs the ssh route
+    if cluster.launcher != "ssh":   # refused with one line: horovodrun's elastic driver needs the ssh route
         assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), info
         assert job.output.strip() == ("celeba_hq_256.sbatch: ELASTIC=1 needs LAUNCHER=ssh (horovodrun's elastic "
-                                      "driver starts and restarts the ranks over ssh; srun cannot be driven that "
-                                      "way): resubmit with LAUNCHER=ssh"), job.output
+                                      "driver starts and restarts the ranks itself, over ssh; the srun routes do not "
+                                      "run it): resubmit with LAUNCHER=ssh"), job.output
         return
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "0"), f"{info}\n{job.output[-4000:]}"
     assert "world size 2 -> 1" in job.output, job.output[-4000:]
@@ -434,6 +484,7 @@ def test_elastic_job_goes_on_with_one_node(lost_node, cluster, cluster_mlflow):
 def test_scancel_past_killwait_keeps_the_previous_checkpoint_which_resumes(stop_paths, cluster, cluster_mlflow):
     """The stop checkpoint outlasts KillWait: SIGKILL cuts it, the half-written file is never taken for a checkpoint,
     and the resubmitted job resumes from the periodic one before and still ends with the reference's weights."""
+    needs_row(cluster, PAST_KILLWAIT)
     job, reference = stop_paths[PAST_KILLWAIT], stop_paths["reference"]
     output = job.output
     first = cluster.job(job.ids[0])
@@ -546,8 +597,7 @@ def test_scancel_that_also_signals_the_ranks_ssh_sessions_still_ends_with_the_st
     sshd session that horovodrun opened there and everything below it (its `bash -c` wrapper, the rank). The stop
     checkpoint takes longer than horovodrun's 5 s grace; it must still be written and verified, not cut by
     horovodrun killing rank 0 because rank 1's ssh ended."""
-    if cluster.launcher != "ssh":
-        pytest.skip("the srun route opens no ssh session for pam_slurm_adopt to adopt: srun's tasks are the job's")
+    needs_row(cluster, "adopted")   # srun opens no ssh session for pam_slurm_adopt to adopt: its tasks are the job's
     job = Job("adopted", tmp_path_factory.mktemp("slurm-adopted") / "job")
     submit(cluster, cluster_mlflow, digits_shards, job, "--partition=high",
            env={"GLOW_DIST_INJECT_SLOW_CHECKPOINT": ADOPT_CHECKPOINT_SECONDS})
@@ -588,6 +638,7 @@ def test_a_lost_peer_requeues_the_job_a_bounded_number_of_times(cluster, cluster
     """Exit status 69 (a peer was lost: here rank 1 on hostB stalls in step 7, which the step watchdog ends) makes
     the sbatch script requeue the job, which resumes from the newest verified checkpoint; with PEER_LOST_RETRIES=1
     the second loss ends the job FAILED with exit status 69 instead of requeueing forever."""
+    needs_row(cluster, "peer-lost")
     job = Job("peer-lost", tmp_path_factory.mktemp("slurm-peer-lost"))
     submit(cluster, cluster_mlflow, digits_shards, job, "--partition=high",
            env={"GLOW_DIST_INJECT_STALL": "7:1", "PEER_LOST_RETRIES": "1", "GLOW_DIST_INJECT_SLOW_STEP": "0"},

@@ -14,7 +14,14 @@ from helpers import REPO
 pytest.importorskip("horovod.runner")
 from horovod.runner.gloo_run import create_slot_env_vars  # noqa: E402
 
-from glow_dist.distributed.srun import PLAN_ENV, LaunchError, plan, slot_from_slurm, tasks_per_node  # noqa: E402
+from glow_dist.distributed.srun import (  # noqa: E402
+    PLAN_ENV,
+    LaunchError,
+    plan,
+    slot_from_slurm,
+    srun_command,
+    tasks_per_node,
+)
 
 HOSTS = "gpu1:2,gpu2:2"   # what the launcher passes its tasks for a 2-node, 4-rank job
 
@@ -79,3 +86,24 @@ def test_a_stop_signal_before_the_ranks_handler_waits_for_it():
                           EARLY_SIGNAL], capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr   # not killed by SIGUSR1's default action
     assert out.stdout.splitlines() == ["alive before the handler", "stop requested: True SIGUSR1"]
+
+
+def test_the_mpi_route_runs_srun_with_pmix_and_refuses_a_horovod_without_mpi_in_one_line(tmp_path):
+    """LAUNCHER=srun-mpi: `srun --mpi=pmix`; with the default Horovod (Gloo only, `make horovod`) the launcher
+    stops before starting anything, in one line that says which build it needs."""
+    cmd = srun_command(4, HOSTS, ["glow-dist", "train"], [], {"SLURM_CPUS_ON_NODE": "8"}, mpi="pmix")
+    assert cmd[:3] == ["srun", "--mpi=pmix", "--kill-on-bad-exit=1"] and "--cpus-per-task=4" in cmd
+    assert "--mpi=pmix" not in srun_command(4, HOSTS, ["glow-dist", "train"], [], {})
+    built = subprocess.run([sys.executable, "-c", "import horovod.torch as h; print(h.mpi_built())"],
+                           capture_output=True, text=True, timeout=120)
+    if built.stdout.strip() != "False":
+        pytest.skip("this Horovod has MPI built in: the refusal is for a Gloo-only build")
+    (tmp_path / "scontrol").write_text("#!/bin/sh\necho gpu1; echo gpu2\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[1-2]"}
+    out = subprocess.run([sys.executable, "-m", "glow_dist.distributed.srun", "-np", "2", "--network-interface", "lo",
+                          "--mpi", "pmix", "true"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip() == (
+        "glow-dist-srun: this Horovod was built without MPI, which --mpi (LAUNCHER=srun-mpi) needs: build it with "
+        "GLOW_DIST_HOROVOD_MPI=1 launch/install-horovod.sh against the MPI the nodes run, or use LAUNCHER=srun (Gloo)")

@@ -24,6 +24,12 @@ kills them on SIGTERM and prints their status on SIGINT); srun reaches only this
 The ranks vote, rank 0 writes the verified checkpoint and exits with train.stop_exit_code, which becomes this
 launcher's exit status. A task starts with the stop signals blocked, so one that comes before `glow-dist train` has
 installed its handler is kept pending rather than killing the rank (glow_dist/training/stop.py unblocks them).
+
+MPI (`--mpi pmix`, LAUNCHER=srun-mpi): the same, but `srun --mpi=pmix` and Horovod's MPI controller and CPU
+operations (HOROVOD_CONTROLLER=mpi, HOROVOD_CPU_OPERATIONS=mpi): Open MPI takes its ranks from Slurm's PMIx server,
+so the Horovod build must include MPI (launch/install-horovod.sh with GLOW_DIST_HOROVOD_MPI=1), built against the
+MPI the nodes run, and Slurm must have the mpi/pmix plugin with a PMIx library. The rendezvous server still runs:
+it is the store of the ranks' heartbeats (glow_dist/distributed/peers.py), which name a lost peer.
 """
 from __future__ import annotations
 
@@ -161,13 +167,28 @@ class _Forwarder:
             srun.send_signal(signal.SIGUSR1)
 
 
-def srun_command(np: int, hosts: str, command: list[str], extra: list[str], env: Mapping[str, str]) -> list[str]:
+def srun_command(np: int, hosts: str, command: list[str], extra: list[str], env: Mapping[str, str],
+                 mpi: str | None = None) -> list[str]:
     nodes = len(hosts.split(","))
     per_node = np // nodes
     cpus = max(1, int(env.get("SLURM_CPUS_ON_NODE", per_node)) // per_node)
-    return ["srun", "--kill-on-bad-exit=1", "--label", "--distribution=block", f"--nodes={nodes}",
-            f"--ntasks={np}", f"--ntasks-per-node={per_node}", f"--cpus-per-task={cpus}", *extra,
+    return ["srun", *([f"--mpi={mpi}"] if mpi else []), "--kill-on-bad-exit=1", "--label", "--distribution=block",
+            f"--nodes={nodes}", f"--ntasks={np}", f"--ntasks-per-node={per_node}", f"--cpus-per-task={cpus}", *extra,
             sys.executable, "-m", "glow_dist.distributed.srun", "task", *command]
+
+
+def mpi_env(nic: str, env: Mapping[str, str]) -> dict[str, str]:
+    """What the ranks of the MPI route need besides srun's PMIx: Horovod's MPI controller and CPU operations (a build
+    with Gloo too would otherwise pick by its own rules), and Open MPI's TCP transport on the training NIC (a value
+    the site sets wins)."""
+    import horovod.torch as hvd
+
+    if not hvd.mpi_built():
+        raise LaunchError("this Horovod was built without MPI, which --mpi (LAUNCHER=srun-mpi) needs: build it with "
+                          "GLOW_DIST_HOROVOD_MPI=1 launch/install-horovod.sh against the MPI the nodes run, or use "
+                          "LAUNCHER=srun (Gloo)")
+    return {"HOROVOD_CONTROLLER": "mpi", "HOROVOD_CPU_OPERATIONS": "mpi",
+            "OMPI_MCA_btl_tcp_if_include": env.get("OMPI_MCA_btl_tcp_if_include", nic)}
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -176,6 +197,7 @@ def launch(args: argparse.Namespace) -> int:
     from horovod.runner.util.network import get_driver_ip
 
     hosts = job_hosts(args.np, os.environ)
+    mpi = mpi_env(args.network_interface, os.environ) if args.mpi else {}
     forward = _Forwarder()
     for sig in STOP_SIGNALS:   # from here on: a stop before srun has started is passed on when it comes
         signal.signal(sig, forward)
@@ -189,9 +211,9 @@ def launch(args: argparse.Namespace) -> int:
     port = rendezvous.start()
     rendezvous.init(plan(hosts))
     gloo = create_run_env_vars(address, [args.network_interface], port)   # horovodrun's, for these ranks too
-    env = {**os.environ, **{k: str(v) for k, v in gloo.items()},
+    env = {**os.environ, **{k: str(v) for k, v in gloo.items()}, **mpi,
            PLAN_ENV: hosts, "PYTHONUNBUFFERED": "1", "HOROVOD_GLOO_TIMEOUT_SECONDS": str(args.start_timeout)}
-    cmd = srun_command(args.np, hosts, args.command, shlex.split(args.srun_args), env)
+    cmd = srun_command(args.np, hosts, args.command, shlex.split(args.srun_args), env, args.mpi)
     _say(f"rendezvous at {address}:{port} for {hosts}; {shlex.join(cmd[:9])} ...")
     try:
         forward.srun = subprocess.Popen(cmd, env=env)
@@ -215,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-timeout", type=int, default=300,
                         help="seconds for every rank to reach the rendezvous (HOROVOD_GLOO_TIMEOUT_SECONDS)")
     parser.add_argument("--srun-args", default="", help="more srun options, one string (--gpu-bind=none ...)")
+    parser.add_argument("--mpi", choices=["pmix"], default=None,
+                        help="start the ranks with srun --mpi=pmix and Horovod's MPI controller (a Horovod built "
+                             "with MPI); default: Gloo")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="what each rank runs")
     args = parser.parse_args(argv)
     if not args.command:
