@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,6 +359,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.stop_exit_code must be an exit status 0..255, got {t.stop_exit_code}")
     if cfg.dist.hang_timeout < 0:
         raise ConfigError(f"dist.hang_timeout must be >= 0 seconds (0: auto), got {cfg.dist.hang_timeout}")
+    if re.search(r"://[^/@\s]+:[^/@\s]*@", cfg.data.root):
+        raise ConfigError("data.root holds a password (scheme://user:password@host); configs are saved with every "
+                          "run, so give credentials the AWS way (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE) "
+                          "or in ~/.netrc, and write the URL without them")
     if cfg.data.cache_max_gb < 0:
         raise ConfigError(f"data.cache_max_gb must be >= 0 (0: only the disk's size bounds it), got "
                           f"{cfg.data.cache_max_gb}")
