@@ -90,7 +90,7 @@ class DataConfig:
     # read from there | always: a folder root too (a shared filesystem) | never: shards streamed from the URL.
     # glow_dist/data/shard_cache.py
     cache: str = choice("auto", "auto", "always", "never")
-    cache_dir: str = ""           # default $XDG_CACHE_HOME/glow-dist/shards/<data set id> (~/.cache)
+    cache_dir: str = ""           # default $XDG_CACHE_HOME/glow-dist/shards/<data set id>; {host}: the hostname
     cache_max_gb: float = 0.0     # bound on the cache folders (whole shards of other data sets evicted); 0: disk
 
 

@@ -8,6 +8,7 @@ folder on this node's disk that the loaders read as today (DALI's GPU decoding u
 
 - Where: data.cache_dir, default `$XDG_CACHE_HOME/glow-dist/shards/<data set id>` (~/.cache when unset); the id is
   the first 16 hex digits of the manifest's sha256, so a data set prepared again at the same URL is a new folder.
+  `{host}` in data.cache_dir is the node's hostname (a home folder shared by the nodes: one cache per node).
 - One download per node: whoever takes the folder's lock (flock on .lock) fills it, the other ranks and jobs wait,
   then find every file there and download nothing. manifest.json is written last: a folder with one is complete.
 - Checked while downloading: each shard streams into `NAME.part` through sha256 and is renamed only when the digest
@@ -27,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,7 +73,9 @@ def _open_root(root: str, mode: str, cache_dir: str, max_gb: float) -> Opened:
     store = open_store(root) if is_url(root) else FolderStore(root)
     text = fetch_manifest(store)
     manifest = parse_manifest(text, f"{root}/{MANIFEST}")
-    folder = Path(cache_dir).expanduser() if cache_dir else cache_base() / hashlib.sha256(text).hexdigest()[:16]
+    # {host}: one folder per node under a home directory that the nodes share (flock is not to be trusted on NFS)
+    folder = (Path(cache_dir.replace("{host}", socket.gethostname())).expanduser() if cache_dir
+              else cache_base() / hashlib.sha256(text).hexdigest()[:16])
     if mode == "never":
         return stream_index(store, manifest, text, folder / "index-only")
     return fill(store, manifest, text, folder, max_gb)
