@@ -345,3 +345,24 @@ def test_two_ranks_from_s3_end_bit_identical_to_the_local_copy(s3_store: Seaweed
     assert status == 2, output[-3000:]
     assert output.count(LINE) == 1 and "Traceback" not in output, output[-3000:]
     assert "access to bucket 'train'" in output and "wrong-secret" not in output
+
+
+def test_plan_and_doctor_take_an_s3_root(aws: SeaweedS3, digits_shards: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from glow_dist.config import Config
+    from glow_dist.preflight.doctor import check_data
+    from glow_dist.preflight.plan import dataset_size
+
+    root = digits_in(aws, "tools", digits_shards)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg = Config()
+    cfg.data.root = root
+    assert dataset_size(cfg, None) == (1617, f"{root}/manifest.json")
+    assert not list(tmp_path.rglob("*.tar")), "plan reads the manifest only"
+    _open_root.cache_clear()
+    checks = check_data(cfg, root, check_shape=False)
+    assert [c.status for c in checks] == ["PASS"] * 5, [c.line("") for c in checks]
+    assert len(list(tmp_path.rglob("*.tar"))) == 5   # doctor --data fills this node's cache, as training would
+    _open_root.cache_clear()
+    (failed,) = check_data(cfg, "s3://no-such-bucket/x", check_shape=False)
+    assert failed.status == "FAIL" and "bucket 'no-such-bucket' does not exist" in failed.detail
