@@ -366,3 +366,32 @@ def test_plan_and_doctor_take_an_s3_root(aws: SeaweedS3, digits_shards: Path, tm
     _open_root.cache_clear()
     (failed,) = check_data(cfg, "s3://no-such-bucket/x", check_shape=False)
     assert failed.status == "FAIL" and "bucket 'no-such-bucket' does not exist" in failed.detail
+
+
+def test_https_root_trusts_a_certificate_given_by_ssl_cert_file(digits_shards: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(digits_shards.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = f"https://127.0.0.1:{server.server_port}/{digits_shards.name}"
+    try:
+        for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE"):
+            monkeypatch.delenv(name, raising=False)
+        with pytest.raises(DataError, match=r"TLS failed .*trust the server's certificate with SSL_CERT_FILE"):
+            opened(root, tmp_path / "cache")
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        assert "10 file(s) downloaded" in opened(root, tmp_path / "cache").line
+        for path in digits_shards.iterdir():
+            assert (tmp_path / "cache" / path.name).read_bytes() == path.read_bytes()
+    finally:
+        server.shutdown()
+        _open_root.cache_clear()
