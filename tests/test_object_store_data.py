@@ -295,6 +295,11 @@ def test_faults_are_one_line_naming_what_and_how_to_fix(aws: SeaweedS3, digits_s
     client.put_object(Bucket="damaged", Key="digits/train-000002.tar", Body=bytes(damaged))
     with pytest.raises(DataError, match=r"shard s3://damaged/digits/train-000002.tar differs from its manifest.json"):
         opened("s3://damaged/digits", tmp_path / "c")
+    client.delete_object(Bucket="damaged", Key="digits/test-000000.idx")
+    for cache in ("auto", "never"):
+        with pytest.raises(DataError, match=r"s3://damaged/digits/test-000000.idx is listed in s3://damaged/digits/"
+                                            r"manifest.json but missing from the store"):
+            opened("s3://damaged/digits", tmp_path / f"m-{cache}", cache=cache)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(DataError) as denied:
         opened(root, tmp_path / "d")

@@ -77,7 +77,10 @@ def _open_root(root: str, mode: str, cache_dir: str, max_gb: float) -> Opened:
     folder = (Path(cache_dir.replace("{host}", socket.gethostname())).expanduser() if cache_dir
               else cache_base() / hashlib.sha256(text).hexdigest()[:16])
     if mode == "never":
-        return stream_index(store, manifest, text, folder / "index-only")
+        try:
+            return stream_index(store, manifest, text, folder / "index-only")
+        except FileNotFoundError as e:
+            raise missing_object(store, e) from None
     return fill(store, manifest, text, folder, max_gb)
 
 
@@ -109,7 +112,19 @@ def _lock(path: Path, kind: int) -> int:
     return fd
 
 
+def missing_object(store: Store, error: FileNotFoundError) -> DataError:
+    return DataError(f"{error} is listed in {store.root}/{MANIFEST} but missing from the store; upload it again or "
+                     f"re-run `glow-dist prepare ... --out {store.root} --overwrite`", everywhere=True)
+
+
 def fill(store: Store, manifest: dict[str, Any], text: bytes, folder: Path, max_gb: float) -> Opened:
+    try:
+        return _fill(store, manifest, text, folder, max_gb)
+    except FileNotFoundError as e:
+        raise missing_object(store, e) from None
+
+
+def _fill(store: Store, manifest: dict[str, Any], text: bytes, folder: Path, max_gb: float) -> Opened:
     t0 = time.monotonic()
     fd = _lock(folder / ".lock", fcntl.LOCK_EX)   # one filler per node; the others wait here
     try:
