@@ -119,8 +119,6 @@ def test_prepare_to_s3_uploads_the_same_files_manifest_last_and_refuses_a_non_em
     for path in digits_shards.iterdir():   # prepare is deterministic: the bytes of a local prepare
         body = client.get_object(Bucket="prepared", Key=f"v1/{path.name}")["Body"].read()
         assert body == path.read_bytes(), path.name
-    manifest_time = listed["v1/manifest.json"]["LastModified"]
-    assert all(o["LastModified"] <= manifest_time for o in listed.values())
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=s3_store.env(), timeout=300)
     assert again.returncode == 2
     assert again.stderr.strip() == ("glow-dist prepare: --out s3://prepared/v1 is not empty (11 object(s), e.g. "
@@ -130,6 +128,32 @@ def test_prepare_to_s3_uploads_the_same_files_manifest_last_and_refuses_a_non_em
     assert denied.returncode == 2 and "Traceback" not in denied.stderr, denied.stderr[-3000:]
     assert "writing to bucket 'prepared'" in denied.stderr and f"key id {READER_KEY[0]}" in denied.stderr
     assert READER_KEY[1] not in denied.stderr
+
+
+def test_publish_uploads_the_manifest_last_and_an_overwrite_deletes_the_old_one_first(aws: SeaweedS3,
+                                                                                      digits_shards: Path) -> None:
+    from glow_dist.data.prepare import OUR_FILES
+    from glow_dist.data.publish import check_target, publish
+    from glow_dist.data.s3_store import S3Store
+
+    events: list[tuple[str, str]] = []
+
+    class Recorded(S3Store):   # the real store; the order of its requests noted
+        def upload(self, path: str, name: str) -> None:
+            super().upload(path, name)
+            events.append(("uploaded", name))
+
+        def delete(self, names: list[str]) -> None:
+            events.append(("deleting", ",".join(names)))
+            super().delete(names)
+
+    aws.make_bucket("order")
+    publish(digits_shards, Recorded("s3://order/v1"), [])
+    assert len(events) == 11 and events[-1] == ("uploaded", "manifest.json"), events
+    events.clear()
+    _, old = check_target("s3://order/v1", True, OUR_FILES)
+    publish(digits_shards, Recorded("s3://order/v1"), old)
+    assert events[0] == ("deleting", "manifest.json") and events[-1] == ("uploaded", "manifest.json"), events
 
 
 # --- the cache -------------------------------------------------------------------------------------------------------
