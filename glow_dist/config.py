@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,13 @@ class DataConfig:
     verify: str = choice("auto", "auto", "always", "never")
     # bad samples (damaged, wrong size, label out of range) replaced by a substitute before the job stops
     max_bad_samples: int = 10
+    # data.root may be s3://bucket/prefix or http(s)://host/path (endpoint AWS_ENDPOINT_URL, credentials the AWS
+    # chain). auto: a URL root is copied once per node into data.cache_dir, checked against the manifest's sha256, and
+    # read from there | always: a folder root too (a shared filesystem) | never: shards streamed from the URL.
+    # glow_dist/data/shard_cache.py
+    cache: str = choice("auto", "auto", "always", "never")
+    cache_dir: str = ""           # default $XDG_CACHE_HOME/glow-dist/shards/<data set id>; {host}: the hostname
+    cache_max_gb: float = 0.0     # bound on the cache folders (whole shards of other data sets evicted); 0: disk
 
 
 @dataclass
@@ -351,6 +359,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.stop_exit_code must be an exit status 0..255, got {t.stop_exit_code}")
     if cfg.dist.hang_timeout < 0:
         raise ConfigError(f"dist.hang_timeout must be >= 0 seconds (0: auto), got {cfg.dist.hang_timeout}")
+    if re.search(r"://[^/@\s]+:[^/@\s]*@", cfg.data.root):
+        raise ConfigError("data.root holds a password (scheme://user:password@host); configs are saved with every "
+                          "run, so give credentials the AWS way (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE) "
+                          "or in ~/.netrc, and write the URL without them")
+    if cfg.data.cache_max_gb < 0:
+        raise ConfigError(f"data.cache_max_gb must be >= 0 (0: only the disk's size bounds it), got "
+                          f"{cfg.data.cache_max_gb}")
     if cfg.data.max_bad_samples < 0:
         raise ConfigError(f"data.max_bad_samples must be >= 0 (0: stop at the first bad sample), got "
                           f"{cfg.data.max_bad_samples}")

@@ -6,8 +6,11 @@
 #   DRY_RUN=1 launch/celeba_hq_256.sh                 # print the command instead of running it
 #
 # Every machine needs the same checkout and venv at the same path (this repo, `make install horovod` with a CUDA
-# torch, or the Docker image), passwordless ssh between machines, and DATA and RUN_DIR on shared storage
-# (rank 0 writes checkpoints to RUN_DIR; every rank reads DATA).
+# torch, or the Docker image), passwordless ssh between machines, and RUN_DIR on shared storage (rank 0 writes
+# checkpoints there). DATA is a folder every machine sees, or s3://bucket/prefix (or https://...): each machine then
+# copies the shards once into its own cache (data.cache_dir) before the first step. Export AWS_ENDPOINT_URL and
+# AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE with ~/.aws on every host) here: horovodrun exports them,
+# the secret ones over ssh's channel, never on a command line (README, "Data on object storage").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +20,7 @@ NIC=${NIC:-eth0}                               # interface the ranks talk over (
 START_TIMEOUT=${START_TIMEOUT:-300}            # seconds for ssh checks and starting every rank
 SSH_PORT=${SSH_PORT:-22}
 CONFIG=${CONFIG:-configs/celeba_hq_256.yaml}
-DATA=${DATA:-data/celeba_hq_256}               # `glow-dist prepare folder ... --out $DATA`
+DATA=${DATA:-data/celeba_hq_256}               # `glow-dist prepare folder ... --out $DATA`; a folder or s3://
 RUN_DIR=${RUN_DIR:-runs/celeba_hq_256}         # checkpoints; `train.resume=auto` continues from here
 MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:?set MLFLOW_TRACKING_URI to the tracking server (launch/mlflow-server.sh)}
 BIN=${BIN:-$PWD/.venv/bin}                     # where horovodrun and glow-dist live on every machine

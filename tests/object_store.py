@@ -60,8 +60,11 @@ def _free_ports(count: int) -> list[int]:
 class SeaweedS3:
     """One `weed server` (master, volume, filer and S3 gateway in one process) with its data under `folder`."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, host: str = "127.0.0.1", wrap: list[str] | tuple[str, ...] = ()) -> None:
+        """`host`: the address it listens on; `wrap`: a command prefix it runs under (`ip netns exec NS` for a
+        store inside a network namespace: its readiness is then probed from inside too)."""
         self.folder = Path(folder)
+        self.host, self.wrap = host, list(wrap)
         self.data = self.folder / "weed-data"
         self.log = self.folder / "weed.log"
         self.master_port, self.volume_port, self.filer_port, self.s3_port = _free_ports(4)
@@ -69,7 +72,7 @@ class SeaweedS3:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
+        return f"http://{self.host}:{self.s3_port}"
 
     def env(self, key: tuple[str, str] = ADMIN_KEY) -> dict[str, str]:
         """The AWS SDK's standard variables for this store, on top of os.environ (no profile or config file is
@@ -91,7 +94,7 @@ class SeaweedS3:
             {"name": "reader", "credentials": [{"accessKey": READER_KEY[0], "secretKey": READER_KEY[1]}],
              "actions": ["Read", "List"]},
         ]}))
-        cmd = [weed_binary(), "server", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        cmd = [*self.wrap, weed_binary(), "server", f"-dir={self.data}", f"-ip={self.host}", f"-ip.bind={self.host}",
                f"-master.port={self.master_port}", f"-volume.port={self.volume_port}",
                f"-filer.port={self.filer_port}", "-s3", f"-s3.port={self.s3_port}", f"-s3.config={identities}",
                "-master.volumeSizeLimitMB=256", "-volume.max=0",
@@ -104,7 +107,9 @@ class SeaweedS3:
 
     def _wait_ready(self, timeout: float) -> None:
         """Until an authenticated ListBuckets succeeds (the gateway answers before the filer is ready)."""
-        client = self.client()
+        client = self.client() if not self.wrap else None
+        probe = ("import sys; sys.path.insert(0, sys.argv[1]); from object_store import SeaweedS3 as S; "
+                 "s = S.__new__(S); s.host, s.s3_port = sys.argv[2], int(sys.argv[3]); s.client().list_buckets()")
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -112,7 +117,11 @@ class SeaweedS3:
                 raise RuntimeError(f"weed server exited with {self.process.returncode}: "
                                    f"{self.log.read_text()[-2000:]}")
             try:
-                client.list_buckets()
+                if client is not None:
+                    client.list_buckets()
+                else:
+                    subprocess.run([*self.wrap, sys.executable, "-c", probe, str(Path(__file__).parent), self.host,
+                                    str(self.s3_port)], check=True, capture_output=True, timeout=30)
                 return
             except Exception as error:  # noqa: BLE001 - connection refused, 503 while the filer starts
                 last = error

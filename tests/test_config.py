@@ -147,3 +147,15 @@ def test_architecture_differences_ignore_everything_but_the_architecture():
     assert architecture_differences(a, c) == ["model.width: checkpoint 512 vs config 64"]
     with pytest.raises(ConfigError, match="log_checkpoints' must be one of none, last, all, every_n"):
         load_config(None, ["tracking.log_checkpoints=sometimes"])
+
+
+def test_data_on_object_storage_keys():
+    cfg = load_config(None, ["data.root=s3://shards/celeba", "data.cache=never", "data.cache_max_gb=2.5"])
+    assert (cfg.data.root, cfg.data.cache, cfg.data.cache_max_gb) == ("s3://shards/celeba", "never", 2.5)
+    with pytest.raises(ConfigError, match=r"data.cache.*'sometimes'"):
+        load_config(None, ["data.cache=sometimes"])
+    with pytest.raises(ConfigError, match="data.cache_max_gb must be >= 0"):
+        load_config(None, ["data.cache_max_gb=-1"])
+    # a password in the URL would be saved with the run: refused, with where credentials go instead
+    with pytest.raises(ConfigError, match=r"data.root holds a password.*AWS_ACCESS_KEY_ID"):
+        load_config(None, ["data.root=https://alice:hunter2@data-host/celeba"])

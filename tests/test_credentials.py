@@ -32,6 +32,12 @@ def test_which_variables_are_secrets():
     assert not is_secret("MLFLOW_TRACKING_URI", "https://mlflow-host:5000")
     assert docker_env_args({"MLFLOW_TRACKING_USERNAME": "a", "MLFLOW_TRACKING_PASSWORD": "b", "PATH": "/bin"}) == [
         "-e", "MLFLOW_TRACKING_PASSWORD", "-e", "MLFLOW_TRACKING_USERNAME"]
+    # data on an object store: the token is a secret; the store's address goes with the keys into a container
+    assert is_secret("AWS_SESSION_TOKEN") and not is_secret("AWS_ENDPOINT_URL")
+    assert docker_env_args({"AWS_ENDPOINT_URL": "http://10.0.0.5:9000", "AWS_ACCESS_KEY_ID": "a",
+                            "AWS_SECRET_ACCESS_KEY": "b", "AWS_SESSION_TOKEN": "c", "AWS_REGION": "eu-1"}) == [
+        "-e", "AWS_ACCESS_KEY_ID", "-e", "AWS_ENDPOINT_URL", "-e", "AWS_REGION", "-e", "AWS_SECRET_ACCESS_KEY",
+        "-e", "AWS_SESSION_TOKEN"]
 
 
 RANK = """

@@ -19,7 +19,8 @@ from glow_dist.commands import add_config_arguments
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--data", help="data directory to check (manifest, one sample per split); "
+    parser.add_argument("--data", help="data folder or URL to check (manifest, one sample per split; "
+                                       "a URL fills this node's cache); "
                                        "default: none (data.root is not checked unless given here)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the tracking server")
 

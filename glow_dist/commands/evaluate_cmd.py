@@ -25,7 +25,7 @@ from glow_dist.config import choices
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_argument(parser)
-    parser.add_argument("--data", help="shard folder (default: the checkpoint config's data.root)")
+    parser.add_argument("--data", help="shard folder or URL (default: the checkpoint config's data.root)")
     parser.add_argument("--batch-size", type=int, default=64, help="per-rank batch size")
     parser.add_argument("--backend", choices=choices("data.backend"), help="data backend override")
     parser.add_argument("--baseline", action="store_true", help="also print the uniform and per-pixel baselines")

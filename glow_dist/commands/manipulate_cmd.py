@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # argparse takes "-1,-0.5,0" for an option (only a lone "-1" counts as a number); accept number lists too.
     parser._negative_number_matcher = re.compile(r"^-\d*\.?\d+(,-?\d*\.?\d+)*$")
     add_checkpoint_argument(parser)
-    parser.add_argument("--data", required=True, help="prepared shard folder with attributes")
+    parser.add_argument("--data", required=True, help="prepared shard folder or URL, with attributes")
     parser.add_argument("--attribute", required=True, help="attribute name, as in the attribute file")
     parser.add_argument("--image", required=True, nargs="+", help="image(s) to manipulate, one row each")
     parser.add_argument("--alphas", default="-1,-0.5,0,0.5,1", help="comma-separated multiples of the direction")

@@ -24,7 +24,7 @@ DEFAULT_SIZE = {"digits": 8, "cifar10": 32}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", choices=("digits", "folder", "cifar10"), help="where the images come from")
-    parser.add_argument("--out", required=True, help="output directory for shards and manifest.json")
+    parser.add_argument("--out", required=True, help="output folder or s3://bucket/prefix (shards, manifest.json)")
     parser.add_argument("--src", help="folder: directory of JPEG/PNG files; cifar10: cifar-10-python.tar.gz")
     parser.add_argument("--size", type=int, help="square output size (default: digits 8, cifar10 32; folder: required)")
     parser.add_argument("--channels", type=int, choices=(1, 3), help="1 grayscale, 3 RGB (default: the source's)")

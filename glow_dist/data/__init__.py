@@ -15,6 +15,11 @@ header (`samples.check_sample`) before training; the loaders read each bad sampl
 (`Loader.decode_or_substitute`, DALI through patched index files) and report the ones they meet
 (`Loader.take_bad_samples`). The trainer's side of it is glow_dist/training/data_health.py.
 
+Roots that are URLs (s3://bucket/prefix, http(s)://host/path): `shard_cache.open_root` turns them into a folder on
+this node, the cache (data.cache=auto) or the index files of a streamed data set (never); the stores themselves are
+object_store.py (HTTP), s3_store.py (boto3) and remote.py (opening them, webdataset's handlers); `prepare --out
+s3://...` uploads through publish.py.
+
 The loaders (and torch, DALI) are imported on first use so that the CLI starts fast.
 """
 from __future__ import annotations

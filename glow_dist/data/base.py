@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from glow_dist.data.manifest import DataError, partition, read_index, split_shards, test_batches, train_batches
+from glow_dist.data.remote import open_shard
 from glow_dist.data.samples import check_sample
 from glow_dist.data.verify import BadSample, substitutes
 
@@ -59,7 +60,7 @@ def read_range(shards: list[dict[str, Any]], lo: int, hi: int, exts: list[str]) 
             # A member's header starts at the 512-byte boundary after the previous sample's last data block.
             offset = _header_offsets(shard["index_path"])[first]
             try:
-                with open(shard["path"], "rb") as f:
+                with open_shard(shard["path"]) as f:   # a URL when streaming (data.cache=never)
                     f.seek(offset)
                     wanted = tar_file_iterator(f, select_files=lambda name: name.split(".", 1)[-1] in exts)
                     files = ({**entry, "__url__": shard["path"]} for entry in wanted)

@@ -17,6 +17,7 @@ import torch
 from glow_dist.config import DataConfig, ModelConfig
 from glow_dist.data.base import Batch, Loader, decode_sample, epoch_seed, read_range
 from glow_dist.data.manifest import DataError, check_model_shape, read_manifest, split_shards
+from glow_dist.data.shard_cache import local_root
 from glow_dist.data.verify import BadSample, verify_split
 
 __all__ = ["Batch", "Loader", "data_classes", "epoch_seed", "iter_samples", "make_loader", "resolve_backend",
@@ -30,21 +31,26 @@ def make_loader(data_cfg: DataConfig, model_cfg: ModelConfig, split: str, rank: 
     `bad_samples`: what the start-up scan found (verify.py), read as their substitutes (None: the DALI backend scans
     the split itself, cached like data.verify=auto, since its decoder must never see a bad sample); `batch_key`: the
     config key that set `batch_size`, for the message when the split is too small for it."""
-    manifest = read_manifest(data_cfg.root)
+    root = local_root(data_cfg)   # a URL root: this node's cache, or the index files for streaming
+    manifest = read_manifest(root)
     check_model_shape(manifest, model_cfg.image_size, model_cfg.channels, data_cfg.root)
     device = torch.device(device)
     backend = resolve_backend(data_cfg.backend)
     decode = resolve_decode(data_cfg.decode, backend, device)
+    streamed = manifest.get("remote", {}).get("root", "")
+    if backend == "dali" and streamed and not streamed.startswith("s3://"):
+        raise DataError(f"data.backend=dali streams shards from s3:// only, not {streamed}; set data.cache=auto "
+                        "(the node-local cache) or data.backend=webdataset", everywhere=True)
     classes = data_classes(manifest, model_cfg, data_cfg.root)
     if bad_samples is None:
-        bad_samples = verify_split(data_cfg.root, manifest, split, "never", classes, scan=True).bad \
+        bad_samples = verify_split(root, manifest, split, "never", classes, scan=True).bad \
             if backend == "dali" else []
     cls: type[Loader]
     if backend == "dali":
         from glow_dist.data.dali_loader import DaliLoader as cls
     else:
         from glow_dist.data.wds_loader import WdsLoader as cls
-    return cls(data_cfg.root, manifest, split, rank, world_size, batch_size, device, seed,
+    return cls(root, manifest, split, rank, world_size, batch_size, device, seed,
                flip=data_cfg.flip, num_workers=data_cfg.num_workers, shuffle_buffer=data_cfg.shuffle_buffer,
                n_bits=model_cfg.n_bits, decode=decode, bad_samples=list(bad_samples), batch_key=batch_key,
                num_classes=classes)
@@ -94,7 +100,9 @@ def resolve_decode(decode: str, backend: str, device: torch.device) -> str:
 
 
 def iter_samples(root: str | Path, split: str) -> Iterator[tuple[np.ndarray, int, dict[str, int]]]:
-    """Every sample of `split` in file order: (uint8 (H, W, C) image, label or -1, {attribute: +1/-1})."""
+    """Every sample of `split` in file order: (uint8 (H, W, C) image, label or -1, {attribute: +1/-1}). A URL root
+    is read through the node's shard cache."""
+    root = local_root(DataConfig(root=str(root)))
     manifest = read_manifest(root)
     shards = split_shards(manifest, root, split)
     total = sum(s["num_samples"] for s in shards)

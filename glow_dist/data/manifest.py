@@ -44,14 +44,20 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         shards = sorted(p.name for p in root.glob("*.tar"))
         found = f"it has {len(shards)} .tar files but no manifest" if shards else "it holds no shards"
         raise DataError(f"{root} is not a prepared data set ({found}); {hint}")
+    return parse_manifest(path.read_bytes(), path)
+
+
+def parse_manifest(text: bytes | str, path: str | Path) -> dict[str, Any]:
+    """The manifest in `text` (read from `path`, named in the errors), checked for its format and version."""
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is not valid JSON ({e}); re-run `glow-dist prepare ... --overwrite`") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        got = manifest if isinstance(manifest, dict) else {}
         raise DataError(
-            f"{path} is not a {FORMAT} v{VERSION} manifest (format={manifest.get('format')!r}, "
-            f"version={manifest.get('version')!r}); re-run `glow-dist prepare ... --overwrite`"
+            f"{path} is not a {FORMAT} v{VERSION} manifest (format={got.get('format')!r}, "
+            f"version={got.get('version')!r}); re-run `glow-dist prepare ... --overwrite`"
         )
     return manifest
 
@@ -76,12 +82,16 @@ def split_shards(manifest: dict[str, Any], root: str | Path, split: str) -> list
     shards = manifest["splits"].get(split, {}).get("shards", [])
     if not shards:
         raise DataError(f"{root} has no {split} shards; re-run `glow-dist prepare` with a non-zero {split} split")
+    # Streaming (data.cache=never, shard_cache.stream_index): index files here, shards at a URL of known size.
+    remote = manifest.get("remote")
     out = []
     for shard in shards:
-        path, index_path = root / shard["file"], root / shard["index"]
-        for p in (path, index_path):
+        index_path = root / shard["index"]
+        path: Any = f"{remote['root']}/{shard['file']}" if remote else root / shard["file"]
+        for p in (index_path,) if remote else (path, index_path):
             if not p.is_file():
                 raise DataError(f"{p} is listed in {root / MANIFEST} but missing; re-run `glow-dist prepare`")
+        size = remote["sizes"][shard["file"]] if remote else path.stat().st_size
         listed = read_index(index_path)
         if len(listed) != shard["num_samples"]:
             # A shard re-written with fewer (or more) samples, or a manifest edited by hand: training would
@@ -91,13 +101,13 @@ def split_shards(manifest: dict[str, Any], root: str | Path, split: str) -> list
                 f"says {shard['num_samples']}; copy the shard and its .idx again, or re-run `glow-dist prepare "
                 "--overwrite`")
         end = max((off + size for sample in listed for off, size in sample.values()), default=0)
-        if path.stat().st_size < end:
+        if size < end:
             # A cut-off copy is the usual cause; the reader would otherwise fail deep inside DALI or tarfile.
             raise DataError(
-                f"shard {path} is truncated: {path.stat().st_size} bytes, but its index needs {end}; "
+                f"shard {path} is truncated: {size} bytes, but its index needs {end}; "
                 "copy it again or re-run `glow-dist prepare --overwrite`"
             )
-        out.append({**shard, "path": str(path), "index_path": str(index_path)})
+        out.append({**shard, "path": str(path), "index_path": str(index_path), "bytes": size})
     return out
 
 

@@ -13,10 +13,13 @@ import functools
 import json
 import multiprocessing
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from glow_dist.data.manifest import FORMAT, MANIFEST, VERSION, DataError
+from glow_dist.data.object_store import is_url
+from glow_dist.data.publish import check_target, publish, refuse_listing_only
 from glow_dist.data.shards import ShardWriter
 from glow_dist.data.sources import Item, Source, load_item
 
@@ -35,10 +38,19 @@ def _encode(item: Item, **kwargs: Any) -> bytes | str:
 
 def prepare(source: Source, out: str | Path, *, size: int, channels: int, fmt: str = "png", quality: int = 95,
             shard_size: int = 1000, seed: int = 0, workers: int = 1, overwrite: bool = False) -> dict[str, Any]:
-    """Write `source` into `out` as shards + index files + manifest.json; returns the manifest."""
-    out = Path(out)
+    """Write `source` into `out` (a folder or s3://bucket/prefix) as shards + index files + manifest.json; returns the
+    manifest."""
     if size < 1 or shard_size < 1 or not 1 <= quality <= 100:
         raise DataError("--size and --shard-size must be positive and --quality in 1..100")
+    if is_url(str(out)):
+        refuse_listing_only(str(out))
+        store, old = check_target(str(out), overwrite, OUR_FILES)
+        with tempfile.TemporaryDirectory(prefix="glow-dist-prepare-") as staging:
+            manifest = prepare(source, staging, size=size, channels=channels, fmt=fmt, quality=quality,
+                               shard_size=shard_size, seed=seed, workers=workers)
+            publish(Path(staging), store, old)
+        return manifest
+    out = Path(out)
     _clear_output(out, overwrite)
     encode = functools.partial(_encode, size=size, channels=channels, resample=source.resample, fmt=fmt,
                                quality=quality)

@@ -19,6 +19,7 @@ The cache is `$XDG_CACHE_HOME/glow-dist/verified-shards.json` (default ~/.cache)
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from glow_dist.data.manifest import MANIFEST, DataError, read_index, split_shards
+from glow_dist.data.object_store import is_url
+from glow_dist.data.remote import read_url
 from glow_dist.data.samples import check_sample
 from glow_dist.files import write_atomic
 
@@ -62,7 +65,10 @@ def cache_path() -> Path:
     return Path(base) / "glow-dist" / "verified-shards.json"
 
 
-def _identity(path: Path, expect: dict[str, Any]) -> str:
+def _identity(shard: dict[str, Any], expect: dict[str, Any]) -> str:
+    if is_url(shard["path"]):   # streamed: the URL and its size (objects are replaced whole, never edited)
+        return json.dumps([shard["path"], shard["bytes"], expect], sort_keys=True)
+    path = Path(shard["path"])
     st = path.stat()
     return json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, expect], sort_keys=True)
 
@@ -101,7 +107,7 @@ def verify_split(root: str | Path, manifest: dict[str, Any], split: str, mode: s
               "classes": classes, "hash": mode != "never"}
     cache = cache or cache_path()
     remembered = _load_cache(cache) if mode != "always" else {}
-    jobs = [(shard, _identity(Path(shard["path"]), {**expect, "sha256": shard["sha256"]})) for shard in shards]
+    jobs = [(shard, _identity(shard, {**expect, "sha256": shard["sha256"]})) for shard in shards]
     todo = [(shard, ident) for shard, ident in jobs if ident not in remembered]
     with ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1))) as pool:
         fresh = dict(zip([ident for _, ident in todo],
@@ -131,12 +137,13 @@ def _fix(root: str | Path) -> str:
 
 def _check_shard(shard: dict[str, Any], expect: dict[str, Any]) -> dict[str, Any]:
     """{"problem": line or "", "bad": [(index in shard, key, why)], "bytes": bytes hashed} of one shard."""
-    path = Path(shard["path"])
+    path = shard["path"]
     index = read_index(shard["index_path"])
-    size = path.stat().st_size
+    size = shard["bytes"]
     out: dict[str, Any] = {"problem": "", "bad": [], "bytes": size if expect["hash"] else 0}
-    with open(path, "rb") as f:
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    with contextlib.nullcontext() if is_url(path) else open(path, "rb") as f:
+        # streamed shards are read whole (once per node: the result is cached like a file's)
+        data = read_url(path) if f is None else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         try:
             if expect["hash"]:
                 digest = hashlib.sha256(data).hexdigest()

@@ -35,9 +35,10 @@ SECRET_WORDS = re.compile(r"(^|_)(PASSWORD|PASSWD|PASSPHRASE|SECRETS?|TOKEN|APIK
 URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
 # Horovod's own variables (HOROVOD_SECRET_KEY) are Horovod's to handle.
 NOT_OURS = "HOROVOD_"
-# Who the secrets belong to: not secret (an account name, a key's public id), but useless without them, so forwarded
-# by name into containers with them.
-COMPANIONS = ("MLFLOW_TRACKING_USERNAME", "AWS_ACCESS_KEY_ID")
+# Who the secrets belong to and where they are used: not secret (an account name, a key's public id, the object
+# store's address and region), but useless without them, so forwarded by name into containers with them.
+COMPANIONS = ("MLFLOW_TRACKING_USERNAME", "AWS_ACCESS_KEY_ID", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+              "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_CA_BUNDLE")
 
 ON_STDIN = "GLOW_DIST_SECRETS_ON_STDIN"   # set by the launcher: the secret names that come on the rank's stdin
 READ_TIMEOUT_S = 120.0

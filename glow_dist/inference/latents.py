@@ -152,9 +152,11 @@ def attribute_direction(loaded: LoadedModel, data_root: str | Path, attribute: s
     The cache is keyed by the checkpoint's sha256 and step and the data manifest's sha256 (which lists every shard's
     sha256), so retraining or re-preparing the data recomputes it.
     """
+    from glow_dist.config import DataConfig
     from glow_dist.data import iter_samples, read_manifest
+    from glow_dist.data.shard_cache import local_root
 
-    root = Path(data_root)
+    root = Path(local_root(DataConfig(root=str(data_root))))   # a URL: this node's shard cache
     names = read_manifest(root).get("attribute_names", [])
     if attribute not in names:
         known = f"it has {', '.join(names)}" if names else "it has none (prepare it with `prepare folder --attributes`)"

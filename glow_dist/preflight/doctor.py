@@ -329,8 +329,10 @@ def check_mlflow(cfg: Config, timeout: float) -> Check:
 def check_data(cfg: Config, root: str, check_shape: bool) -> list[Check]:
     from glow_dist.data.base import decode_sample, read_range
     from glow_dist.data.manifest import SPLITS, DataError, check_model_shape, read_manifest, split_shards
+    from glow_dist.data.shard_cache import local_root
 
     try:
+        root = local_root(dataclasses.replace(cfg.data, root=root))   # a URL: this node's cache, filled now
         manifest = read_manifest(root)
         if check_shape:
             check_model_shape(manifest, cfg.model.image_size, cfg.model.channels, root)

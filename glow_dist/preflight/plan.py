@@ -26,6 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from glow_dist.config import Config, ModelConfig, RuntimeConfig
 from glow_dist.data.manifest import MANIFEST, read_manifest, train_batches
+from glow_dist.data.object_store import is_url
+from glow_dist.data.shard_cache import remote_manifest
 from glow_dist.model import meta_model
 from glow_dist.model.layers import InvConv1x1, InvConv1x1LU
 from glow_dist.model.memory import checkpoint_bytes, measure_activations, state_bytes
@@ -67,6 +69,8 @@ def dataset_size(cfg: Config, given: int | None) -> tuple[int | None, str]:
     """Training images: an explicit --dataset-size, else data.root's manifest, else unknown."""
     if given is not None:
         return given, "--dataset-size"
+    if is_url(cfg.data.root):
+        return remote_manifest(cfg.data.root)["splits"]["train"]["num_samples"], f"{cfg.data.root}/{MANIFEST}"
     if (Path(cfg.data.root) / MANIFEST).is_file():
         manifest = read_manifest(cfg.data.root)
         return manifest["splits"]["train"]["num_samples"], str(Path(cfg.data.root) / MANIFEST)

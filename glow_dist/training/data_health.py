@@ -17,6 +17,7 @@ from collections.abc import Callable
 from glow_dist.config import Config
 from glow_dist.data.loader import data_classes
 from glow_dist.data.manifest import SPLITS, DataError, read_manifest
+from glow_dist.data.shard_cache import open_root
 from glow_dist.data.verify import BadSample, Verified, verify_split
 from glow_dist.distributed import gateway as dist
 from glow_dist.tracking.reporter import NullReporter
@@ -52,10 +53,11 @@ def _verify_here(cfg: Config) -> tuple[list[str], list[BadSample], str]:
     """(problems, bad samples, one summary line) of this node's copy of the data set; never raises DataError (the
     other ranks are waiting for the answer)."""
     try:
-        manifest = read_manifest(cfg.data.root)
+        opened = open_root(cfg.data)   # a URL root: this node's cache filled here (the other local ranks wait)
+        manifest = read_manifest(opened.root)
         classes = data_classes(manifest, cfg.model, cfg.data.root)
         scan = cfg.data.backend != "webdataset"  # DALI may decode; it must never see a sample that fails the scan
-        found = [verify_split(cfg.data.root, manifest, split, cfg.data.verify, classes, scan=scan)
+        found = [verify_split(opened.root, manifest, split, cfg.data.verify, classes, scan=scan)
                  for split in SPLITS if manifest["splits"].get(split, {}).get("shards")]
     except DataError as e:
         return [str(e)], [], ""
@@ -72,7 +74,7 @@ def _verify_here(cfg: Config) -> tuple[list[str], list[BadSample], str]:
         line = (f"data: {shards} shard(s) of {cfg.data.root} match manifest.json (sha256, sample counts, headers; "
                 f"data.verify={cfg.data.verify}): {total.hashed_bytes / 1e6:.1f} MB hashed in {total.seconds:.2f} s, "
                 f"{total.cached_shards} shard(s) unchanged since verified on this node")
-    return total.problems, total.bad, line
+    return total.problems, total.bad, "\n".join(filter(None, (opened.line, line)))
 
 
 def listing(bad: list[BadSample]) -> str:
