@@ -16,13 +16,14 @@ NP ?= 2
 TRAIN_ARGS ?=
 MLFLOW_PORT ?= 5000
 
-.PHONY: install horovod horovod-gpu-check wheelhouse wheelhouse-check doctor test test-slurm test-hosts test-fast lint train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
+.PHONY: install horovod horovod-gpu-check wheelhouse wheelhouse-check doctor test test-slurm test-hosts test-drills test-fast lint train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
 
 help:
 	@echo "make train      install, prepare the digits shards, train with 2 Horovod processes, log to local MLflow"
 	@echo "make test       install, then run the whole test suite"
 	@echo "make test-slurm the sbatch script on a real local two-node Slurm cluster (root): stop paths, a lost node"
 	@echo "make test-hosts two hosts in network namespaces (root): ssh training, secrets, lost and hung peers"
+	@echo "make test-drills stop and crash drills on running jobs: signals, SIGKILL, a full disk, elastic"
 	@echo "make install    project venv ($(VENV)) with torch==$(TORCH_VERSION) (CPU), the package and its deps"
 	@echo "make horovod    build (once, cached) and install Horovod with PyTorch + Gloo"
 	@echo "make doctor     check this machine: torch/CUDA, GPUs, Horovod build, DALI decode, MLflow, data"
@@ -107,8 +108,9 @@ CHECK_VENV ?=
 wheelhouse-check:
 	bash launch/wheelhouse-check.sh $(or $(WHEELHOUSE),wheelhouse/$(CUDA)) $(CHECK_VENV)
 
-# The engines' own suites (a private dockerd, a local Slurm cluster) are separate targets, run by .ci/run after this.
-ENGINE_TESTS := not docker and not slurm and not hosts
+# The engines' own suites (a private dockerd, a local Slurm cluster), the two-host suites and the stop and crash drills
+# are separate targets, run by .ci/run after this (make test alone stays under 20 minutes on a fresh 2-core machine).
+ENGINE_TESTS := not docker and not slurm and not hosts and not drills
 
 test: $(STAMP) $(HVD_STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m "$(ENGINE_TESTS)" $(PYTEST_ARGS)
@@ -125,6 +127,12 @@ test-slurm: $(STAMP) $(HVD_STAMP)
 # off every command line, and the lost-peer drills (a dead link, a frozen rank, a stalled step). About 7 minutes.
 test-hosts: $(STAMP) $(HVD_STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -rP -m hosts $(PYTEST_ARGS)
+
+# Stop and crash drills on running jobs (marker drills): every way a scheduler or a user stops a job (signals to the
+# group, to every process, to the launcher alone, Slurm's warning), SIGKILL mid-run and mid-checkpoint, a disk that
+# fills (root: a small tmpfs), elastic workers killed and rejoining. About 7 minutes on a 2-core machine.
+test-drills: $(STAMP) $(HVD_STAMP)
+	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m drills $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m "not slow and $(ENGINE_TESTS)" $(PYTEST_ARGS)

@@ -55,6 +55,7 @@ def test_nan_streak_rolls_back_with_lower_lr(tmp_path, digits_shards):
         load_ckpt(tmp_path / "run", 6)["position"]["rollbacks"] == 1  # none written mid-streak
 
 
+@pytest.mark.drills
 def test_kill9_of_the_whole_job_then_rerun_matches_uninterrupted(tmp_path, digits_shards):
     def overrides(run: str) -> list[str]:
         return BASE + [f"data.root={digits_shards}", f"train.run_dir={tmp_path / run}", "train.steps=40",
@@ -86,6 +87,7 @@ def test_kill9_of_the_whole_job_then_rerun_matches_uninterrupted(tmp_path, digit
     assert resumed["mlflow_run_id"] == run_id_before  # the same MLflow run continued
 
 
+@pytest.mark.drills
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, digits_shards):
     run_dir = tmp_path / "run"
     common = BASE + [f"data.root={digits_shards}", f"train.run_dir={run_dir}", "train.checkpoint_every=1000",
