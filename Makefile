@@ -16,20 +16,15 @@ NP ?= 2
 TRAIN_ARGS ?=
 MLFLOW_PORT ?= 5000
 
-# The engines' own suites (a private dockerd, a local Slurm cluster, an object store), the two-host suites and the stop
-# and crash drills are separate targets, run by .ci/run after this (make test alone stays under 20 minutes on a fresh
-# 2-core machine).
-ENGINE_TESTS := not docker and not slurm and not hosts and not s3 and not drills
+.PHONY: install horovod horovod-mpi horovod-gpu-check wheelhouse wheelhouse-check doctor test test-slurm test-hosts test-s3 test-drills test-fast lint train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
 
 help:
 	@echo "make train      install, prepare the digits shards, train with 2 Horovod processes, log to local MLflow"
 	@echo "make test       install, then run the whole test suite"
 	@echo "make test-slurm the sbatch script on a real local two-node Slurm cluster (root): stop paths, a lost node"
 	@echo "make test-hosts two hosts in network namespaces (root): ssh training, secrets, lost and hung peers"
-# The engines' own suites (a private dockerd, a local Slurm cluster, an object store), the two-host suites and the stop
-# and crash drills are separate targets, run by .ci/run after this (make test alone stays under 20 minutes on a fresh
-# 2-core machine).
-ENGINE_TESTS := not docker and not slurm and not hosts and not s3 and not drills
+	@echo "make test-s3    object storage: a real S3 server (SeaweedFS) on 127.0.0.1"
+	@echo "make test-drills stop and crash drills on running jobs: signals, SIGKILL, a full disk, elastic"
 	@echo "make install    project venv ($(VENV)) with torch==$(TORCH_VERSION) (CPU), the package and its deps"
 	@echo "make horovod    build (once, cached) and install Horovod with PyTorch + Gloo"
 	@echo "make horovod-mpi  the same with MPI too, in $(MPI_VENV) (the sbatch script's LAUNCHER=srun-mpi)"
@@ -150,10 +145,14 @@ $(S3_STAMP): $(STAMP)
 test-hosts: $(STAMP) $(HVD_STAMP) $(S3_STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -rP -m hosts $(PYTEST_ARGS)
 
-# The engines' own suites (a private dockerd, a local Slurm cluster, an object store), the two-host suites and the stop
-# and crash drills are separate targets, run by .ci/run after this (make test alone stays under 20 minutes on a fresh
-# 2-core machine).
-ENGINE_TESTS := not docker and not slurm and not hosts and not s3 and not drills
+test-s3: $(STAMP) $(HVD_STAMP) $(S3_STAMP)
+	PATH=$(BIN):$$PATH $(PY) -m pytest -q -rP -m s3 $(PYTEST_ARGS)
+
+# Stop and crash drills on running jobs (marker drills): every way a scheduler or a user stops a job (signals to the
+# group, to every process, to the launcher alone, Slurm's warning), SIGKILL mid-run and mid-checkpoint, a disk that
+# fills (root: a small tmpfs), elastic workers killed and rejoining. About 7 minutes on a 2-core machine.
+test-drills: $(STAMP) $(HVD_STAMP)
+	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m drills $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m "not slow and $(ENGINE_TESTS)" $(PYTEST_ARGS)
