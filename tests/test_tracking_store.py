@@ -189,9 +189,10 @@ def script_env(tmp_path: Path, **variables: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def fault_stores(postgres_server: PostgresServer, s3_store: SeaweedS3) -> None:  # noqa: F811
-    """A database and a bucket that work, for the faults to break one thing at a time."""
+    """A database and a bucket that work, for the faults to break one thing at a time (the bucket's name is this
+    module's own: the data suite shares the session's store)."""
     postgres_server.create_database("mlflow_faults", "mlflow_faults", DB_PASSWORD)
-    s3_store.make_bucket("faults")
+    s3_store.make_bucket("server-faults")
 
 
 @pytest.mark.parametrize("fault", ["wrong database password", "database down", "no such database",
@@ -211,7 +212,7 @@ def test_an_unusable_store_stops_the_start_in_one_line(fault: str, fault_stores:
         s3["AWS_SECRET_ACCESS_KEY"] = "not-the-secret-key-0123456789"
     if fault == "object store down":
         s3["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{_free_port()}"
-    bucket = "missing" if fault == "no such bucket" else "faults"
+    bucket = "missing" if fault == "no such bucket" else "server-faults"
     env = script_env(tmp_path, BACKEND_STORE_URI=database, ARTIFACTS_DESTINATION=f"s3://{bucket}/mlflow", **s3)
     start = time.monotonic()
     status, err = start_script(env, tmp_path)
@@ -226,13 +227,13 @@ def test_an_unusable_store_stops_the_start_in_one_line(fault: str, fault_stores:
                                    f"127.0.0.1:{port} as user 'mlflow_faults': ",
         "database down": "BACKEND_STORE_URI: cannot connect to the postgresql database 'mlflow_faults' at 127.0.0.1:",
         "no such database": f"BACKEND_STORE_URI: cannot connect to the postgresql database 'nope' at 127.0.0.1:{port}",
-        "wrong S3 secret": f"ARTIFACTS_DESTINATION=s3://faults/mlflow: the object store at {s3_store.endpoint} "
-                           "refused to let the server reach the bucket 'faults' (HTTP 403",
-        "read-only S3 key": f"ARTIFACTS_DESTINATION=s3://faults/mlflow: the object store at {s3_store.endpoint} "
-                            "refused to let the server write to the bucket 'faults' (HTTP 403",
+        "wrong S3 secret": f"ARTIFACTS_DESTINATION=s3://server-faults/mlflow: the object store at {s3_store.endpoint} "
+                           "refused to let the server reach the bucket 'server-faults' (HTTP 403",
+        "read-only S3 key": f"ARTIFACTS_DESTINATION=s3://server-faults/mlflow: the object store at {s3_store.endpoint} "
+                            "refused to let the server write to the bucket 'server-faults' (HTTP 403",
         "no such bucket": f"ARTIFACTS_DESTINATION=s3://missing/mlflow: the object store at {s3_store.endpoint} has no "
                           "bucket 'missing'",
-        "object store down": f"ARTIFACTS_DESTINATION=s3://faults/mlflow: cannot reach the object store at "
+        "object store down": f"ARTIFACTS_DESTINATION=s3://server-faults/mlflow: cannot reach the object store at "
                              f"{s3['AWS_ENDPOINT_URL']} (from AWS_ENDPOINT_URL_S3/AWS_ENDPOINT_URL)",
     }[fault]
     assert lines[0].startswith(f"mlflow-server.sh: {expected}"), lines[0]
@@ -247,7 +248,7 @@ def test_sqlite_runs_with_s3_artifacts_make_no_local_folder(fault_stores: None, 
                                                             tmp_path: Path) -> None:
     """The default sqlite store beside an s3:// artifact destination: the script made a folder named `s3:` in the
     working directory (mkdir -p of the destination whenever the backend was sqlite)."""
-    env = script_env(tmp_path, ARTIFACTS_DESTINATION="s3://faults/mlflow", MLFLOW="false",
+    env = script_env(tmp_path, ARTIFACTS_DESTINATION="s3://server-faults/mlflow", MLFLOW="false",
                      PYTHON=sys.executable, **s3_variables(s3_store))
     status, err = start_script(env, tmp_path)
     assert status == 1 and err.strip() == "", err   # the check passed and the script got as far as exec (`false`)

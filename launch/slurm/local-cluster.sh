@@ -105,6 +105,9 @@ CredType=cred/munge
 AuthInfo=socket=$dir/munge/munge.socket.2,cred_expire=10
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool/%n
+# Each node's own temporary folder: the nodes share this machine's /tmp, where PMIx (srun --mpi=pmix) would make the
+# same /tmp/spmix_appdir_UID_JOB.STEP on both and the second node's step would fail with EEXIST.
+TmpFS=$dir/tmp/%n
 SlurmctldPidFile=$dir/run/slurmctld.pid
 SlurmdPidFile=$dir/run/slurmd-%n.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
@@ -154,7 +157,7 @@ start_node() {
     local node=$1 ns
     ns=$(ns_of "$node")
     sshd_wanted && spawn "sshd-$node" bash "$HOSTS" sshd "$dir/hosts" "$node"
-    mkdir -p "$dir/spool/$node"
+    mkdir -p "$dir/spool/$node" "$dir/tmp/$node"
     spawn "slurmd-$node" nsenter "--net=/run/netns/$ns" unshare --uts \
         sh -c "hostname $node; exec env SLURM_CONF=$dir/slurm.conf slurmd -D -N $node -f $dir/slurm.conf"
 }
