@@ -18,8 +18,11 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 HOUSE=$(cd "$HOUSE" && pwd)
 NAME=$(basename "$HOUSE")
 
-# The sources of COPY lines that read the context (not --from=stage; not ${ARG} ones), relative to the repository.
+# The sources of COPY lines that read the context (not --from=stage; not ${ARG} ones), relative to the repository;
+# each once, and none inside another (launch/x.sh and launch/: tar would store the second copy as a hard link to the
+# first, which docker's extraction refuses).
 mapfile -t sources < <(awk '$1 == "COPY" && $2 !~ /^--from=/ { for (i = 2; i < NF; i++) if ($i !~ /\$/) print $i }' \
-                           "$REPO/docker/Dockerfile" | sort -u)
+                           "$REPO/docker/Dockerfile" | sort -u |
+                       awk '{ for (d in seen) if (index($0, d "/") == 1) next; seen[$0]; print }')
 tar -c -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' docker "${sources[@]}" \
     -C "$HOUSE" --transform "s,^\.\(/\|$\),wheelhouse/$NAME\1," .
