@@ -36,6 +36,7 @@ help:
 	@echo "make docker-train  train in the image (GPU flavour on GPU machines; else CPU: digits, $(NP) ranks, built offline)"
 	@echo "make docker-daemon / docker-daemon-stop  a private dockerd (root, no systemd: launch/dockerd-private.sh)"
 	@echo "make docker-base  a Debian base image by debootstrap, where no registry can be reached"
+	@echo "make docker-build FLAVOUR=gpu GPU_WHEELHOUSE=wheelhouse/cu13  the GPU image offline on that base (no CUDA base)"
 	@echo "make test-docker  the Docker suite (own dockerd, CPU image, training and stops in containers)"
 	@echo "make bench-quality  test bits/dim (EMA and raw) on natural-image patches at 200/400/800 steps"
 
