@@ -39,6 +39,7 @@ help:
 	@echo "make docker-train  train in the image (GPU flavour on GPU machines; else CPU: digits, $(NP) ranks, built offline)"
 	@echo "make docker-daemon / docker-daemon-stop  a private dockerd (root, no systemd: launch/dockerd-private.sh)"
 	@echo "make docker-base  a Debian base image by debootstrap, where no registry can be reached"
+	@echo "make docker-build FLAVOUR=gpu GPU_WHEELHOUSE=wheelhouse/cu13  the GPU image offline on that base (no CUDA base)"
 	@echo "make test-docker  the Docker suite (own dockerd, CPU image, training and stops in containers)"
 	@echo "make bench-quality  test bits/dim (EMA and raw) on natural-image patches at 200/400/800 steps"
 
@@ -208,8 +209,15 @@ CONTAINER ?= glow-dist-train
 # for its Python (bookworm: 3.11; built with the host's $(PYTHON), which must be the same version).
 DOCKER_BASE ?= debian-local:bookworm
 CPU_WHEELHOUSE ?= wheelhouse/cpu
+# The GPU image without a registry: GPU_WHEELHOUSE=dir (make wheelhouse CUDA=cu13; made here if missing, for $(CUDA))
+# builds FLAVOUR=gpu on $(DOCKER_BASE) instead of the CUDA base, offline. The wheelhouse may live anywhere: the build
+# context is launch/docker-context.sh's tar, with the wheelhouse in it as wheelhouse/<its folder's name>.
+GPU_WHEELHOUSE ?=
+DOCKER_WHEELHOUSE := $(if $(filter cpu,$(FLAVOUR)),$(CPU_WHEELHOUSE),$(GPU_WHEELHOUSE))
+DOCKER_CONTEXT := $(if $(and $(filter gpu,$(FLAVOUR)),$(GPU_WHEELHOUSE)),-,.)
 DOCKER_BUILD_ARGS ?= $(if $(filter cpu,$(FLAVOUR)),--build-arg FLAVOUR=cpu --build-arg BASE_IMAGE=$(DOCKER_BASE) \
-	--build-arg WHEELHOUSE=$(CPU_WHEELHOUSE))
+	--build-arg WHEELHOUSE=$(CPU_WHEELHOUSE),$(if $(GPU_WHEELHOUSE),--build-arg BASE_IMAGE=$(DOCKER_BASE) \
+	--build-arg WHEELHOUSE=wheelhouse/$(notdir $(abspath $(GPU_WHEELHOUSE)))))
 # Ranks in the container: every GPU, or NP CPU processes.
 RANKS := $(if $(filter cpu,$(FLAVOUR)),$(NP),$(GPUS))
 # Runs of `make docker-train` get their own run directory (unless RUN_DIR is given), and log to the same MLflow store
@@ -219,6 +227,8 @@ MLFLOW_DIR ?= mlflow
 MLFLOW_STORE := $(abspath $(MLFLOW_DIR))
 # More `docker run` options for the training container, e.g. DOCKER_RUN_ARGS="-e NCCL_DEBUG=INFO".
 DOCKER_RUN_ARGS ?=
+# The GPU flavour's own `docker run` options; DOCKER_GPU_ARGS= runs the GPU image on the CPU (tests/test_docker.py).
+DOCKER_GPU_ARGS ?= $(if $(filter gpu,$(FLAVOUR)),--gpus all --ulimit memlock=-1)
 # Credentials set in this environment (MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_*, *_TOKEN: the set is defined once,
 # in glow_dist/distributed/credentials.py) go into the containers by name: `-e NAME`, whose value docker copies from
 # its own environment. `-e NAME=value` would put the secret on make's and docker's command lines, which `ps` shows.
@@ -253,13 +263,19 @@ $(CPU_WHEELHOUSE)/requirements.txt:
 	TORCH_INDEX=$$(getent hosts download.pytorch.org >/dev/null && echo https://download.pytorch.org/whl/cpu) \
 		bash launch/wheelhouse.sh $(CPU_WHEELHOUSE) cpu $(PYTHON)
 
+ifneq ($(GPU_WHEELHOUSE),)
+$(GPU_WHEELHOUSE)/requirements.txt:
+	bash launch/wheelhouse.sh $(GPU_WHEELHOUSE) $(CUDA) $(PYTHON)
+endif
+
 # Host network for RUN steps: engines without a bridge (the private one) have no other.
 # DOCKER_TARGET=build stops at the build stage (the venv before the project; tagging it keeps its layer cache alive
 # through `docker image prune`, which tests/test_docker.py runs).
-docker-build: docker-check $(if $(filter cpu,$(FLAVOUR)),$(CPU_WHEELHOUSE)/requirements.txt)
-	$(if $(filter cpu,$(FLAVOUR)),docker image inspect $(DOCKER_BASE) >/dev/null 2>&1 || bash launch/docker-base.sh $(DOCKER_BASE))
-	docker build --network host -f docker/Dockerfile $(DOCKER_BUILD_ARGS) $(if $(DOCKER_TARGET),--target $(DOCKER_TARGET)) \
-		-t $(IMAGE) .
+docker-build: docker-check $(if $(DOCKER_WHEELHOUSE),$(DOCKER_WHEELHOUSE)/requirements.txt)
+	$(if $(DOCKER_WHEELHOUSE),docker image inspect $(DOCKER_BASE) >/dev/null 2>&1 || bash launch/docker-base.sh $(DOCKER_BASE))
+	$(if $(filter -,$(DOCKER_CONTEXT)),set -o pipefail; bash launch/docker-context.sh $(GPU_WHEELHOUSE) | )docker build \
+		--network host -f docker/Dockerfile $(DOCKER_BUILD_ARGS) $(if $(DOCKER_TARGET),--target $(DOCKER_TARGET)) \
+		-t $(IMAGE) $(DOCKER_CONTEXT)
 
 # Host network: NCCL, Gloo and the tracking server as on the host. Configs are mounted, so edits need no rebuild;
 # without TRACKING_URI runs go to the checkout's mlflow/ store, as `make train`'s do. Files are written as the
@@ -269,14 +285,14 @@ docker-train: docker-build
 	mkdir -p $(DOCKER_RUN_DIR) $(DATA) $(MLFLOW_STORE)
 	[ -f $(DATA)/manifest.json ] || docker run --rm --network host --user $$(id -u):$$(id -g) -e HOME=/tmp \
 		-v $(abspath $(DATA)):/data $(IMAGE) glow-dist prepare digits --out /data
-	docker run --rm --name $(CONTAINER) $(if $(filter gpu,$(FLAVOUR)),--gpus all --ulimit memlock=-1) \
+	docker run --rm --name $(CONTAINER) $(DOCKER_GPU_ARGS) \
 		--network host --ipc host --stop-timeout $(STOP_GRACE) --user $$(id -u):$$(id -g) -e HOME=/tmp \
 		-v $(abspath $(DATA)):/data:ro -v $(abspath $(DOCKER_RUN_DIR)):/runs -v $(MLFLOW_STORE):$(MLFLOW_STORE) \
 		-v $(CURDIR)/configs:/workspace/glow-dist/configs:ro $(DOCKER_ENV_ARGS) $(DOCKER_RUN_ARGS) \
 		$(IMAGE) glow-dist-horovodrun -np $(RANKS) -H localhost:$(RANKS) --gloo \
 		glow-dist train --config $(CONFIG) data.root=/data train.run_dir=/runs \
 		tracking.uri=$(TRACKING_URI) tracking.local_dir=$(MLFLOW_STORE) $(TRAIN_ARGS)
-	docker run --rm $(if $(filter gpu,$(FLAVOUR)),--gpus all) --network host --user $$(id -u):$$(id -g) -e HOME=/tmp \
+	docker run --rm $(DOCKER_GPU_ARGS) --network host --user $$(id -u):$$(id -g) -e HOME=/tmp \
 		-v $(abspath $(DATA)):/data:ro -v $(abspath $(DOCKER_RUN_DIR)):/runs -v $(MLFLOW_STORE):$(MLFLOW_STORE) \
 		$(DOCKER_ENV_ARGS) $(IMAGE) glow-dist evaluate --checkpoint /runs --baseline
 	@echo "Review the run in MLflow: make mlflow-ui, then open http://127.0.0.1:$(MLFLOW_PORT)"

@@ -232,3 +232,104 @@ def test_the_build_names_a_missing_wheel_and_a_wheelhouse_of_the_wrong_flavour(c
     assert "No matching distribution found for horovod==0.28.1" in missing.stdout, missing.stdout[-3000:]
     assert "docker: a wheel is missing from wheelhouse/cpu" in missing.stdout
 
+
+
+# The GPU image without a registry (issue 34): the GPU flavour on the debootstrap base from the cu13 wheelhouse,
+# offline, checked inside on this machine's CPU. Long (a cold build installs 7 GB of wheels; README, Docker), so only
+# when asked for; `make docker-build` makes wheelhouse/cu13 first if it is missing (several GB from PyPI).
+GPU_WHEELHOUSE = "wheelhouse/cu13"
+needs_gpu_image = pytest.mark.skipif(
+    os.environ.get("GLOW_DIST_TEST_GPU_IMAGE") != "1",
+    reason="the GPU image's build from wheelhouse/cu13 is long (README, Docker): GLOW_DIST_TEST_GPU_IMAGE=1 runs it")
+# A CPU pipeline of DALI's CUDA 13 build: decode a PNG and flip it, against numpy.
+DALI_CPU_PIPELINE = """
+import importlib.metadata as md, io
+import numpy as np
+from PIL import Image
+from nvidia.dali import fn, pipeline_def
+pixels = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+png = io.BytesIO()
+Image.fromarray(pixels).save(png, format="PNG")
+blob = np.frombuffer(png.getvalue(), dtype=np.uint8)
+@pipeline_def(batch_size=2, num_threads=1, device_id=None)
+def flipped():
+    return fn.flip(fn.decoders.image(fn.external_source(source=lambda: [blob, blob]), device="cpu"), horizontal=1)
+pipe = flipped()
+pipe.build()
+(out,) = pipe.run()
+assert all(np.array_equal(out.at(i), pixels[:, ::-1]) for i in range(2))
+print("dali", md.version("nvidia-dali-cuda130"), "cpu pipeline ok")
+"""
+# What Triton does when a kernel first runs under torch.compile on a GPU: build a C extension with the system compiler
+# against Python's headers (triton.runtime.build), here for a module that only imports.
+TRITON_BUILD = """
+import importlib.util, os, tempfile
+from triton.runtime.build import _build
+d = tempfile.mkdtemp()
+src = os.path.join(d, "probe.c")
+with open(src, "w") as f:
+    f.write('''#include <Python.h>
+static struct PyModuleDef m = {PyModuleDef_HEAD_INIT, "probe", NULL, -1, NULL};
+PyMODINIT_FUNC PyInit_probe(void) { return PyModule_Create(&m); }
+''')
+so = _build("probe", src, d, [], [], [], [])
+spec = importlib.util.spec_from_file_location("probe", so)
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+print("triton builds its launchers")
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_image(docker_env: dict) -> dict:
+    """`make docker-build FLAVOUR=gpu GPU_WHEELHOUSE=wheelhouse/cu13` on debian-local:bookworm (made if missing)."""
+    for args in (["IMAGE=glow-dist:gpu-test"], ["IMAGE=glow-dist:gpu-test-build", "DOCKER_TARGET=build"]):
+        out = subprocess.run(["make", "--no-print-directory", "docker-build", "FLAVOUR=gpu",
+                              f"GPU_WHEELHOUSE={GPU_WHEELHOUSE}", *args], cwd=REPO, env=env_with_venv(docker_env),
+                             capture_output=True, text=True, timeout=5400)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    return docker_env
+
+
+def in_gpu_image(env: dict, *cmd: str) -> str:
+    """A command in a fresh container of the GPU image, with no network (everything it needs is in the image)."""
+    out = subprocess.run(["docker", "run", "--rm", "--network", "none", "glow-dist:gpu-test", *cmd], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{cmd} in the GPU image:\n{(out.stdout + out.stderr)[-4000:]}"
+    return out.stdout + out.stderr
+
+
+@needs_gpu_image
+def test_gpu_image_offline_on_debian_has_the_cuda13_stack(gpu_image):
+    torch_line = in_gpu_image(gpu_image, "python", "-c", "import torch; print('torch', torch.__version__, "
+                              "torch.version.cuda, torch.cuda.is_available())")
+    _, version, cuda, available = torch_line.split()[-4:]
+    assert cuda.startswith("13.") and available == "False", torch_line
+    build = in_gpu_image(gpu_image, "horovodrun", "--check-build")
+    assert "[X] NCCL" in build and "[X] Gloo" in build and "[X] PyTorch" in build, build
+    assert "cpu pipeline ok" in in_gpu_image(gpu_image, "python", "-c", DALI_CPU_PIPELINE)
+    assert "triton builds its launchers" in in_gpu_image(gpu_image, "python", "-c", TRITON_BUILD)
+    doctor = in_gpu_image(gpu_image, "glow-dist", "doctor")
+    assert f"no CUDA device: this torch is a CUDA {cuda} build but there is no NVIDIA driver" in doctor, doctor
+    # Nothing of the build in the image: no toolkit or nvcc wheels (Horovod came built), no static libraries, no
+    # wheelhouse, no pip cache, no cmake, DALI's extension modules only for the image's own Python.
+    leftovers = in_gpu_image(gpu_image, "bash", "-c", "find / -xdev \\( -name nvcc -o -path /tmp/wheelhouse -o "
+                             "-path /root/.cache/pip \\) -print; find /opt/venv -name '*.a'; pip list --format "
+                             "freeze | grep -iE '^(cmake|nvidia-cuda-nvcc|nvidia-cuda-crt|nvidia-nvvm)=' || true; "
+                             "ls /opt/venv/lib/python3.11/site-packages/nvidia/dali | grep cpython | "
+                             "grep -v cpython-311 || true")
+    assert leftovers.strip() == "", leftovers
+
+
+@needs_gpu_image
+def test_gpu_image_trains_the_digits_on_the_cpu(gpu_image, tmp_path, digits_shards):
+    """`make docker-train` of the GPU image as a GPU cluster runs it, minus `--gpus all` (DOCKER_GPU_ARGS=): 2 Gloo
+    ranks on the CPU, the final checkpoint, the evaluation (a GPU image's first run on a GPU machine is the same
+    command with --gpus all: README, Docker)."""
+    out = make(["make", "--no-print-directory", "docker-train", "FLAVOUR=gpu", "GPUS=2", "DOCKER_GPU_ARGS=",
+                f"GPU_WHEELHOUSE={GPU_WHEELHOUSE}", "IMAGE=glow-dist:gpu-test", f"DATA={digits_shards}",
+                f"RUN_DIR={tmp_path / 'run'}", f"MLFLOW_DIR={tmp_path / 'mlflow'}",
+                f"CONTAINER=glow-dist-{tmp_path.name}", "TRAIN_ARGS=" + " ".join([*QUIET, "train.steps=30"])],
+               gpu_image, timeout=1200)
+    assert "world size 2" in out and "decoding on the CPU" in out, out[-3000:]
+    assert load_checkpoint(list_checkpoints(tmp_path / "run")[-1])["position"]["step"] == 30
+    assert final_test_bpd(out) < 4.0, out[-3000:]  # below the 4-bit uniform bound: it learned

@@ -3,6 +3,7 @@ lints, `make` expands the docker targets as intended, shell scripts parse and pr
 the Kubernetes manifests are consistent, and the MLflow server script serves a real run."""
 from __future__ import annotations
 
+import io
 import os
 import re
 import shlex
@@ -10,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -94,6 +96,36 @@ def test_make_docker_train_without_gpus_builds_and_runs_the_cpu_image(tmp_path):
     mounts = [options[j + 1] for j, o in enumerate(options) if o == "-v"]
     assert f"{REPO}/mlflow:{REPO}/mlflow" in mounts and f"{REPO}/runs/digits-docker:/runs" in mounts
     assert f"tracking.local_dir={REPO}/mlflow" in inside and "configs/digits.yaml" in inside
+
+
+def test_make_docker_build_of_the_gpu_image_from_a_wheelhouse_anywhere(tmp_path):
+    """GPU_WHEELHOUSE: the GPU flavour on the local Debian base, the context a tar from launch/docker-context.sh with
+    the wheelhouse as wheelhouse/<name> and what the Dockerfile copies, each file once (a hard link in the tar, from a
+    file listed twice, made docker's extraction fail)."""
+    house = tmp_path / "cu13"
+    house.mkdir()
+    (house / "requirements.txt").write_text("torch==2.14.1\n")
+    (house / "torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"wheel")
+    line = make_n("docker-build", "FLAVOUR=gpu", f"GPU_WHEELHOUSE={house}", "IMAGE=glow-dist:test")[-1]
+    pipe = line.index("|")
+    assert line[:pipe] == ["set", "-o", "pipefail;", "bash", "launch/docker-context.sh", str(house)]
+    assert line[pipe + 1:] == ["docker", "build", "--network", "host", "-f", "docker/Dockerfile", "--build-arg",
+                               "BASE_IMAGE=debian-local:bookworm", "--build-arg", "WHEELHOUSE=wheelhouse/cu13", "-t",
+                               "glow-dist:test", "-"]
+    tar = subprocess.run(["bash", "launch/docker-context.sh", str(house)], cwd=REPO, capture_output=True, timeout=120)
+    assert tar.returncode == 0, tar.stderr
+    with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as context:
+        members = context.getmembers()
+    names = [m.name for m in members]
+    assert not [m.name for m in members if m.islnk() or m.issym()]
+    assert len(names) == len(set(names))
+    assert {"docker/Dockerfile", "launch/install-horovod.sh", "glow_dist/cli.py", "configs/digits.yaml",
+            "pyproject.toml", "wheelhouse/cu13/requirements.txt",
+            "wheelhouse/cu13/torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl"} <= set(names)
+    assert not [n for n in names if n.startswith(("tests/", ".venv/", "wheelhouse/cpu")) or "__pycache__" in n]
+    missing = subprocess.run(["bash", "launch/docker-context.sh", str(tmp_path)], cwd=REPO, capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 1 and f"docker-context: {tmp_path} is not a wheelhouse" in missing.stderr
 
 
 def test_make_docker_train_without_a_daemon_says_how_to_start_one(tmp_path):
