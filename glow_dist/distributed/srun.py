@@ -204,10 +204,8 @@ def launch(args: argparse.Namespace) -> int:
     return status
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["task"]:
-        return task(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
+    """The launcher's options (also read by the docs' command-line reference, docs/gen_reference.py)."""
     parser = argparse.ArgumentParser(prog="glow-dist-srun", description=__doc__.split("\n\n")[0])
     parser.add_argument("-np", "--num-proc", dest="np", type=int, required=True,
                         help="ranks in all, the same number on every node of the job")
@@ -216,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds for every rank to reach the rendezvous (HOROVOD_GLOO_TIMEOUT_SECONDS)")
     parser.add_argument("--srun-args", default="", help="more srun options, one string (--gpu-bind=none ...)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="what each rank runs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["task"]:
+        return task(argv[1:])
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.error("no command to run")
