@@ -18,6 +18,7 @@ import dataclasses
 import importlib
 import importlib.metadata
 import io
+import re
 import sys
 import tokenize
 import typing
@@ -186,7 +187,7 @@ def command_section(title: str, parser: argparse.ArgumentParser, summary: str = 
     out += ["```text", usage(parser), "```", ""]
     if parser.description:
         out += ["```text", parser.description.strip(), "```", ""]
-    return out + options_table(parser)
+    return out + (options_table(parser) if parser_actions(parser) else [])
 
 
 def cli_page() -> str:
@@ -282,8 +283,22 @@ def modules_page() -> str:
 
 # --- benchmarks -----------------------------------------------------------------------------------------------
 
+def blank_line_before_lists(text: str) -> str:
+    """GitHub starts a list right after a paragraph's line; Python-Markdown needs a blank line first."""
+    out: list[str] = []
+    fenced = False
+    for line in text.split("\n"):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        if (not fenced and re.match(r"(- |\d+\. )", line) and out and out[-1].strip()
+                and not re.match(r"(- |\d+\. |  )", out[-1])):
+            out.append("")
+        out.append(line)
+    return "\n".join(out)
+
+
 def benchmarks_page() -> str:
-    text = (ROOT / "BENCHMARKS.md").read_text()
+    text = blank_line_before_lists((ROOT / "BENCHMARKS.md").read_text())
     title, _, rest = text.partition("\n")
     note = ("*This page is `BENCHMARKS.md` from the repository's root, included at every docs build: every number "
             "is recorded there, with the command that measured it and the machine.*")
