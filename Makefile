@@ -16,7 +16,7 @@ NP ?= 2
 TRAIN_ARGS ?=
 MLFLOW_PORT ?= 5000
 
-.PHONY: install horovod horovod-mpi horovod-gpu-check wheelhouse wheelhouse-check doctor test test-slurm test-hosts test-s3 test-fast lint train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
+.PHONY: install horovod horovod-mpi horovod-gpu-check wheelhouse wheelhouse-check doctor test test-slurm test-hosts test-s3 test-fast lint docs train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
 
 help:
 	@echo "make train      install, prepare the digits shards, train with 2 Horovod processes, log to local MLflow"
@@ -32,7 +32,8 @@ help:
 	@echo "make wheelhouse CUDA=cu12|cu13|cpu [PYTHON=python3.12] [WHEELHOUSE_TORCH=2.14.1 TORCH_INDEX=url]: every wheel for an offline install"
 	@echo "make install WHEELHOUSE=dir  install from a wheelhouse with no network"
 	@echo "make wheelhouse-check WHEELHOUSE=dir  prove it: offline install into a fresh venv, --check-build, doctor"
-	@echo "make lint       ruff over the package, tests, benchmarks and launch scripts; the layering (import-linter)"
+	@echo "make docs       the docs site (mkdocs build --strict) in site/; reference pages generated from the code"
+	@echo "make lint       ruff over the package, tests, benchmarks, launch scripts and the docs generator; the layering (import-linter)"
 	@echo "make mlflow-ui  MLflow UI on the local store (http://127.0.0.1:$(MLFLOW_PORT))"
 	@echo "make bench      benchmark suite; prints tables (see BENCHMARKS.md)"
 	@echo "make docker-train  train in the image (GPU flavour on GPU machines; else CPU: digits, $(NP) ranks, built offline)"
@@ -150,8 +151,14 @@ test-fast: $(STAMP)
 
 # ruff, and the package's layering (import-linter contracts in pyproject.toml: no upward import, no cycle).
 lint: $(STAMP)
-	$(BIN)/ruff check glow_dist tests bench launch
+	$(BIN)/ruff check glow_dist tests bench launch docs
 	$(BIN)/lint-imports
+
+# The docs site (mkdocs.yml, docs/) in site/. The reference pages (config keys, command line, shipped configs,
+# modules) and the benchmarks page are generated from the code and BENCHMARKS.md at every build (docs/hooks.py);
+# --strict fails on a broken link or anchor and on a page left out of the navigation.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 prepare-digits: $(STAMP)
 	@if [ -f $(DATA)/manifest.json ]; then echo "digits shards present in $(DATA)"; \
@@ -277,4 +284,4 @@ test-docker: $(STAMP) $(HVD_STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m docker tests/test_docker.py $(PYTEST_ARGS)
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs site .pytest_cache .ruff_cache
