@@ -71,7 +71,7 @@ $(HVD_STAMP): $(STAMP) launch/install-horovod.sh
 
 horovod: $(HVD_STAMP)
 
-# The Horovod of the sbatch script's LAUNCHER=srun-mpi (README, "Slurm: which launch route"): MPI built in beside
+# The Horovod of the sbatch script's LAUNCHER=srun-mpi (docs/cluster/slurm.md, "The srun-mpi route"): MPI built in beside
 # Gloo, in a venv of its own (never the default one), against the MPI on this machine (Debian: openmpi-bin
 # libopenmpi-dev; Slurm's mpi/pmix plugin needs libpmix2). tests/test_slurm.py runs the srun-mpi route with it.
 MPI_VENV ?= .venv-mpi
@@ -187,7 +187,7 @@ bench-quality: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	nice -n 10 $(PY) bench/bench_quality.py --ema-study $(BENCH_ARGS)
 
-# Docker (README, Docker): docker/Dockerfile in two flavours, gpu where `nvidia-smi` finds GPUs, else cpu.
+# Docker (docs/cluster/docker.md): docker/Dockerfile in two flavours, gpu where `nvidia-smi` finds GPUs, else cpu.
 # GPU machines:
 # make docker-train CONFIG=configs/celeba_hq_256.yaml DATA=/data/celeba_hq_256 RUN_DIR=/runs/celeba GPUS=8 \
 #     TRACKING_URI=http://mlflow-host:5000
@@ -199,7 +199,7 @@ IMAGE ?= $(if $(filter cpu,$(FLAVOUR)),glow-dist:cpu,glow-dist:latest)
 CONFIG ?= configs/digits.yaml
 TRACKING_URI ?= $(MLFLOW_TRACKING_URI)
 # `docker stop` waits this long before SIGKILL: twice bench/bench_stop.py's stop budget, 24 s, rounded up to 30 s
-# (docker's default, 10 s, is less than a checkpoint takes; README, Grace periods)
+# (docker's default, 10 s, is less than a checkpoint takes; docs/stopping.md, Grace periods)
 STOP_GRACE ?= 60
 CONTAINER ?= glow-dist-train
 # The CPU image: a base image with Python 3.10+ (made by `make docker-base` where none can be pulled) and a wheelhouse

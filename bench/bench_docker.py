@@ -11,7 +11,7 @@
 2. Sizes: the CPU image and its layers. The GPU image cannot be built here (no registry serves its CUDA base), so
    its size is estimated from its layers: the CUDA base (--gpu-base-gb, from the registry's page; unknown by
    default), the apt layer (this image's, plus the compilers it installs), the venv (--gpu-venv-gb: the cu13 venv
-   `make wheelhouse-check` measured, README).
+   `make wheelhouse-check` measured, docs/install.md).
 3. Training: the digits, 2 Gloo ranks, the same command lines `make docker-train` and `make train` run (read from
    `make -n`, so they cannot drift), alternated --rounds times: time from launch to the first logged step (log_every
    1), and steps/s between step 50 and the last (from metrics.jsonl's timestamps; host and container share a clock).
@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the engine's root (images, layer cache)")
     ap.add_argument("--only", choices=["build", "train"], help="only the builds and sizes, or only the training")
     ap.add_argument("--gpu-base-gb", type=float, default=None, help="the CUDA base image's size, if known")
-    ap.add_argument("--gpu-venv-gb", type=float, default=6.9, help="the GPU venv's size (README: cu13, 6.9 GB)")
+    ap.add_argument("--gpu-venv-gb", type=float, default=6.9, help="the GPU venv's size (docs/install.md: cu13)")
     args = ap.parse_args()
 
     env = {**os.environ, "GLOW_DIST_DOCKER_ROOT": str(args.root)}
