@@ -16,7 +16,7 @@ NP ?= 2
 TRAIN_ARGS ?=
 MLFLOW_PORT ?= 5000
 
-.PHONY: install horovod horovod-mpi horovod-gpu-check wheelhouse wheelhouse-check doctor test test-slurm test-hosts test-s3 test-fast lint docs train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
+.PHONY: install horovod horovod-mpi horovod-gpu-check wheelhouse wheelhouse-check doctor test test-slurm test-hosts test-s3 test-drills test-fast lint docs train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
 
 help:
 	@echo "make train      install, prepare the digits shards, train with 2 Horovod processes, log to local MLflow"
@@ -24,6 +24,7 @@ help:
 	@echo "make test-slurm the sbatch script on a real local two-node Slurm cluster (root): stop paths, a lost node"
 	@echo "make test-hosts two hosts in network namespaces (root): ssh training, secrets, lost and hung peers"
 	@echo "make test-s3    object storage: a real S3 server (SeaweedFS) on 127.0.0.1"
+	@echo "make test-drills stop and crash drills on running jobs: signals, SIGKILL, a full disk, elastic"
 	@echo "make install    project venv ($(VENV)) with torch==$(TORCH_VERSION) (CPU), the package and its deps"
 	@echo "make horovod    build (once, cached) and install Horovod with PyTorch + Gloo"
 	@echo "make horovod-mpi  the same with MPI too, in $(MPI_VENV) (the sbatch script's LAUNCHER=srun-mpi)"
@@ -71,8 +72,8 @@ $(HVD_STAMP): $(STAMP) launch/install-horovod.sh
 
 horovod: $(HVD_STAMP)
 
-# The Horovod of the sbatch script's LAUNCHER=srun-mpi (docs/cluster/slurm.md, "The srun-mpi route"): MPI built in beside
-# Gloo, in a venv of its own (never the default one), against the MPI on this machine (Debian: openmpi-bin
+# The Horovod of the sbatch script's LAUNCHER=srun-mpi (docs/cluster/slurm.md, "The srun-mpi route"): MPI built in
+# beside Gloo, in a venv of its own (never the default one), against the MPI on this machine (Debian: openmpi-bin
 # libopenmpi-dev; Slurm's mpi/pmix plugin needs libpmix2). tests/test_slurm.py runs the srun-mpi route with it.
 MPI_VENV ?= .venv-mpi
 horovod-mpi:
@@ -117,8 +118,10 @@ CHECK_VENV ?=
 wheelhouse-check:
 	bash launch/wheelhouse-check.sh $(or $(WHEELHOUSE),wheelhouse/$(CUDA)) $(CHECK_VENV)
 
-# The engines' own suites (a private dockerd, a local Slurm cluster) are separate targets, run by .ci/run after this.
-ENGINE_TESTS := not docker and not slurm and not hosts and not s3
+# The engines' own suites (a private dockerd, a local Slurm cluster, an object store), the two-host suites and the stop
+# and crash drills are separate targets, run by .ci/run after this (make test alone stays under 20 minutes on a fresh
+# 2-core machine).
+ENGINE_TESTS := not docker and not slurm and not hosts and not s3 and not drills
 
 test: $(STAMP) $(HVD_STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m "$(ENGINE_TESTS)" $(PYTEST_ARGS)
@@ -146,6 +149,12 @@ test-hosts: $(STAMP) $(HVD_STAMP) $(S3_STAMP)
 test-s3: $(STAMP) $(HVD_STAMP) $(S3_STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -rP -m s3 $(PYTEST_ARGS)
 
+# Stop and crash drills on running jobs (marker drills): every way a scheduler or a user stops a job (signals to the
+# group, to every process, to the launcher alone, Slurm's warning), SIGKILL mid-run and mid-checkpoint, a disk that
+# fills (root: a small tmpfs), elastic workers killed and rejoining. About 7 minutes on a 2-core machine.
+test-drills: $(STAMP) $(HVD_STAMP)
+	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m drills $(PYTEST_ARGS)
+
 test-fast: $(STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m "not slow and $(ENGINE_TESTS)" $(PYTEST_ARGS)
 
@@ -155,7 +164,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 # The docs site (mkdocs.yml, docs/) in site/. The reference pages (config keys, command line, shipped configs,
-# modules) and the benchmarks page are generated from the code and BENCHMARKS.md at every build (docs/hooks.py);
+# modules) and the benchmarks page are generated from the code and BENCHMARKS.md at every build (docs/gen_reference.py);
 # --strict fails on a broken link or anchor and on a page left out of the navigation.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +50,28 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def unbroken_run(tmp_path_factory: pytest.TempPathFactory, digits_shards: Path) -> Callable[..., Path]:
+    """`unbroken_run(*overrides, np=1)`: the run directory of `glow-dist train` with these overrides on the digits
+    shards, trained once per session for each (np, overrides) and shared by the tests that ask for the same one: the
+    unbroken run a resumed one must match, or any trained run a test reads. Copy it (`copy_run`) before running
+    anything that writes in it."""
+    from helpers import train_cli
+
+    runs: dict[tuple, Path] = {}
+
+    def run(*overrides: str, np: int = 1) -> Path:
+        key = (np, overrides)
+        if key not in runs:
+            folder = tmp_path_factory.mktemp("unbroken")
+            train_cli(*overrides, f"data.root={digits_shards}", f"train.run_dir={folder / 'run'}",
+                      f"tracking.local_dir={folder / 'mlflow'}", np=np)
+            runs[key] = folder / "run"
+        return runs[key]
+
+    return run
 
 
 @pytest.fixture(scope="session")

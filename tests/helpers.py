@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +21,9 @@ TRAIN_CHECK = REPO / "tests" / "scripts" / "train_check.py"
 # A few steps of the debug model with every periodic action exercised.
 BASE = ["train.steps=6", "train.log_every=2", "train.eval_every=3", "train.sample_every=3",
         "train.checkpoint_every=3", "train.progress=false", "train.threads=1", "train.max_eval_batches=4"]
+
+# BASE in deterministic mode: a resumed run must end bit for bit where the unbroken one (conftest's unbroken_run) ends.
+DETERMINISTIC = (*BASE, "train.deterministic=true")
 
 
 def horovodrun_cmd(np: int, *args: str) -> list[str]:
@@ -56,6 +60,12 @@ def run_check(np: int, outdir: Path, overrides: list[str], env: dict | None = No
     """Run tests/scripts/train_check.py on `np` ranks; return each rank's dump."""
     horovodrun(np, str(TRAIN_CHECK), str(outdir), "--config", "configs/debug.yaml", *overrides, env=env)
     return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(np)]
+
+
+def copy_run(run_dir: Path, to: Path) -> Path:
+    """A copy of a run directory (a shared unbroken_run is never written in)."""
+    shutil.copytree(run_dir, to)
+    return to
 
 
 def load_ckpt(run_dir: Path, step: int) -> dict:

@@ -61,6 +61,7 @@ def temporary_files(run_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.drills
 def test_sigkill_during_a_background_write_resumes_the_previous_checkpoint(tmp_path, digits_shards):
     """The write of step 4 is held on disk (complete but not renamed) while training goes on to step 5: SIGKILL
     there leaves step 2 as the newest checkpoint, and the resumed run ends with the weights of an unbroken one."""
@@ -100,6 +101,7 @@ def test_sigkill_during_a_background_write_resumes_the_previous_checkpoint(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.drills
 def test_a_full_disk_stops_training_with_a_clear_error_and_exit_74(tmp_path, digits_shards, small_disk):
     """The disk fills while the step-4 checkpoint is written in the background: the error reaches the training
     thread, names the directory and the space needed, the partial file is gone, step 2 is intact, exit 74."""
@@ -121,6 +123,7 @@ def test_a_full_disk_stops_training_with_a_clear_error_and_exit_74(tmp_path, dig
 
 
 @pytest.mark.slow
+@pytest.mark.drills
 def test_a_stop_while_a_write_is_in_flight_supersedes_it(tmp_path, digits_shards):
     """SIGTERM while a periodic checkpoint's write is held: the write in flight when the stop is voted is given up
     (its temporary file removed), the stop step's checkpoint is written and verified, and the run exits with
@@ -161,6 +164,7 @@ def test_a_stop_while_a_write_is_in_flight_supersedes_it(tmp_path, digits_shards
 
 
 @pytest.mark.slow
+@pytest.mark.drills
 def test_a_stop_after_a_failed_periodic_write_still_writes_its_checkpoint(tmp_path, digits_shards):
     """The periodic write of step 2 fails (a directory stands where its file goes: an OSError at the rename, as an
     I/O error would be) and the stop is voted at step 3, before the failure was raised: the stop checkpoint of step 3

@@ -261,9 +261,13 @@ def damage(kind: str, root: Path) -> str:
     return f"{shard} is listed in {root / 'manifest.json'} but missing"
 
 
+# Every kind on webdataset, and a truncated shard (which DALI's reader would otherwise meet mid-read) on DALI too: an
+# unusable shard is found before any loader is built (verify_data in the Trainer), by code that the backend changes
+# only under data.verify=never (the DALI header scan), so DALI for each kind ran the same path again.
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["flipped", "fewer-samples", "manifest-larger", "truncated", "deleted"])
+@pytest.mark.parametrize(("kind", "backend"), [("flipped", "webdataset"), ("fewer-samples", "webdataset"),
+                                               ("manifest-larger", "webdataset"), ("truncated", "webdataset"),
+                                               ("deleted", "webdataset"), ("truncated", "dali")])
 def test_an_unusable_shard_stops_the_job_with_one_line(digits_shards: Path, tmp_path: Path, mlflow_server: str,
                                                        kind: str, backend: str) -> None:
     root = copy_of(digits_shards, tmp_path)

@@ -76,6 +76,7 @@ def test_elastic_without_an_elastic_launch_is_refused(tmp_path, digits_shards):
 
 
 @pytest.mark.slow
+@pytest.mark.drills
 @pytest.mark.parametrize("killed", [1, 0], ids=["rank1", "rank0"])
 def test_killed_worker_job_continues_then_worker_rejoins(tmp_path, digits_shards, killed):
     run_dir, outdir, log = tmp_path / "run", tmp_path / "out", tmp_path / "horovodrun.log"
@@ -139,6 +140,7 @@ def test_killed_worker_job_continues_then_worker_rejoins(tmp_path, digits_shards
 
 
 @pytest.mark.slow
+@pytest.mark.drills
 def test_a_stop_signal_ends_an_elastic_job_with_a_checkpoint_and_it_resumes(tmp_path, digits_shards):
     """`glow-dist train dist.elastic=true` under glow-dist-horovodrun's elastic launch (as launch/celeba_hq_256.sh
     runs it with HOST_DISCOVERY, and the sbatch script with ELASTIC=1), SIGTERM to the job's process group (`timeout`,

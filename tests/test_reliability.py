@@ -9,8 +9,10 @@ import psutil
 import pytest
 from helpers import (
     BASE,
+    DETERMINISTIC,
     REPO,
     assert_identical,
+    copy_run,
     env_with_venv,
     horovodrun_cmd,
     load_ckpt,
@@ -53,6 +55,7 @@ def test_nan_streak_rolls_back_with_lower_lr(tmp_path, digits_shards):
         load_ckpt(tmp_path / "run", 6)["position"]["rollbacks"] == 1  # none written mid-streak
 
 
+@pytest.mark.drills
 def test_kill9_of_the_whole_job_then_rerun_matches_uninterrupted(tmp_path, digits_shards):
     def overrides(run: str) -> list[str]:
         return BASE + [f"data.root={digits_shards}", f"train.run_dir={tmp_path / run}", "train.steps=40",
@@ -84,6 +87,7 @@ def test_kill9_of_the_whole_job_then_rerun_matches_uninterrupted(tmp_path, digit
     assert resumed["mlflow_run_id"] == run_id_before  # the same MLflow run continued
 
 
+@pytest.mark.drills
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, digits_shards):
     run_dir = tmp_path / "run"
     common = BASE + [f"data.root={digits_shards}", f"train.run_dir={run_dir}", "train.checkpoint_every=1000",
@@ -150,20 +154,20 @@ def test_tracking_server_restart_mid_run_loses_no_metrics(tmp_path, digits_shard
     assert steps == list(range(5, 5 * total + 1, 5)), f"missing: {sorted(set(range(5, 5 * total + 1, 5)) - set(steps))}"
 
 
-def test_resume_with_a_different_architecture_is_refused(tmp_path, digits_shards):
-    common = BASE + [f"data.root={digits_shards}", f"train.run_dir={tmp_path / 'run'}", "train.steps=3",
-                     f"tracking.local_dir={tmp_path / 'mlflow'}"]
-    train_cli(*common)
+def test_resume_with_a_different_architecture_is_refused(tmp_path, digits_shards, unbroken_run):
+    run_dir = copy_run(unbroken_run(*DETERMINISTIC), tmp_path / "run")  # checkpoints of the debug model
+    common = [*DETERMINISTIC, f"data.root={digits_shards}", f"train.run_dir={run_dir}", "train.steps=8",
+              f"tracking.local_dir={tmp_path / 'mlflow'}"]
     out = subprocess.run([sys.executable, *train_cmd(*common, "model.width=32", "model.coupling=additive")],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 2
     assert "different model" in out.stderr and "model.width: checkpoint 16 vs config 32" in out.stderr
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, digits_shards):
-    common = BASE + [f"data.root={digits_shards}", f"train.run_dir={tmp_path / 'run'}",
-                     f"tracking.local_dir={tmp_path / 'mlflow'}", "train.keep_checkpoints=5"]
-    train_cli(*common)  # checkpoints at 3 and 6
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, digits_shards, unbroken_run):
+    copy_run(unbroken_run(*DETERMINISTIC), tmp_path / "run")  # checkpoints at 3 and 6
+    common = [*DETERMINISTIC, f"data.root={digits_shards}", f"train.run_dir={tmp_path / 'run'}",
+              f"tracking.local_dir={tmp_path / 'mlflow'}", "train.keep_checkpoints=5"]
     newest = tmp_path / "run" / "checkpoints" / "ckpt-00000006.pt"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from glow_dist.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.drills]   # make test-drills
 
 # The debug model, nothing periodic but metrics: the only checkpoint is the stop's.
 QUIET = ["train.steps=100000", "train.log_every=2", "train.eval_every=0", "train.sample_every=0",

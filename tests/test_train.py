@@ -7,7 +7,18 @@ import sys
 
 import pytest
 import torch
-from helpers import BASE, BIN, REPO, assert_identical, horovodrun, load_ckpt, run_check, train_cli
+from helpers import (
+    BASE,
+    BIN,
+    DETERMINISTIC,
+    REPO,
+    assert_identical,
+    copy_run,
+    horovodrun,
+    load_ckpt,
+    run_check,
+    train_cli,
+)
 from mlflow.tracking import MlflowClient
 
 from glow_dist.checkpoint import save_checkpoint
@@ -101,10 +112,10 @@ def test_stop_and_resume_gives_the_same_weights(tmp_path, digits_shards):
     assert first["mlflow_run_id"] == resumed["mlflow_run_id"]  # the same MLflow run continued
 
 
-def test_resume_never_refuses_to_overwrite_checkpoints(tmp_path, digits_shards):
-    common = BASE + [f"data.root={digits_shards}", f"train.run_dir={tmp_path / 'run'}", "train.steps=3",
-                     f"tracking.local_dir={tmp_path / 'mlflow'}"]
-    train_cli(*common)
+def test_resume_never_refuses_to_overwrite_checkpoints(tmp_path, digits_shards, unbroken_run):
+    run_dir = copy_run(unbroken_run(*DETERMINISTIC), tmp_path / "run")  # a run with checkpoints
+    common = [*DETERMINISTIC, f"data.root={digits_shards}", f"train.run_dir={run_dir}", "train.steps=8",
+              f"tracking.local_dir={tmp_path / 'mlflow'}"]
     out = subprocess.run([sys.executable, "-m", "glow_dist", "train", "--config", "configs/debug.yaml", *common,
                           "train.resume=never"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 2 and "already has checkpoints" in out.stderr
@@ -121,10 +132,8 @@ def test_training_on_digits_lowers_test_bpd(tmp_path, digits_shards):
     assert result["test_bpd_after"] < 5.0 - 0.1 and result["test_bpd_after"] < result["test_bpd_before"] - 0.3, result
 
 
-def test_evaluate_command_single_and_two_ranks(tmp_path, digits_shards):
-    run_dir = tmp_path / "run"
-    train_cli(*BASE, f"data.root={digits_shards}", f"train.run_dir={run_dir}",
-              f"tracking.local_dir={tmp_path / 'm'}")
+def test_evaluate_command_single_and_two_ranks(tmp_path, unbroken_run):
+    run_dir = unbroken_run(*DETERMINISTIC)  # evaluate only reads it
     one = subprocess.run([str(BIN / "glow-dist"), "evaluate", "--checkpoint", str(run_dir), "--baseline"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert one.returncode == 0, one.stderr
@@ -142,12 +151,11 @@ def test_evaluate_command_single_and_two_ranks(tmp_path, digits_shards):
     assert missing.returncode != 0 and "nope" in missing.stderr
 
 
-def test_checkpoint_from_before_the_ema_warmup_resumes_as_if_unbroken(tmp_path, digits_shards):
+def test_checkpoint_from_before_the_ema_warmup_resumes_as_if_unbroken(tmp_path, digits_shards, unbroken_run):
     """A checkpoint whose EMA state has no update count (written before the warm-up) resumes with the count of the
     steps it took, so it ends where an unbroken run ends; evaluate names the weights it scores."""
-    common = BASE + [f"data.root={digits_shards}", "train.deterministic=true", f"tracking.local_dir={tmp_path / 'm'}"]
-    straight, old = tmp_path / "straight", tmp_path / "old"
-    train_cli(*common, f"train.run_dir={straight}")
+    common = [*DETERMINISTIC, f"data.root={digits_shards}", f"tracking.local_dir={tmp_path / 'm'}"]
+    straight, old = unbroken_run(*DETERMINISTIC), tmp_path / "old"
     state = load_ckpt(straight, 3)
     assert int(state["ema"][UPDATES_KEY]) == 3
     del state["ema"][UPDATES_KEY]  # as written before the warm-up existed
