@@ -16,7 +16,7 @@ NP ?= 2
 TRAIN_ARGS ?=
 MLFLOW_PORT ?= 5000
 
-.PHONY: install horovod horovod-mpi horovod-gpu-check wheelhouse wheelhouse-check doctor test test-slurm test-hosts test-s3 test-drills test-fast lint train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
+.PHONY: install horovod horovod-mpi horovod-gpu-check wheelhouse wheelhouse-check doctor test test-slurm test-hosts test-s3 test-drills test-fast lint docs train prepare-digits mlflow-ui mlflow-screenshot bench clean help docker-build docker-train
 
 help:
 	@echo "make train      install, prepare the digits shards, train with 2 Horovod processes, log to local MLflow"
@@ -33,7 +33,8 @@ help:
 	@echo "make wheelhouse CUDA=cu12|cu13|cpu [PYTHON=python3.12] [WHEELHOUSE_TORCH=2.14.1 TORCH_INDEX=url]: every wheel for an offline install"
 	@echo "make install WHEELHOUSE=dir  install from a wheelhouse with no network"
 	@echo "make wheelhouse-check WHEELHOUSE=dir  prove it: offline install into a fresh venv, --check-build, doctor"
-	@echo "make lint       ruff over the package, tests, benchmarks and launch scripts; the layering (import-linter)"
+	@echo "make docs       the docs site (mkdocs build --strict) in site/; reference pages generated from the code"
+	@echo "make lint       ruff over the package, tests, benchmarks, launch scripts and the docs generator; the layering (import-linter)"
 	@echo "make mlflow-ui  MLflow UI on the local store (http://127.0.0.1:$(MLFLOW_PORT))"
 	@echo "make bench      benchmark suite; prints tables (see BENCHMARKS.md)"
 	@echo "make docker-train  train in the image (GPU flavour on GPU machines; else CPU: digits, $(NP) ranks, built offline)"
@@ -72,8 +73,8 @@ $(HVD_STAMP): $(STAMP) launch/install-horovod.sh
 
 horovod: $(HVD_STAMP)
 
-# The Horovod of the sbatch script's LAUNCHER=srun-mpi (README, "Slurm: which launch route"): MPI built in beside
-# Gloo, in a venv of its own (never the default one), against the MPI on this machine (Debian: openmpi-bin
+# The Horovod of the sbatch script's LAUNCHER=srun-mpi (docs/cluster/slurm.md, "The srun-mpi route"): MPI built in
+# beside Gloo, in a venv of its own (never the default one), against the MPI on this machine (Debian: openmpi-bin
 # libopenmpi-dev; Slurm's mpi/pmix plugin needs libpmix2). tests/test_slurm.py runs the srun-mpi route with it.
 MPI_VENV ?= .venv-mpi
 horovod-mpi:
@@ -160,8 +161,14 @@ test-fast: $(STAMP)
 
 # ruff, and the package's layering (import-linter contracts in pyproject.toml: no upward import, no cycle).
 lint: $(STAMP)
-	$(BIN)/ruff check glow_dist tests bench launch
+	$(BIN)/ruff check glow_dist tests bench launch docs
 	$(BIN)/lint-imports
+
+# The docs site (mkdocs.yml, docs/) in site/. The reference pages (config keys, command line, shipped configs,
+# modules) and the benchmarks page are generated from the code and BENCHMARKS.md at every build (docs/gen_reference.py);
+# --strict fails on a broken link or anchor and on a page left out of the navigation.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 prepare-digits: $(STAMP)
 	@if [ -f $(DATA)/manifest.json ]; then echo "digits shards present in $(DATA)"; \
@@ -190,7 +197,7 @@ bench-quality: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	nice -n 10 $(PY) bench/bench_quality.py --ema-study $(BENCH_ARGS)
 
-# Docker (README, Docker): docker/Dockerfile in two flavours, gpu where `nvidia-smi` finds GPUs, else cpu.
+# Docker (docs/cluster/docker.md): docker/Dockerfile in two flavours, gpu where `nvidia-smi` finds GPUs, else cpu.
 # GPU machines:
 # make docker-train CONFIG=configs/celeba_hq_256.yaml DATA=/data/celeba_hq_256 RUN_DIR=/runs/celeba GPUS=8 \
 #     TRACKING_URI=http://mlflow-host:5000
@@ -202,7 +209,7 @@ IMAGE ?= $(if $(filter cpu,$(FLAVOUR)),glow-dist:cpu,glow-dist:latest)
 CONFIG ?= configs/digits.yaml
 TRACKING_URI ?= $(MLFLOW_TRACKING_URI)
 # `docker stop` waits this long before SIGKILL: twice bench/bench_stop.py's stop budget, 24 s, rounded up to 30 s
-# (docker's default, 10 s, is less than a checkpoint takes; README, Grace periods)
+# (docker's default, 10 s, is less than a checkpoint takes; docs/stopping.md, Grace periods)
 STOP_GRACE ?= 60
 CONTAINER ?= glow-dist-train
 # The CPU image: a base image with Python 3.10+ (made by `make docker-base` where none can be pulled) and a wheelhouse
@@ -302,4 +309,4 @@ test-docker: $(STAMP) $(HVD_STAMP)
 	PATH=$(BIN):$$PATH $(PY) -m pytest -q -m docker tests/test_docker.py $(PYTEST_ARGS)
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs site .pytest_cache .ruff_cache

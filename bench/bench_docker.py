@@ -189,7 +189,7 @@ def main() -> None:
                     help="gpu: the GPU image from --gpu-wheelhouse on the debootstrap base (builds and sizes only)")
     ap.add_argument("--gpu-wheelhouse", default="wheelhouse/cu13", help="the CUDA wheelhouse, inside the checkout")
     ap.add_argument("--gpu-base-gb", type=float, default=None, help="the CUDA base image's size, if known")
-    ap.add_argument("--gpu-venv-gb", type=float, default=6.9, help="the GPU venv's size (README: cu13, 6.9 GB)")
+    ap.add_argument("--gpu-venv-gb", type=float, default=6.9, help="the GPU venv's size (docs/install.md: cu13)")
     args = ap.parse_args()
 
     env = {**os.environ, "GLOW_DIST_DOCKER_ROOT": str(args.root)}

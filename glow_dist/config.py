@@ -35,13 +35,13 @@ def choice(default: str, *options: str) -> Any:
 class ModelConfig:
     """The architecture: what the weights are. Two checkpoints are compatible exactly when these are equal."""
     image_size: int = 32          # H == W of the (square) input images
-    channels: int = 3
+    channels: int = 3             # 1 grayscale, 3 RGB (the prepared shards' manifest must agree)
     n_bits: int = 8               # bits kept per colour value; n_bins = 2**n_bits
     levels: int = 3               # L
     steps: int = 32               # K flow steps per level
     width: int = 512              # hidden channels of the coupling network
-    coupling: str = choice("affine", "additive", "affine")
-    invconv: str = choice("lu", "lu", "plain")
+    coupling: str = choice("affine", "additive", "affine")  # additive: y = x + t(x); affine: also a learned scale
+    invconv: str = choice("lu", "lu", "plain")  # invertible 1x1 conv: LU-parametrized (fast logdet) or a full matrix
     learn_top: bool = True        # learned mean/log-std of the top prior
     y_condition: bool = False     # class-conditional top prior plus classifier head
     num_classes: int = 0          # required when y_condition is true
@@ -51,14 +51,14 @@ class ModelConfig:
 class RuntimeConfig:
     """How the model runs: memory, speed and precision choices that never change the weights (a checkpoint resumes,
     samples and decodes under any of them). Each `auto` has one resolver (glow_dist/runtime.py), from a measurement
-    on that device kind (README "GPU notes", BENCHMARKS.md)."""
+    on that device kind (docs/gpu.md, BENCHMARKS.md)."""
     # plain | checkpoint (per flow step) | invertible (rebuild inputs with reverse) | auto: plain when `glow-dist
     # plan`'s estimate fits 75% of the device at train.batch_size, else checkpoint (glow_dist/model/memory.py)
     memory: str = choice("plain", "plain", "checkpoint", "invertible", "auto")
     invertible_segment: int = 8   # memory=invertible: steps rebuilt from one stored output (0: a whole level)
     # NHWC activations in the flow (weights stay NCHW); auto: NHWC on CPU (oneDNN, +13%), NCHW on CUDA (-20%, H100)
     channels_last: str = choice("auto", "auto", "true", "false")
-    channels_last_min_size: int = 8  # ... only in levels whose feature maps are at least this size (H after squeeze)
+    channels_last_min_size: int = 8  # NHWC (channels_last) only in levels whose maps are at least this wide
     # coupling networks in bfloat16; logdet, 1x1 convs, priors in fp32. auto: fp32 everywhere (bf16 slower, H100)
     autocast: str = choice("auto", "auto", "none", "bf16")
     compile: bool = False         # torch.compile every flow step (needs a C++ compiler on CPU; slow first step)
@@ -73,6 +73,7 @@ class RuntimeConfig:
 
 @dataclass
 class DataConfig:
+    """The prepared shards (`glow-dist prepare`) and how they are read, checked and decoded."""
     root: str = "data/digits"     # folder with train-*.tar / test-*.tar and manifest.json
     backend: str = choice("auto", "auto", "dali", "webdataset")  # auto: dali when importable
     decode: str = choice("auto", "auto", "cpu", "gpu")  # where images are decoded (auto: gpu with dali on CUDA)
@@ -96,14 +97,15 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = choice("adamax", "adamax", "adam")
+    """The optimizer, its learning-rate schedule and the weights' moving average."""
+    name: str = choice("adamax", "adamax", "adam")  # the paper's Adamax, or Adam
     lr: float = 1e-3              # base learning rate, before lr_scaling
     # multiply lr by world size (linear) or its square root (sqrt)
     lr_scaling: str = choice("none", "none", "linear", "sqrt")
     warmup_steps: int = 100       # linear warmup from 0 to the (scaled) lr
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 0.0
+    beta1: float = 0.9            # first-moment decay of Adamax/Adam
+    beta2: float = 0.999          # second-moment (Adam) or infinity-norm (Adamax) decay
+    weight_decay: float = 0.0     # L2 penalty added to the gradient (torch.optim's weight_decay)
     grad_clip: float = 50.0       # max global L2 norm of the gradient; 0 disables clipping
     ema_decay: float = 0.999      # Polyak averaging of weights; 0 disables it
     rollback_lr_factor: float = 0.5  # lr multiplier at each rollback (see train.max_consecutive_skips)
@@ -112,18 +114,19 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """The run: batch sizes, its length, what it logs and saves when, where, and how it resumes and stops."""
     batch_size: int = 16          # per rank
     init_batch_size: int = 64     # per rank, for ActNorm data-dependent init
     steps: int = 1000             # total optimizer steps
-    log_every: int = 10
+    log_every: int = 10           # training metrics (averaged over ranks) every N steps
     eval_every: int = 200         # test-set bits/dim every N steps and at the end (0: only at the end)
     sample_every: int = 500       # sample grids every N steps and at the end (0: only at the end)
     checkpoint_every: int = 200   # and at the end, and on SIGTERM (0: only then)
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3     # newest checkpoints kept in <run_dir>/checkpoints; older ones are deleted
     async_checkpoint: bool = True   # write periodic checkpoints in the background (one host copy of the state)
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # checkpoints, config.yaml and metrics.jsonl of the run; where resume=auto looks
     resume: str = "auto"          # auto | never | path to a checkpoint
-    seed: int = 0
+    seed: int = 0                 # initial weights, data order (with the epoch), dequantization noise (with step, rank)
     deterministic: bool = False   # deterministic algorithms and data order, for exact resume
     threads: int = 0              # torch intra-op threads per process; 0 leaves torch's default
     max_eval_batches: int = 0     # 0: evaluate the whole test split
@@ -134,6 +137,7 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
+    """Horovod: elastic mode, gradient compression, its threads' priority and the step watchdog."""
     elastic: bool = False         # Horovod elastic mode: launch with horovodrun --host-discovery-script, --min-np
     commit_every: int = 10        # elastic: steps between commits (the state a lost worker rolls the others back to)
     fp16_allreduce: bool = False  # compress gradients to fp16 on the wire
@@ -146,11 +150,12 @@ class DistConfig:
 
 @dataclass
 class TrackingConfig:
+    """MLflow: where runs go, what they are called, and what they record (samples, checkpoints, the model)."""
     uri: str = ""                 # "" : $MLFLOW_TRACKING_URI, else a local sqlite store under tracking.local_dir
     local_dir: str = "mlflow"     # sqlite db and artifacts for the default local store
-    experiment: str = "glow-dist"
+    experiment: str = "glow-dist"  # MLflow experiment of the run (created if missing)
     run_name: str = ""            # "" : <config>-<N>ranks-<UTC time>, e.g. digits-2ranks-20260101-120000
-    sample_temperatures: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 1.0])
+    sample_temperatures: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 1.0])  # one grid each
     sample_count: int = 16        # images per temperature in each grid
     # which checkpoints MLflow keeps (see glow_dist/tracking/client.py)
     log_checkpoints: str = choice("last", "none", "last", "all", "every_n")

@@ -10,7 +10,7 @@
 # checkpoints there). DATA is a folder every machine sees, or s3://bucket/prefix (or https://...): each machine then
 # copies the shards once into its own cache (data.cache_dir) before the first step. Export AWS_ENDPOINT_URL and
 # AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE with ~/.aws on every host) here: horovodrun exports them,
-# the secret ones over ssh's channel, never on a command line (README, "Data on object storage").
+# the secret ones over ssh's channel, never on a command line (docs/data.md, "S3 settings and credentials").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +25,7 @@ RUN_DIR=${RUN_DIR:-runs/celeba_hq_256}         # checkpoints; `train.resume=auto
 MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:?set MLFLOW_TRACKING_URI to the tracking server (launch/mlflow-server.sh)}
 BIN=${BIN:-$PWD/.venv/bin}                     # where horovodrun and glow-dist live on every machine
 # Elastic runs (dist.elastic=true): a host discovery script (`host:slots` lines) instead of HOSTFILE; the job goes on
-# while at least MIN_NP ranks are left (README, "Elastic training").
+# while at least MIN_NP ranks are left (docs/failures.md, "Elastic training").
 HOST_DISCOVERY=${HOST_DISCOVERY:-}
 MIN_NP=${MIN_NP:-1}
 
@@ -36,7 +36,7 @@ export MLFLOW_TRACKING_URI PATH="$BIN:$PATH"
 
 # --gloo: our Horovod build has no MPI (launch/install-horovod.sh); horovodrun exports this environment to every rank.
 # glow-dist-horovodrun is horovodrun with stop signals forwarded to the ranks, so a SIGTERM ends in a checkpoint
-# rather than horovodrun's SIGKILL 5 s later (glow_dist/distributed/launcher.py; README, "Stopping and preemption").
+# rather than horovodrun's SIGKILL 5 s later (glow_dist/distributed/launcher.py; docs/stopping.md).
 # LAUNCHER=srun, inside a Slurm job only (launch/slurm/celeba_hq_256.sbatch): srun starts the ranks on the job's
 # nodes, no ssh; glow-dist-srun brings up Horovod's Gloo rendezvous for them (glow_dist/distributed/srun.py).
 LAUNCHER=${LAUNCHER:-ssh}
@@ -54,7 +54,7 @@ else
 fi
 # The ranks find the tracking server in $MLFLOW_TRACKING_URI (exported above), not in a tracking.uri argument: a URI
 # may hold a password (http://user:password@host), and glow-dist-horovodrun keeps secrets off every command line,
-# sending them to the ranks over ssh's channel (README, Security). Credentials: MLFLOW_TRACKING_USERNAME and
+# sending them to the ranks over ssh's channel (docs/security.md). Credentials: MLFLOW_TRACKING_USERNAME and
 # MLFLOW_TRACKING_PASSWORD in this environment, or ~/.mlflow/credentials on every host.
 cmd=("${launch[@]}"
      glow-dist train --config "$CONFIG" "data.root=$DATA" "train.run_dir=$RUN_DIR" "$@")

@@ -9,8 +9,8 @@
 #   ARTIFACTS_DESTINATION=s3://my-bucket/mlflow ALLOWED_HOSTS='mlflow-host,mlflow-host:5000' launch/mlflow-server.sh
 #
 # Then on the cluster: MLFLOW_TRACKING_URI=http://mlflow-host:5000 (or tracking.uri=...), and with AUTH=basic a user
-# in MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or ~/.mlflow/credentials (README, Security).
-# A database and an object store (README, "3. Start an MLflow tracking server"): `pip install 'glow-dist[server]'` in
+# in MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or ~/.mlflow/credentials (docs/security.md).
+# A database and an object store (docs/tracking.md, "PostgreSQL and S3"): `pip install 'glow-dist[server]'` in
 # the server's environment brings the PostgreSQL driver (psycopg 3; postgresql:// URIs are given to SQLAlchemy as
 # postgresql+psycopg://, whatever its default driver) and boto3. The S3 endpoint and keys go in the server's
 # environment only (AWS_ENDPOINT_URL or MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or a
@@ -33,7 +33,7 @@
 # HOST is 127.0.0.1 unless set. Any other address without AUTH=basic is refused unless ALLOW_ANONYMOUS=1 (a network
 # only trusted machines reach): anyone who reaches an open server can register a model that the next `glow-dist
 # sample --model models:/...` loads, or delete runs. Basic auth sends the password with every request, so across a
-# network put TLS in front (nginx; README, Security).
+# network put TLS in front (nginx; docs/security.md).
 set -euo pipefail
 
 MLFLOW_HOME=${MLFLOW_HOME:-$PWD/mlflow-server}

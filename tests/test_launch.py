@@ -73,7 +73,7 @@ def test_make_docker_train_expands_to_horovodrun_in_the_container(tmp_path):
     mounts = [options[j + 1] for j, o in enumerate(options) if o == "-v"]
     assert "/data/celeba_hq_256:/data:ro" in mounts and f"{tmp_path / 'run'}:/runs" in mounts
     assert inside[:7] == ["glow-dist-horovodrun", "-np", "8", "-H", "localhost:8", "--gloo", "glow-dist"]
-    assert options[options.index("--stop-timeout") + 1] == "60"  # docker stop's grace (README, stopping)
+    assert options[options.index("--stop-timeout") + 1] == "60"  # docker stop's grace (docs/stopping.md, Grace periods)
     assert inside[7:10] == ["train", "--config", "configs/celeba_hq_256.yaml"]
     assert {"data.root=/data", "train.run_dir=/runs", "tracking.uri=http://mlflow-host:5000",
             "train.steps=10"} <= set(inside)
@@ -214,7 +214,7 @@ def test_k8s_manifests_parse_and_agree_on_40_ranks():
     launcher = spec["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["command"]
     assert launcher[launcher.index("-np") + 1] == "40" and "/etc/mpi/hostfile" in launcher
     assert launcher[0] == "glow-dist-horovodrun" and "train.stop_exit_code=75" in launcher
-    # Grace periods from bench/bench_stop.py (README, stopping); the launcher outlives the workers' ranks.
+    # Grace periods from bench/bench_stop.py (docs/stopping.md); the launcher outlives the workers' ranks.
     worker_grace = worker["template"]["spec"]["terminationGracePeriodSeconds"]
     launcher_grace = spec["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert worker_grace == 60 and launcher_grace > worker_grace

@@ -2,7 +2,7 @@
 and `make wheelhouse` run, which torch build and DALI each CUDA flavour takes (from the torch wheels' real metadata,
 with stand-in wheels of a few kB), and the refusals of the Horovod and wheelhouse scripts. Building a real CUDA
 wheelhouse (3-5 GB) and its offline install are `make wheelhouse` and `make wheelhouse-check`, not in the suite;
-README (Air-gapped clusters) gives the commands and what they measured."""
+docs/install.md (Air-gapped clusters) gives the commands and what they measured."""
 from __future__ import annotations
 
 import os

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Mapping
 
-# Names that hold a secret whatever they are called: the ones glow-dist's users set (README, Security) ...
+# Names that hold a secret whatever they are called: the ones glow-dist's users set (docs/security.md) ...
 SECRET_NAMES = frozenset({
     "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
     "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCESS_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD",
@@ -98,7 +98,7 @@ def receive(timeout: float = READ_TIMEOUT_S) -> list[str]:
             f"{where}: glow-dist-horovodrun sends {', '.join(expected)} on the rank's standard input, and they did "
             f"not arrive within {timeout:g} s. Something between the launcher and the rank closed or replaced stdin "
             "(an ssh wrapper with -n, a remote shell that reads stdin); launch with plain ssh, or give the ranks the "
-            "credentials another way (~/.mlflow/credentials on every host; README, Security)")
+            "credentials another way (~/.mlflow/credentials on every host; docs/security.md)")
     os.environ.update({str(k): str(v) for k, v in secrets.items()})
     return expected
 

@@ -226,10 +226,8 @@ def launch(args: argparse.Namespace) -> int:
     return status
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["task"]:
-        return task(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
+    """The launcher's options (also read by the docs' command-line reference, docs/gen_reference.py)."""
     parser = argparse.ArgumentParser(prog="glow-dist-srun", description=__doc__.split("\n\n")[0])
     parser.add_argument("-np", "--num-proc", dest="np", type=int, required=True,
                         help="ranks in all, the same number on every node of the job")
@@ -241,6 +239,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="start the ranks with srun --mpi=pmix and Horovod's MPI controller (a Horovod built "
                              "with MPI); default: Gloo")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="what each rank runs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["task"]:
+        return task(argv[1:])
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.error("no command to run")

@@ -18,8 +18,8 @@ The budget (`dist.hang_timeout`): a number of seconds, counted from the first co
 compiles or captures, start-up loads data: neither is bounded); or 0, auto: max(FLOOR_S, FACTOR x the median of the
 last steps' wall times), armed after WARMUP_STEPS steps. The median ignores the occasional long step (an evaluation,
 a sample grid); 20x covers those and the other ranks' wait while rank 0 waits for a checkpoint write before the
-next one; 120 s is four times the slowest stop checkpoint measured for CelebA-HQ 256 (29 s, README "Grace
-periods") and well above Gloo's own 30 s timeout, so on CPU a lost peer is named by the collective's error first.
+next one; 120 s is four times the slowest stop checkpoint measured for CelebA-HQ 256 (29 s, docs/stopping.md,
+"Grace periods") and well above Gloo's own 30 s timeout, so on CPU a lost peer is named by the collective's error first.
 Time spent `busy` does not count.
 """
 from __future__ import annotations

@@ -314,7 +314,7 @@ def check_mlflow(cfg: Config, timeout: float) -> Check:
         who = f" as user {creds.username!r}" if creds.username else ""
         clear = (parsed.scheme == "http" and creds.password is not None
                  and parsed.hostname not in ("127.0.0.1", "localhost", "::1"))
-        warning = "; the password goes over plain http: serve it through TLS (README, Security)" if clear else ""
+        warning = "; the password goes over plain http: serve it through TLS (docs/security.md)" if clear else ""
         return Check("mlflow", PASS, f"{uri} answers{who} ({(time.monotonic() - start) * 1000:.0f} ms){warning}")
     if parsed.scheme in ("sqlite", "file", ""):
         path = Path(parsed.path if parsed.scheme else uri)

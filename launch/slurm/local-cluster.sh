@@ -26,7 +26,7 @@
 # Nothing is forwarded between links, so no firewall rule matters. Daemons inside a node are started with
 # `nsenter --net` (not `ip netns exec`, which remounts /sys and breaks slurmd) and their own UTS namespace (hostname).
 #
-# Settings for quick tests, documented in README ("Slurm"): AuthInfo cred_expire=10 and
+# Settings for quick tests, documented in docs/cluster/slurm.md ("The local cluster's settings"): AuthInfo cred_expire=10 and
 # SchedulerParameters=bf_interval=1,sched_interval=2 (a requeued job runs again after about 17 s, not 2 minutes),
 # KillWait=$KILL_WAIT (default 30, Slurm's), SlurmdTimeout=$SLURMD_TIMEOUT (10: a lost node is DOWN within about
 # 15 s). Partitions: `low` (default, preemptible: PreemptMode=REQUEUE) and `high` (PriorityTier 10, never
