@@ -235,12 +235,12 @@ def test_the_build_names_a_missing_wheel_and_a_wheelhouse_of_the_wrong_flavour(c
 
 
 # The GPU image without a registry (issue 34): the GPU flavour on the debootstrap base from the cu13 wheelhouse,
-# offline, checked inside on this machine's CPU. Long (a cold build installs 7 GB of wheels; README, Docker), so only
+# offline, checked inside on this machine's CPU. Long (a cold build installs 7 GB of wheels; docs/cluster/docker.md), so only
 # when asked for; `make docker-build` makes wheelhouse/cu13 first if it is missing (several GB from PyPI).
 GPU_WHEELHOUSE = "wheelhouse/cu13"
 needs_gpu_image = pytest.mark.skipif(
     os.environ.get("GLOW_DIST_TEST_GPU_IMAGE") != "1",
-    reason="the GPU image's build from wheelhouse/cu13 is long (README, Docker): GLOW_DIST_TEST_GPU_IMAGE=1 runs it")
+    reason="the GPU image's build from wheelhouse/cu13 is long (docs/cluster/docker.md): GLOW_DIST_TEST_GPU_IMAGE=1 runs it")
 # A CPU pipeline of DALI's CUDA 13 build: decode a PNG and flip it, against numpy.
 DALI_CPU_PIPELINE = """
 import importlib.metadata as md, io
@@ -324,7 +324,7 @@ def test_gpu_image_offline_on_debian_has_the_cuda13_stack(gpu_image):
 def test_gpu_image_trains_the_digits_on_the_cpu(gpu_image, tmp_path, digits_shards):
     """`make docker-train` of the GPU image as a GPU cluster runs it, minus `--gpus all` (DOCKER_GPU_ARGS=): 2 Gloo
     ranks on the CPU, the final checkpoint, the evaluation (a GPU image's first run on a GPU machine is the same
-    command with --gpus all: README, Docker)."""
+    command with --gpus all: docs/cluster/docker.md)."""
     out = make(["make", "--no-print-directory", "docker-train", "FLAVOUR=gpu", "GPUS=2", "DOCKER_GPU_ARGS=",
                 f"GPU_WHEELHOUSE={GPU_WHEELHOUSE}", "IMAGE=glow-dist:gpu-test", f"DATA={digits_shards}",
                 f"RUN_DIR={tmp_path / 'run'}", f"MLFLOW_DIR={tmp_path / 'mlflow'}",
