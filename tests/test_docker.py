@@ -235,12 +235,13 @@ def test_the_build_names_a_missing_wheel_and_a_wheelhouse_of_the_wrong_flavour(c
 
 
 # The GPU image without a registry (issue 34): the GPU flavour on the debootstrap base from the cu13 wheelhouse,
-# offline, checked inside on this machine's CPU. Long (a cold build installs 7 GB of wheels; docs/cluster/docker.md), so only
-# when asked for; `make docker-build` makes wheelhouse/cu13 first if it is missing (several GB from PyPI).
+# offline, checked inside on this machine's CPU. Long (a cold build installs 7 GB of wheels; docs/cluster/docker.md),
+# so only when asked for; `make docker-build` makes wheelhouse/cu13 first if it is missing (several GB from PyPI).
 GPU_WHEELHOUSE = "wheelhouse/cu13"
 needs_gpu_image = pytest.mark.skipif(
     os.environ.get("GLOW_DIST_TEST_GPU_IMAGE") != "1",
-    reason="the GPU image's build from wheelhouse/cu13 is long (docs/cluster/docker.md): GLOW_DIST_TEST_GPU_IMAGE=1 runs it")
+    reason="the GPU image's build from wheelhouse/cu13 is long (docs/cluster/docker.md): "
+           "GLOW_DIST_TEST_GPU_IMAGE=1 runs it")
 # A CPU pipeline of DALI's CUDA 13 build: decode a PNG and flip it, against numpy.
 DALI_CPU_PIPELINE = """
 import importlib.metadata as md, io
