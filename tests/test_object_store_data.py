@@ -1,6 +1,7 @@
 """Data on object storage: `prepare --out s3://`, the node-local shard cache, streaming on both backends, and the
-faults a user meets, against a real S3 server (SeaweedFS, tests/object_store.py), Python's http.server and real
-Horovod ranks. Marker s3 (`make test-s3`)."""
+faults a user meets, against a real S3 server (SeaweedFS, tests/object_store.py), Python's http.server, Debian's
+nginx over HTTPS (tests/nginx_server.py: Range requests, so streaming) and real Horovod ranks.
+Marker s3 (`make test-s3`)."""
 from __future__ import annotations
 
 import contextlib
@@ -20,10 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import BASE, BIN, REPO, assert_identical, env_with_venv, load_ckpt, wait_for
+from nginx_server import Nginx, self_signed
 from object_store import ADMIN_KEY, READER_KEY, SeaweedS3
 
 from glow_dist.config import DataConfig, ModelConfig
 from glow_dist.data import DataError, make_loader
+from glow_dist.data.remote import open_ranged
 from glow_dist.data.shard_cache import _open_root, open_root
 
 pytestmark = pytest.mark.s3
@@ -402,10 +405,7 @@ def test_https_root_trusts_a_certificate_given_by_ssl_cert_file(digits_shards: P
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import ssl
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = self_signed(tmp_path)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(digits_shards.parent))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -425,3 +425,40 @@ def test_https_root_trusts_a_certificate_given_by_ssl_cert_file(digits_shards: P
     finally:
         server.shutdown()
         _open_root.cache_clear()
+
+
+@pytest.fixture()
+def nginx_https(digits_shards: Path, tmp_path: Path):
+    """Debian's nginx serving the session's digits shards over HTTPS with a self-signed certificate of this test;
+    yields (root URL, certificate); stopped by pid afterwards."""
+    cert, key = self_signed(tmp_path)
+    server = Nginx(tmp_path / "nginx", root=digits_shards.parent, cert=cert, key=key).start()
+    try:
+        yield f"{server.url}/{digits_shards.name}", cert
+    finally:
+        server.stop()
+        _open_root.cache_clear()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", server.port)) != 0, "nginx still answers after stop"
+
+
+def test_streaming_an_https_root_from_nginx_reads_the_same_batches_and_dali_is_told_the_fix(
+        nginx_https: tuple[str, Path], digits_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, cert = nginx_https
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "AWS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    for rank in (0, 1):   # epoch 1 resumed at batch 2: ranged reads from the index's offsets
+        streamed = batches(root, "webdataset", "never", tmp_path / "idx", rank=rank)
+        assert streamed.equal(batches(str(digits_shards), "webdataset", "auto", tmp_path, rank=rank))
+    assert not list((tmp_path / "idx").rglob("*.tar")), "streaming must not copy shards"
+    assert " 206 " in (tmp_path / "nginx" / "access.log").read_text(), "no ranged GET reached nginx"
+    # The digits shards fit one 8 MiB read buffer (each read runs to the end): a small buffer makes ranges end mid-file.
+    shard = next(digits_shards.glob("*.tar"))
+    with open_ranged(f"{root}/{shard.name}", buffer=4096) as f:
+        f.seek(1000)
+        assert f.read(20000) == shard.read_bytes()[1000:21000]
+    with pytest.raises(DataError) as refused:
+        batches(root, "dali", "never", tmp_path / "idx")
+    assert str(refused.value) == (f"data.backend=dali streams shards from s3:// only, not {root}; set data.cache=auto "
+                                  "(the node-local cache) or data.backend=webdataset")
