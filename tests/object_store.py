@@ -97,7 +97,10 @@ class SeaweedS3:
         cmd = [*self.wrap, weed_binary(), "server", f"-dir={self.data}", f"-ip={self.host}", f"-ip.bind={self.host}",
                f"-master.port={self.master_port}", f"-volume.port={self.volume_port}",
                f"-filer.port={self.filer_port}", "-s3", f"-s3.port={self.s3_port}", f"-s3.config={identities}",
-               "-master.volumeSizeLimitMB=256", "-volume.max=0",
+               # Each bucket is a collection that takes 7 volumes at its first write. -volume.max=0 sizes the slots
+               # by free disk / volume size: on CI's smaller disk the fifth bucket's writes failed (InternalError,
+               # "Not enough data nodes found!"); volumes are sparse files, so many slots cost nothing.
+               "-master.volumeSizeLimitMB=256", "-volume.max=1000",
                # no side servers on fixed ports (two stores on one machine would collide), no phoning home
                "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam=false", "-master.telemetry=false"]
         with open(self.log, "ab") as log:

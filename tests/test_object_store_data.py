@@ -108,6 +108,31 @@ def fill_process(root: str, cache_dir: Path, env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+# --- the test store itself ------------------------------------------------------------------------------------------
+
+def test_the_test_store_takes_writes_to_many_buckets_on_a_small_disk(tmp_path: Path) -> None:
+    """SeaweedFS gives each bucket 7 volumes at its first write; with its slots sized by free disk space, a CI machine
+    with less free disk failed every write past the fifth bucket (InternalError), failing five tests here."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; run as root (CI does)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "tmpfs", str(disk)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); a container needs CAP_SYS_ADMIN")
+    store = None
+    try:
+        store = SeaweedS3(disk).start()
+        client = store.client()
+        for i in range(12):
+            client.create_bucket(Bucket=f"bucket-{i:02d}")
+            client.put_object(Bucket=f"bucket-{i:02d}", Key="k", Body=b"x" * 1000)
+    finally:
+        if store is not None:
+            store.stop()
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 # --- prepare ---------------------------------------------------------------------------------------------------------
 
 def test_prepare_to_s3_uploads_the_same_files_manifest_last_and_refuses_a_non_empty_prefix(
