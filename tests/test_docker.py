@@ -9,6 +9,7 @@ Where no engine can start here (not root, no dockerd, the kernel refuses), the t
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -211,21 +212,40 @@ def build_cpu(env: dict, context: Path, *args: str) -> subprocess.CompletedProce
                           env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_the_build_names_a_missing_wheel_and_a_wheelhouse_of_the_wrong_flavour(cpu_image, tmp_path):
-    wrong = build_cpu(cpu_image, REPO, "--build-arg", "FLAVOUR=gpu")  # a CPU torch cannot make the GPU image
-    assert wrong.returncode != 0
-    assert "docker: wheelhouse/cpu holds torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl, a cpu build; " \
-           "FLAVOUR=gpu needs a wheelhouse of its own" in wrong.stdout, wrong.stdout[-3000:]
-    # The same context with the Horovod wheel missing from the wheelhouse (hard links: no copy of a GB of wheels).
-    context = tmp_path / "context"
+def copy_context(context: Path, leave_out: str | None = None) -> Path:
+    """The build context of the CPU image in `context` (wheels hard-linked: no copy of a GB), less the wheels whose
+    names start with `leave_out`."""
     for name in ("docker", "launch", "glow_dist", "configs", "pyproject.toml", "README.md", ".dockerignore"):
         src = REPO / name
         shutil.copytree(src, context / name) if src.is_dir() else shutil.copy(src, context / name)
     house = context / "wheelhouse" / "cpu"
     house.mkdir(parents=True)
     for wheel in (REPO / "wheelhouse" / "cpu").iterdir():
-        if not wheel.name.startswith("horovod-"):
+        if leave_out is None or not wheel.name.startswith(leave_out):
             os.link(wheel, house / wheel.name)
+    return context
+
+
+def test_a_readme_edit_rebuilds_no_dependency_layer(cpu_image, tmp_path):
+    """The venv's layers (GBs; 7 GB in the GPU image) come from the cache after an edit of README.md: the dependency
+    step once copied README.md (pyproject's readme), so any edit of it reinstalled every wheel."""
+    context = copy_context(tmp_path / "context")
+    (context / "README.md").write_text((REPO / "README.md").read_text() + "\nAn edit.\n")
+    out = build_cpu(cpu_image, context, "--build-arg", "FLAVOUR=cpu", "--target", "build")
+    assert out.returncode == 0, out.stdout[-3000:]
+    steps = re.split(r"\nStep \d+/\d+ : ", out.stdout)  # the legacy builder: "Step N/M : INSTRUCTION", then its lines
+    installs = [step for step in steps if "pip install --no-index --find-links /tmp/wheelhouse" in step.split("\n")[0]]
+    assert len(installs) == 1, out.stdout[-3000:]
+    assert "Using cache" in installs[0], installs[0][-3000:]
+
+
+def test_the_build_names_a_missing_wheel_and_a_wheelhouse_of_the_wrong_flavour(cpu_image, tmp_path):
+    wrong = build_cpu(cpu_image, REPO, "--build-arg", "FLAVOUR=gpu")  # a CPU torch cannot make the GPU image
+    assert wrong.returncode != 0
+    assert "docker: wheelhouse/cpu holds torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl, a cpu build; " \
+           "FLAVOUR=gpu needs a wheelhouse of its own" in wrong.stdout, wrong.stdout[-3000:]
+    # The same context with the Horovod wheel missing from the wheelhouse.
+    context = copy_context(tmp_path / "context", leave_out="horovod-")
     missing = build_cpu(cpu_image, context, "--build-arg", "FLAVOUR=cpu")
     assert missing.returncode != 0
     # (the legacy builder streams a step's stdout and stderr alike to the client's stdout)
