@@ -135,9 +135,6 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         pytest.skip("horovodrun is not installed in this environment: run `make horovod`")
     bin = BIN
     if launcher == "srun-mpi":
-        if os.environ.get("GLOW_DIST_TEST_SRUN_MPI") != "1":
-            pytest.skip("the srun-mpi route is not proven (issue 33: under srun --mpi=pmix rank 0 segfaults at "
-                        "start-up on the local cluster; docs/cluster/slurm.md): GLOW_DIST_TEST_SRUN_MPI=1 runs them")
         bin = MPI_VENV / "bin"
         built = subprocess.run([str(bin / "python"), "-c", "import horovod.torch as h; print(h.mpi_built())"],
                                capture_output=True, text=True)

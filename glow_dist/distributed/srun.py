@@ -188,7 +188,11 @@ def mpi_env(nic: str, env: Mapping[str, str]) -> dict[str, str]:
                           "GLOW_DIST_HOROVOD_MPI=1 launch/install-horovod.sh against the MPI the nodes run, or use "
                           "LAUNCHER=srun (Gloo)")
     return {"HOROVOD_CONTROLLER": "mpi", "HOROVOD_CPU_OPERATIONS": "mpi",
-            "OMPI_MCA_btl_tcp_if_include": env.get("OMPI_MCA_btl_tcp_if_include", nic)}
+            "OMPI_MCA_btl_tcp_if_include": env.get("OMPI_MCA_btl_tcp_if_include", nic),
+            # PMIx's shared-memory data store (gds/shmem, PMIx 4.2) segfaults the client at MPI_Init under
+            # srun --mpi=pmix (openpmix/openpmix#3019; seen here: rank 0 SIGSEGV at address 0 with Debian 12's
+            # PMIx 4.2.2); the hash store is PMIx's plain one, the workaround its maintainers give.
+            "PMIX_MCA_gds": env.get("PMIX_MCA_gds", "hash")}
 
 
 def launch(args: argparse.Namespace) -> int:
