@@ -28,7 +28,8 @@ installed its handler is kept pending rather than killing the rank (glow_dist/tr
 MPI (`--mpi pmix`, LAUNCHER=srun-mpi): the same, but `srun --mpi=pmix` and Horovod's MPI controller and CPU
 operations (HOROVOD_CONTROLLER=mpi, HOROVOD_CPU_OPERATIONS=mpi): Open MPI takes its ranks from Slurm's PMIx server,
 so the Horovod build must include MPI (launch/install-horovod.sh with GLOW_DIST_HOROVOD_MPI=1), built against the
-MPI the nodes run, and Slurm must have the mpi/pmix plugin with a PMIx library. The rendezvous server still runs:
+MPI the nodes run, and Slurm must have the mpi/pmix plugin with a PMIx library (the ranks get PMIX_MCA_gds=hash
+unless the site sets it: mpi_env). The rendezvous server still runs:
 it is the store of the ranks' heartbeats (glow_dist/distributed/peers.py), which name a lost peer.
 """
 from __future__ import annotations
