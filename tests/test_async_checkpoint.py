@@ -249,8 +249,9 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, d
     for name, digest in abandoned.items():
         verify_checkpoint(folder / name)
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
-    out = run(tmp_path, digits_shards, run_dir, "train.steps=8", "train.keep_checkpoints=2")
-    assert f"resumed from {checkpoint_path(run_dir, 7)}" in out.stderr, out.stderr[-3000:]
+    # what the next job's train.resume=auto picks: the trainer's own choice, in this process (a third job took 40 s)
+    path, _ = debug_manager(run_dir).find_resume()
+    assert path == checkpoint_path(run_dir, 7)
 
 
 def debug_manager(run_dir: Path, *overrides: str) -> CheckpointManager:
