@@ -2,13 +2,13 @@
 S3-compatible object store (tests/object_store.py), and a small tmpfs that fills up."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import mounted_tmpfs
 from object_store import s3_store  # noqa: F401 - the session's SeaweedFS, for the s3-marked tests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,13 +91,5 @@ def small_disk(tmp_path: Path):
     """A 4 MiB tmpfs mounted for the test (root only): a disk that fills up."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root; run as root (CI does) to test a full disk")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); a container needs CAP_SYS_ADMIN")
-    try:
+    with mounted_tmpfs(mount, "4m"):
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)

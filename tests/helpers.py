@@ -1,13 +1,14 @@
 """Helpers shared by the multi-process tests: launching horovodrun and the trainer, comparing weights."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, log: Path 
         time.sleep(0.2)
     tail = f"; log tail:\n{log.read_text()[-3000:]}" if log is not None and log.exists() else ""
     raise AssertionError(f"timed out after {timeout} s waiting for {what}{tail}")
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (mount's -o size=, e.g. 4m, 2g) mounted on the existing folder `mount` for the block, lazily
+    unmounted after it, even when the test fails; skips with the reason where it cannot be mounted (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; run as root (CI does)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); a container needs CAP_SYS_ADMIN")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BASE, BIN, REPO, assert_identical, env_with_venv, load_ckpt, wait_for
+from helpers import BASE, BIN, REPO, assert_identical, env_with_venv, load_ckpt, mounted_tmpfs, wait_for
 from nginx_server import Nginx, self_signed
 from object_store import ADMIN_KEY, READER_KEY, SeaweedS3
 
@@ -115,22 +115,15 @@ def test_the_test_store_takes_writes_to_many_buckets_on_a_small_disk(tmp_path: P
     with less free disk failed every write past the fifth bucket (InternalError), failing five tests here."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root; run as root (CI does)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "tmpfs", str(disk)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); a container needs CAP_SYS_ADMIN")
-    store = None
-    try:
+    with mounted_tmpfs(disk, "2g"):
         store = SeaweedS3(disk).start()
-        client = store.client()
-        for i in range(12):
-            client.create_bucket(Bucket=f"bucket-{i:02d}")
-            client.put_object(Bucket=f"bucket-{i:02d}", Key="k", Body=b"x" * 1000)
-    finally:
-        if store is not None:
+        try:
+            client = store.client()
+            for i in range(12):
+                client.create_bucket(Bucket=f"bucket-{i:02d}")
+                client.put_object(Bucket=f"bucket-{i:02d}", Key="k", Body=b"x" * 1000)
+        finally:
             store.stop()
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 # --- prepare ---------------------------------------------------------------------------------------------------------
